@@ -60,6 +60,8 @@ class TokenMixer(nn.Module):
     decay: ClassVar[Decay] = "none"
     # human-readable meaning of A when the mixer is not plainly linear in V (normalisers ...)
     matrix_note: ClassVar[str] = ""
+    # why a Llama projection has no counterpart here, e.g. {"k_proj": "no key: k = 1 - f"}
+    copy_skips: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: MixerConfig, layer_idx: int = 0):
         super().__init__()
@@ -95,5 +97,11 @@ class TokenMixer(nn.Module):
         """Copy what this mixer has of the teacher's q/k/v/o projections.
 
         Returns human-readable notes of what was copied and what was skipped (e.g.
-        "no key projection: k_proj not copied") so the converter can report them."""
-        raise NotImplementedError
+        "no key projection: k_proj not copied") so the converter can report them.
+        ``qkv_copy=False`` copies nothing (the paper's Table 2 setting): the mixer keeps its
+        own initialisation. Projections are matched by name (q_proj, k_proj, v_proj, o_proj)."""
+        if not qkv_copy:
+            return ["qkv_copy=False: no projection copied, the mixer keeps its own initialisation"]
+        from .common import copy_linear_by_name
+
+        return copy_linear_by_name(self, attn, ("q_proj", "k_proj", "v_proj", "o_proj"), self.copy_skips)
