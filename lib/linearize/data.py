@@ -208,6 +208,7 @@ def token_blocks(
     max_blocks: int | None = None,
     seed: int = 0,
     max_docs: int | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
     """LongTensor [N, seq_len] of one split. Token streams are cached per (source, split,
     tokenizer) for sources that do not change (embedded corpus)."""
@@ -217,7 +218,7 @@ def token_blocks(
         raise CorpusError(f"seq_len must be at least 2, got {seq_len}.")
     stream = None
     cache = None
-    if str(source) in ("embedded", "default", EMBEDDED_CORPUS) and max_docs is None:
+    if use_cache and str(source) in ("embedded", "default", EMBEDDED_CORPUS) and max_docs is None:
         cache = cache_dir("tokens") / f"sotu-{_tokenizer_key(tokenizer)}-{seed}-{val_fraction}-{split}.pt"
         if cache.exists():
             stream = torch.load(cache)

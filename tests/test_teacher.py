@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from linearize.teacher import TeacherError, attention_probs, iter_layers, load_teacher, resolve_teacher
+
+
+def test_embedded_teacher_says_paris(teacher):
+    model, tok = teacher
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_layer_maps_match_eager_attention(teacher):
+    """iter_layers recomputes each layer's softmax map; eager attention is the reference."""
+    model, tok = teacher
+    eager, _ = load_teacher(attn_implementation="eager")
+    ids = tok("Linear attention replaces the softmax with a kernel feature map.", return_tensors="pt").input_ids
+    ref = eager(ids, output_attentions=True, output_hidden_states=True)
+    seen = []
+    for tr in iter_layers(model, ids, layers=[0, 7, 29]):
+        seen.append(tr.index)
+        torch.testing.assert_close(tr.attn, ref.attentions[tr.index], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(tr.hidden_in, ref.hidden_states[tr.index], atol=1e-4, rtol=1e-4)
+        if tr.index < 29:  # the last hidden state HF returns is after the final norm
+            torch.testing.assert_close(tr.hidden_out, ref.hidden_states[tr.index + 1], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(tr.attn.sum(-1), torch.ones(()), atol=1e-5)
+    assert seen == [0, 7, 29]
+
+
+def test_attention_probs_carry_gradients(tiny_llama):
+    layer = tiny_llama.model.layers[0]
+    x = torch.randn(1, 5, 64, dtype=torch.float64, requires_grad=True)
+    pe = tiny_llama.model.rotary_emb(x, torch.arange(5)[None])
+    a = attention_probs(layer.self_attn, x, pe)
+    assert a.shape == (1, 4, 5, 5) and torch.all(a.triu(1) == 0)
+    a.sum(-1).mean().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("name", ["no-such-teacher", "not/a/hub/id"])
+def test_bad_teacher_name_is_explained(name):
+    with pytest.raises(TeacherError, match="Unknown teacher"):
+        resolve_teacher(name)
+
+
+def test_non_llama_teacher_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(TeacherError, match="Llama-architecture"):
+        load_teacher(tmp_path)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(TeacherError, match="config.json"):
+        resolve_teacher(tmp_path)
+
+
+def test_validation_perplexity_is_sane(teacher):
+    """About 14 on modern prose (ENVIRONMENT.md) and 20-45 on these 19th-20th century speeches;
+    a broken load, tokenizer or separator gives hundreds."""
+    from linearize.data import token_blocks
+
+    model, tok = teacher
+    blocks = token_blocks(tok, split="validation", seq_len=256, max_blocks=4)
+    with torch.no_grad():
+        loss = model(blocks, labels=blocks).loss
+    ppl = loss.exp().item()
+    assert 4 < ppl < 80, ppl
