@@ -1,0 +1,71 @@
+"""Delta rule (DeltaNet): S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T,  o_t = S_t^T q_t.
+
+Tensors [B, H, T, D], beta [B, H, T]; callers L2-normalise and scale q, k themselves.
+* ``delta_chunk``      chunked form with the WY/UT transform: inside a chunk the corrected
+                       values are U - W S0 with T = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta),
+                       U = T V, W = T K, found by one unit-lower-triangular solve per chunk.
+* ``delta_recurrent``  token by token (``delta_step``) on S [B, H, K, V].
+* ``delta_matrix``     A = tril(Q K^T) (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta), so
+                       o = A @ V (the output is linear in V for fixed q, k, beta).
+"""
+from __future__ import annotations
+
+import torch
+
+from .gated import _pad_time
+
+
+def _ut_transform(k, beta):
+    """T = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) for k [..., C, K], beta [..., C]."""
+    c = k.shape[-2]
+    eye = torch.eye(c, dtype=k.dtype, device=k.device)
+    lower = ((beta.unsqueeze(-1) * k) @ k.transpose(-1, -2)).tril(-1)
+    return torch.linalg.solve_triangular(eye + lower, torch.diag_embed(beta), upper=False, unitriangular=True)
+
+
+def delta_chunk(q, k, v, beta, initial_state=None, chunk_size: int = 64):
+    """Returns (o [B,H,T,V], final state [B,H,K,V])."""
+    b, h, t, dk = q.shape
+    dv = v.shape[-1]
+    c = chunk_size
+    n = -(-t // c)
+    # padded tail: k = 0, beta = 0 -> the transform rows are zero, state untouched
+    q, k, v = (_pad_time(x, n * c) for x in (q, k, v))
+    beta = _pad_time(beta.unsqueeze(-1), n * c).squeeze(-1)
+    qc, kc, vc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))
+    tm = _ut_transform(kc, beta.reshape(b, h, n, c))
+    u, w = tm @ vc, tm @ kc
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    qk = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    s = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(q.dtype)
+    outs = []
+    for i in range(n):
+        v_new = u[:, :, i] - w[:, :, i] @ s  # values corrected by what the state already predicts
+        outs.append(qc[:, :, i] @ s + qk[:, :, i] @ v_new)
+        s = s + kc[:, :, i].transpose(-1, -2) @ v_new
+    return torch.stack(outs, dim=2).reshape(b, h, n * c, dv)[:, :, :t], s
+
+
+def delta_step(q_t, k_t, v_t, beta_t, state):
+    """q_t, k_t [B,H,K], v_t [B,H,V], beta_t [B,H], state [B,H,K,V]."""
+    pred = torch.einsum("bhk,bhkv->bhv", k_t, state)
+    state = state + k_t.unsqueeze(-1) * (beta_t.unsqueeze(-1) * (v_t - pred)).unsqueeze(-2)
+    return torch.einsum("bhk,bhkv->bhv", q_t, state), state
+
+
+def delta_recurrent(q, k, v, beta, initial_state=None):
+    b, h, t, dk = q.shape
+    s = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.to(q.dtype)
+    outs = []
+    for i in range(t):
+        o_t, s = delta_step(q[:, :, i], k[:, :, i], v[:, :, i], beta[:, :, i], s)
+        outs.append(o_t)
+    return torch.stack(outs, dim=2), s
+
+
+def delta_matrix(q, k, beta):
+    """A [B,H,T,T]: one T x T unit-lower-triangular solve per head (differentiable)."""
+    t = q.shape[2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    qk = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    return qk @ _ut_transform(k, beta)
