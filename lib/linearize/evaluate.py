@@ -1,0 +1,322 @@
+"""Evaluate a teacher or a student: the paper's six zero-shot tasks, perplexity and KL.
+
+``evaluate_tasks`` runs lm-evaluation-harness on an in-memory model (tasks from
+:mod:`linearize.tasks`: offline data by default, lm-eval's hub tasks with ``online=True``) and
+returns a plain dict: per task the unnormalised accuracy the paper reports (``acc``),
+``acc_norm`` beside it where lm-eval defines one, LAMBADA's accuracy and perplexity, and the
+standard error of each. ``results_table`` lays several such results out like the paper's tables
+(Lamb., WinoG., Arc-E, Arc-C, PIQA, HellaS., Avg., in percent), optionally with the paper's own
+rows (``PAPER_ROWS``; note the paper's teacher was SmolLM-360M, ours is SmolLM2-135M-Instruct,
+and the paper's LAMBADA was the mean of standard and OpenAI, ours is OpenAI only).
+
+``perplexity_and_kl`` measures a student against its teacher on held-out token blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .tasks import PAPER_TASKS, check_task_names, lm_eval_name, load_tasks
+
+# Column label of each task in the paper's tables, in the paper's order.
+COLUMNS = {
+    "lambada_openai": "Lamb.",
+    "winogrande": "WinoG.",
+    "arc_easy": "Arc-E",
+    "arc_challenge": "Arc-C",
+    "piqa": "PIQA",
+    "hellaswag": "HellaS.",
+}
+AVG = "Avg."
+RESULTS_FILE = "eval_{tag}.json"
+
+# The source paper's numbers (STUDY.md), percent, unnormalised accuracy. Its teacher was
+# SmolLM-360M trained students on 1B FineWeb tokens; Table 2 students do not copy Q/K/V, Table 3
+# ablations do. Only the teacher has per-task numbers; the students have averages only.
+_PAPER = "paper, SmolLM-360M teacher: "
+PAPER_ROWS: dict[str, dict[str, float]] = {
+    _PAPER + "teacher": {"Lamb.": 49.26, "WinoG.": 59.35, "Arc-E": 70.24, "Arc-C": 36.65,
+                         "PIQA": 71.65, "HellaS.": 43.11, AVG: 55.04},
+    **{_PAPER + f"Llama-{s}": {AVG: a} for s, a in [
+        ("Llama", 48.61), ("xLSTM", 47.36), ("GLA", 47.85), ("HGRN2", 47.48), ("RetNet", 47.39),
+        ("Mamba2", 47.10), ("MetaLA", 44.82), ("DeltaNet", 43.80), ("ReBased", 43.39),
+        ("Hedgehog", 41.69)]},
+    **{_PAPER + f"Llama-{s} + MM": {AVG: a} for s, a in [
+        ("Llama", 49.98), ("xLSTM", 47.95), ("GLA", 47.78), ("HGRN2", 46.95), ("RetNet", 47.27),
+        ("Mamba2", 46.16), ("MetaLA", 46.97), ("DeltaNet", 42.93), ("ReBased", 42.96),
+        ("Hedgehog", 42.80)]},
+    _PAPER + "Llama-xLSTM + QKV": {AVG: 49.02},
+    _PAPER + "Llama-xLSTM + QKV + MM": {AVG: 48.98},
+    _PAPER + "Llama-xLSTM + QKV + MM + H2H": {AVG: 49.41},
+    _PAPER + "Llama-GLA + QKV": {AVG: 48.66},
+    _PAPER + "Llama-GLA + QKV + MM + H2H": {AVG: 48.58},
+    _PAPER + "Llama-GLA + MM + H2H (no QKV)": {AVG: 35.30},
+}
+
+
+@contextlib.contextmanager
+def _single_process_bootstrap() -> Iterable[None]:
+    """lm-eval bootstraps the perplexity's standard error in a multiprocessing pool of
+    cpu_count() workers (forking a process that holds the model); in-process is quick enough
+    for our iteration count and safe under pytest and Jupyter."""
+    saved = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = saved
+
+
+def _task_metrics(raw: Mapping[str, object]) -> dict[str, float]:
+    """lm-eval's "acc,none"/"acc_stderr,none" keys -> acc/acc_stderr (only the metrics we use)."""
+    out = {}
+    for metric in ("acc", "acc_norm", "perplexity"):
+        for key in (metric, metric + "_stderr"):
+            value = raw.get(f"{key},none")
+            if isinstance(value, (int, float)):
+                out[key] = float(value)
+    return out
+
+
+def evaluate_tasks(
+    model,
+    tokenizer,
+    tasks: str | Iterable[str] = PAPER_TASKS,
+    limit: int | None = None,
+    batch_size: int = 8,
+    online: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    label: str | None = None,
+    bootstrap_iters: int = 1000,
+    per_doc: bool = False,
+) -> dict:
+    """Zero-shot lm-eval on an in-memory causal LM.
+
+    ``limit`` takes the first ``limit`` documents of each task (quick runs; None = all).
+    Returns ``{"model", "tasks": {name: {"acc", "acc_stderr", "acc_norm", ..., "n_docs"}},
+    "limit", "online", "wall_time_s", ...}``; fractions in [0, 1] (tables show percent).
+    With ``output_dir`` the dict is also written there as ``eval_<full|limitN>[_online].json``.
+    ``per_doc=True`` also keeps each document's scores (``tasks[name]["per_doc"]``: lists in
+    document order), e.g. to recompute a metric over a subset.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    names = check_task_names(tasks)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None (all documents), got {limit!r}")
+    task_objs = load_tasks(names, online=online)
+    device = str(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    start = time.perf_counter()
+    with _single_process_bootstrap():
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(task_objs.values()),
+            num_fewshot=0,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=per_doc,
+        )
+    wall = time.perf_counter() - start
+    model.train(was_training)
+
+    per_task = {}
+    for name in names:
+        key = lm_eval_name(name, online)
+        metrics = _task_metrics(out["results"][key])
+        if "acc" not in metrics:
+            raise RuntimeError(f"lm-eval returned no accuracy for {key}: {out['results'][key]}")
+        counts = out.get("n-samples", {}).get(key, {})
+        metrics["n_docs"] = int(counts.get("effective", 0))
+        metrics["n_docs_total"] = int(counts.get("original", 0))
+        if per_doc:
+            samples = sorted(out["samples"][key], key=lambda s: s["doc_id"])
+            metrics["per_doc"] = {"doc_id": [s["doc_id"] for s in samples]} | {
+                m: [float(s[m]) for s in samples] for m in ("acc", "acc_norm", "perplexity")
+                if samples and m in samples[0]}
+        per_task[name] = metrics
+
+    import lm_eval
+
+    results = {
+        "model": label or type(model).__name__,
+        "tasks": per_task,
+        "num_fewshot": 0,
+        "limit": limit,
+        "online": online,
+        "batch_size": batch_size,
+        "dtype": str(next(model.parameters()).dtype),
+        "device": device,
+        "wall_time_s": round(wall, 1),
+        "lm_eval_version": lm_eval.__version__,
+        "lm_eval_results": out["results"],
+    }
+    if output_dir is not None:
+        save_results(results, output_dir)
+    return results
+
+
+def results_path(output_dir: str | os.PathLike, limit: int | None, online: bool) -> Path:
+    tag = ("full" if limit is None else f"limit{limit}") + ("_online" if online else "")
+    return Path(output_dir) / RESULTS_FILE.format(tag=tag)
+
+
+def save_results(results: dict, output_dir: str | os.PathLike) -> Path:
+    path = results_path(output_dir, results["limit"], results["online"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str))
+    return path
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def table_row(results: Mapping, metric: str = "acc") -> dict[str, float]:
+    """One table row in percent. ``metric="acc_norm"`` uses acc_norm where the task has it
+    (LAMBADA has none: its acc is used). Avg. only when all six tasks are present, so that a
+    partial run never shows an average that is not comparable with the paper's."""
+    tasks = results["tasks"]
+    row = {}
+    for name, col in COLUMNS.items():
+        if name in tasks:
+            m = tasks[name]
+            row[col] = 100.0 * m.get(metric, m["acc"])
+    cols = list(COLUMNS.values())
+    row[AVG] = sum(row[c] for c in cols) / len(cols) if all(c in row for c in cols) else math.nan
+    return row
+
+
+def results_table(
+    results_by_model: Mapping[str, Mapping],
+    paper_rows: Mapping[str, Mapping[str, float]] | None = None,
+    metric: str = "acc",
+    decimals: int = 2,
+):
+    """A DataFrame in the paper's format: one row per model (percent), columns Lamb., WinoG.,
+    Arc-E, Arc-C, PIQA, HellaS., Avg. Values of ``results_by_model`` are ``evaluate_tasks``
+    results (or rows already in table form); ``paper_rows`` (e.g. ``PAPER_ROWS``) are appended
+    and keep the labels that mark them as the paper's."""
+    import pandas as pd
+
+    rows = {}
+    for label, res in results_by_model.items():
+        rows[label] = table_row(res, metric) if "tasks" in res else dict(res)
+    for label, row in (paper_rows or {}).items():
+        rows[label] = dict(row)
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*COLUMNS.values(), AVG])
+    frame.index.name = "model"
+    return frame.astype(float).round(decimals)
+
+
+# ---- perplexity and KL to the teacher on held-out token blocks ----
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+@torch.no_grad()
+def perplexity_and_kl(student, teacher, blocks: torch.Tensor, batch_size: int = 2) -> dict:
+    """Validation perplexity of student and teacher, and the mean per-token KL(p_T || p_S).
+
+    ``blocks``: LongTensor [N, seq_len] of held-out token ids (e.g. ``linearize.data``'s
+    validation blocks). Perplexity is exp of the mean next-token cross-entropy over the
+    N * (seq_len - 1) predicted positions. The KL is averaged over every position of every
+    block (N * seq_len) - a mean over tokens, not the "batchmean" that sums over the sequence.
+    ``teacher=None`` skips the KL and reports the student's perplexity only.
+    """
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise ValueError(
+            "blocks must be a LongTensor [N, seq_len] of token ids (e.g. from "
+            f"linearize.data.token_blocks), got {getattr(blocks, 'dtype', type(blocks))} "
+            f"with shape {tuple(getattr(blocks, 'shape', ()))}"
+        )
+    if blocks.shape[1] < 2:
+        raise ValueError(f"blocks need at least 2 tokens each for perplexity, got {blocks.shape}")
+    models = [m for m in (student, teacher) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    device = next(student.parameters()).device
+    nll_s = nll_t = kl_sum = 0.0
+    n_pred = n_tok = 0
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start:start + batch_size].to(device)
+            targets = ids[:, 1:].reshape(-1)
+            logp_s = F.log_softmax(_logits(student, ids), dim=-1)
+            nll_s += F.nll_loss(logp_s[:, :-1].reshape(-1, logp_s.shape[-1]), targets, reduction="sum").item()
+            n_pred += targets.numel()
+            if teacher is not None:
+                logp_t = F.log_softmax(_logits(teacher, ids.to(next(teacher.parameters()).device)).to(device), dim=-1)
+                nll_t += F.nll_loss(logp_t[:, :-1].reshape(-1, logp_t.shape[-1]), targets, reduction="sum").item()
+                # KL(p_T || p_S) per position, summed over the vocabulary; summed here over
+                # positions and divided by the token count at the end.
+                kl_sum += (logp_t.exp() * (logp_t - logp_s)).sum().item()
+                n_tok += ids.numel()
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    out = {"perplexity": math.exp(nll_s / n_pred), "n_blocks": int(blocks.shape[0]),
+           "seq_len": int(blocks.shape[1])}
+    if teacher is not None:
+        out["teacher_perplexity"] = math.exp(nll_t / n_pred)
+        out["kl"] = kl_sum / n_tok
+    return out
+
+
+# ---- loading a model to evaluate ----
+
+def load_model(source: str | os.PathLike | None = None):
+    """(model, tokenizer, label) from a run folder, a saved model folder or a teacher name.
+
+    A folder with ``config.json`` is loaded with ``AutoModelForCausalLM`` (after importing
+    ``linearize.modeling`` so saved students resolve); a run folder without one is searched for
+    a ``student/`` or ``model/`` subfolder. Anything else is a teacher name for
+    ``linearize.teacher.load_teacher`` (None = the embedded default). Students saved without a
+    tokenizer get the embedded teacher's.
+    """
+    from .teacher import load_teacher
+
+    path = Path(source) if source not in (None, "") else None
+    if path is not None and path.is_dir():
+        model_dir = next((d for d in (path, path / "student", path / "model")
+                          if (d / "config.json").exists()), None)
+        if model_dir is None:
+            raise FileNotFoundError(
+                f"{path} holds no saved model: expected config.json in it or in its student/ or "
+                "model/ subfolder (save one with model.save_pretrained(folder))."
+            )
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+        if model_type == "llama":
+            model, tok = load_teacher(model_dir)
+            return model, tok, path.name
+        try:
+            import linearize.modeling  # noqa: F401  (registers the student with AutoModelForCausalLM)
+        except ImportError as exc:
+            raise ImportError(f"{model_dir} holds a '{model_type}' model, but linearize.modeling "
+                              f"could not be imported to load it: {exc}") from exc
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if (model_dir / "tokenizer_config.json").exists():
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        else:
+            _, tok = load_teacher()
+        return model, tok, path.name
+    model, tok = load_teacher(source)
+    return model, tok, str(source or "smollm2-135m-instruct")
