@@ -1,0 +1,644 @@
+"""The three training stages on ``accelerate``, with resumable runs.
+
+* stage 1, matrix mixing (MOHAWK stage 1): per layer, the student mixer's materialised mixing
+  matrix A_S (from the teacher's normed layer input) is pulled towards the teacher's softmax
+  attention A_T; loss = sum over layers of ``losses.matrix_mixing_loss``.
+* stage 2, hidden-to-hidden (MOHAWK stage 2): per layer, the student decoder layer run on the
+  teacher's layer input is pulled towards the teacher layer's output; loss = sum over layers of
+  ``losses.hidden_loss``.
+* stage 3, end-to-end distillation: ``losses.distillation_loss`` (CE + alpha * per-token KL).
+
+Stages 1-2 are layer-local and train only mixer parameters (``layer.self_attn``): the teacher
+is walked one layer at a time (``teacher.iter_layers``), each layer's loss is back-propagated
+at once, so only one layer's T x T maps and graph exist at a time. Because they call the
+student's layers directly (not the prepared model's forward), DDP's gradient hooks never fire;
+with several processes the gradients are averaged explicitly before clipping. Stage 3 runs the
+prepared model's forward, so ``accelerate launch`` distributes it the usual way.
+
+A run lives in ``outputs/<arch>/<run_name>/``::
+
+    params.yaml        the resolved parameters of the latest call
+    metrics.jsonl      one JSON object per line: training steps ("event": "step") and
+                       validations ("event": "eval", "after": conversion|stage1|stage2|stage3)
+    stageN/params.yaml the parameters that define stage N (a resume must match them)
+    stageN/checkpoint.pt  resumable state while stage N runs (trainable tensors, optimizer,
+                       scheduler, RNG, step, metrics offset), replaced atomically
+    stageN/student.pt  the full student state dict when stage N finished
+    stageN/done.json   summary (steps, tokens, wall time, last loss)
+
+Resume: calling a stage again continues from ``checkpoint.pt`` with the same data order
+(a function of seed and step), optimizer, scheduler and RNG states, and truncates
+``metrics.jsonl`` to what it held at the checkpoint, so the curve equals an uninterrupted one.
+A finished stage (``done.json``) is not trained again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from . import losses
+from .paths import OUTPUTS
+
+STAGE_NAMES = {1: "matrix mixing", 2: "hidden-to-hidden", 3: "end-to-end distillation"}
+STAGE3_TRAIN = ("all", "mixers", "no-embeddings")
+
+# The parameters that define what a stage computes: a checkpoint or a finished stage is reused
+# only when these match. Runtime knobs (logging, checkpoint cadence, early stop) may change.
+_COMMON_KEYS = (
+    "arch", "teacher", "corpus", "val_fraction", "seq_len", "batch_size", "seed", "qkv_copy",
+    "chunk_size", "backend", "mixer_options", "weight_decay", "betas", "grad_clip",
+    "warmup_fraction", "decay_fraction", "min_lr_ratio", "bf16",
+)
+_STAGE_KEYS = {
+    1: ("stage1_tokens", "stage1_lr", "mm_loss"),
+    2: ("stage2_tokens", "stage2_lr", "h2h_loss"),
+    3: ("stage3_tokens", "stage3_lr", "kd_alpha", "kd_temperature", "stage3_train"),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
+
+
+class RunError(RuntimeError):
+    """A run folder whose stored parameters disagree with the requested ones."""
+
+
+# ---------------------------------------------------------------------------------------
+# Run folder
+# ---------------------------------------------------------------------------------------
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary sibling, fsync, then rename over ``path``: a kill at any point
+    leaves either the old file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Run:
+    """``outputs/<arch>/<run_name>/``: parameters, metrics and per-stage checkpoints."""
+
+    def __init__(self, params: dict, root: str | os.PathLike | None = None, is_main: bool = True):
+        self.params = params
+        self.dir = Path(root or OUTPUTS) / params["arch"] / params["run_name"]
+        self.is_main = is_main
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+
+            _atomic_write_text(self.dir / "params.yaml", yaml.safe_dump(_jsonable(params), sort_keys=False))
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def stage_dir(self, stage: int) -> Path:
+        path = self.dir / f"stage{stage}"
+        if self.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def metrics_offset(self) -> int:
+        return self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+
+    def truncate_metrics(self, offset: int) -> None:
+        """Drop lines logged after a checkpoint, so a resumed curve has no duplicate steps."""
+        if self.is_main and self.metrics_path.exists():
+            with open(self.metrics_path, "r+b") as fh:
+                fh.truncate(offset)
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        with open(self.metrics_path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def evals(self) -> dict[str, dict]:
+        return {r["after"]: r for r in self.metrics() if r.get("event") == "eval"}
+
+    def done(self, stage: int) -> dict | None:
+        path = self.dir / f"stage{stage}" / "done.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+
+def stage_identity(params: dict, stage: int, start: str) -> dict:
+    ident = {k: params[k] for k in _COMMON_KEYS + _STAGE_KEYS[stage]}
+    ident["start"] = start
+    return _jsonable(ident)
+
+
+# ---------------------------------------------------------------------------------------
+# Students
+# ---------------------------------------------------------------------------------------
+def convert_student(teacher, params: dict):
+    from .convert import convert
+
+    return convert(
+        teacher, params["arch"], qkv_copy=params["qkv_copy"], mixer_options=dict(params["mixer_options"]),
+        chunk_size=params["chunk_size"], backend=params["backend"],
+    )
+
+
+def latest_stage(run: Run, before: int) -> int | None:
+    """The last finished stage < ``before`` in this run, if any."""
+    for stage in range(before - 1, 0, -1):
+        if run.done(stage) is not None and (run.dir / f"stage{stage}" / "student.pt").exists():
+            return stage
+    return None
+
+
+def load_student(run: Run, teacher, params: dict, before: int):
+    """The student a stage starts from: the last finished earlier stage's weights, else a fresh
+    conversion. Returns ``(student, start)`` with start = "stageN" or "conversion"."""
+    student = convert_student(teacher, params)
+    stage = latest_stage(run, before)
+    if stage is None:
+        return student, "conversion"
+    state = torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu", weights_only=True)
+    student.load_state_dict(state)
+    return student, f"stage{stage}"
+
+
+def _check_not_sharing(student: nn.Module, teacher: nn.Module) -> None:
+    """Training must never write into the teacher: no parameter storage may be shared."""
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    shared = [n for n, p in student.named_parameters() if p.data_ptr() in teacher_ptrs]
+    if shared:
+        raise RuntimeError(
+            f"student parameters share storage with the teacher ({shared[:3]}...); training would "
+            "modify the teacher. The converter must copy (clone) the teacher's tensors."
+        )
+
+
+def select_trainable(student: nn.Module, stage: int, stage3_train: str = "all") -> list[str]:
+    """Set requires_grad for a stage and return the names of the trainable parameters.
+
+    Stages 1-2 and stage3_train="mixers": the mixers (``model.layers[i].self_attn``) only.
+    "no-embeddings": everything but the token embedding and the LM head. "all": everything."""
+    if stage3_train not in STAGE3_TRAIN:
+        raise ValueError(f"stage3_train must be one of {STAGE3_TRAIN}, got {stage3_train!r}.")
+    mode = "mixers" if stage in (1, 2) else stage3_train
+    names = []
+    for name, p in student.named_parameters():
+        if mode == "mixers":
+            train = ".self_attn." in name
+        elif mode == "no-embeddings":
+            train = not (name.startswith("model.embed_tokens") or name.startswith("lm_head"))
+        else:
+            train = True
+        p.requires_grad_(train)
+        if train:
+            names.append(name)
+    if not names:
+        raise RuntimeError(f"stage {stage} found no trainable parameters (mode {mode!r}).")
+    return names
+
+
+# ---------------------------------------------------------------------------------------
+# Data order and schedules
+# ---------------------------------------------------------------------------------------
+class BlockOrder(Sampler):
+    """Indices of blocks in training order, from sample ``start`` for ``count`` samples.
+
+    The order is a fresh permutation per epoch drawn from (seed, epoch) only, so the sample
+    at any position is known without replaying the run: resume restarts at ``start``."""
+
+    def __init__(self, num_blocks: int, seed: int, start: int, count: int):
+        self.n, self.seed, self.start, self.count = num_blocks, seed, start, count
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        pos = self.start
+        end = self.start + self.count
+        while pos < end:
+            epoch, offset = divmod(pos, self.n)
+            perm = self._epoch(epoch)
+            take = min(self.n - offset, end - pos)
+            yield from perm[offset : offset + take].tolist()
+            pos += take
+
+    def __len__(self):
+        return self.count
+
+
+def lr_factor(kind: str, step: int, total: int, warmup_fraction: float, decay_fraction: float, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``.
+
+    "wsd": linear warmup, constant, then linear decay over the last ``decay_fraction`` of steps.
+    "linear": linear warmup, then linear decay over all remaining steps.
+    Both end at ``min_ratio`` after the last step; warmup starts at 1/warmup_steps, not 0, so
+    the first step already moves."""
+    warmup = int(round(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = warmup if kind == "linear" else total - int(round(decay_fraction * total))
+    decay_start = max(decay_start, warmup)
+    if step < decay_start:
+        return 1.0
+    span = max(total - decay_start, 1)
+    progress = (step - decay_start + 1) / span  # reaches 1 after the last step
+    return 1.0 - (1.0 - min_ratio) * min(progress, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Loss steps
+# ---------------------------------------------------------------------------------------
+def _mixer_modules(student):
+    return [layer.self_attn for layer in student.model.layers]
+
+
+def matrix_mixing_step(student, teacher, ids, params, backward: Callable, autocast) -> tuple[torch.Tensor, list[float]]:
+    """Stage 1 on one batch: per layer, backward of the layer's matrix-mixing loss."""
+    from .teacher import iter_layers
+
+    total, per_layer = 0.0, []
+    layers = student.model.layers
+    with autocast():
+        for trace in iter_layers(teacher, ids, with_attention=True):
+            layer = layers[trace.index]
+            x = layer.input_layernorm(trace.hidden_in)
+            a_s = layer.self_attn.mixing_matrix(x, trace.position_embeddings)
+            loss = losses.matrix_mixing_loss(trace.attn, a_s.float(), params["mm_loss"])
+            backward(loss)
+            per_layer.append(loss.item())
+            total = total + loss.detach()
+    return total, per_layer
+
+
+def hidden_step(student, teacher, ids, params, backward: Callable, autocast) -> tuple[torch.Tensor, list[float]]:
+    """Stage 2 on one batch: per layer, backward of the layer's hidden-to-hidden loss."""
+    from .teacher import iter_layers
+
+    total, per_layer = 0.0, []
+    layers = student.model.layers
+    with autocast():
+        for trace in iter_layers(teacher, ids, with_attention=False):
+            out = layers[trace.index](trace.hidden_in, position_embeddings=trace.position_embeddings)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = losses.hidden_loss(trace.hidden_out, out.float(), params["h2h_loss"])
+            backward(loss)
+            per_layer.append(loss.item())
+            total = total + loss.detach()
+    return total, per_layer
+
+
+def distill_step(model, teacher, ids, params, backward: Callable, autocast) -> tuple[torch.Tensor, dict]:
+    """Stage 3 on one batch: CE + alpha * per-token KL through the prepared model."""
+    with autocast():
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits
+        s_logits = model(input_ids=ids).logits
+        out = losses.distillation_loss(
+            s_logits, t_logits, losses.next_token_labels(ids), params["kd_alpha"], params["kd_temperature"]
+        )
+    backward(out.total)
+    return out.total.detach(), {"ce": out.ce.item(), "kl": out.kl.item()}
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    stage: int
+    student: nn.Module
+    steps: int
+    tokens: int
+    wall_s: float
+    finished: bool  # False when stop_after_steps cut it short (a checkpoint was written)
+    summary: dict
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_accelerator(params: dict):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if params["bf16"] else "no")
+
+
+def train_stage(
+    stage: int,
+    student: nn.Module,
+    teacher: nn.Module,
+    train_blocks: torch.Tensor,
+    params: dict,
+    run: Run,
+    start: str = "conversion",
+    accelerator=None,
+    progress: bool = True,
+) -> StageResult:
+    """Train one stage (1, 2 or 3) of ``student`` against ``teacher`` for its token budget,
+    resuming from ``run``'s checkpoint of this stage if there is one."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    if stage not in STAGE_NAMES:
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}.")
+    accelerator = accelerator or make_accelerator(params)
+    sdir = run.stage_dir(stage)
+    ident = stage_identity(params, stage, start)
+    ident_path = sdir / "params.yaml"
+    import yaml
+
+    if ident_path.exists():
+        stored = yaml.safe_load(ident_path.read_text())
+        if stored != ident:
+            diff = sorted(k for k in set(stored) | set(ident) if stored.get(k) != ident.get(k))
+            raise RunError(
+                f"{sdir} holds stage {stage} trained with other parameters (differing: {diff}). "
+                "Choose another run_name, or delete that folder to start the stage over."
+            )
+    elif run.is_main:
+        _atomic_write_text(ident_path, yaml.safe_dump(ident, sort_keys=False))
+
+    _check_not_sharing(student, teacher)
+    seq_len = train_blocks.shape[1]
+    if seq_len != params["seq_len"]:
+        raise ValueError(f"train blocks have seq_len {seq_len}, params say {params['seq_len']}.")
+    bs, nproc = params["batch_size"], accelerator.num_processes
+    tokens_per_step = bs * seq_len * nproc
+    budget = params[f"stage{stage}_tokens"]
+    total_steps = max(1, budget // tokens_per_step)
+    lr = params[f"stage{stage}_lr"]
+
+    set_seed(params["seed"])
+    names = select_trainable(student, stage, params["stage3_train"])
+    named = dict(student.named_parameters())
+    trainable = [named[n] for n in names]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=tuple(params["betas"]), weight_decay=params["weight_decay"])
+    kind = "linear" if stage == 3 else "wsd"
+    schedule = lambda s: lr_factor(kind, s, total_steps, params["warmup_fraction"],  # noqa: E731
+                                   params["decay_fraction"], params["min_lr_ratio"])
+    # Not passed to accelerator.prepare: the prepared scheduler steps once per process per
+    # optimizer step; here it steps exactly once per optimizer step on every process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    step, wall_prior, compute_prior = 0, 0.0, 0.0
+    ckpt_path = sdir / "checkpoint.pt"
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        missing = set(names) - set(state["trainable"])
+        if missing:
+            raise RunError(f"{ckpt_path} lacks trainable tensors {sorted(missing)[:3]}; delete it to restart the stage.")
+        with torch.no_grad():
+            for n in names:
+                named[n].copy_(state["trainable"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step, wall_prior, compute_prior = state["step"], state["wall_s"], state["compute_s"]
+        run.truncate_metrics(state["metrics_offset"])
+        accelerator.print(f"stage {stage}: resuming at step {step}/{total_steps} from {ckpt_path}")
+
+    remaining = total_steps - step
+    loader = DataLoader(
+        TensorDataset(train_blocks),
+        batch_size=bs,
+        sampler=BlockOrder(len(train_blocks), params["seed"] + stage, step * bs * nproc, remaining * bs * nproc),
+    )
+    model, optimizer, loader = accelerator.prepare(student, optimizer, loader)
+    teacher = teacher.to(accelerator.device)
+    raw = accelerator.unwrap_model(model)
+
+    def backward(loss):
+        accelerator.backward(loss)
+
+    def save_checkpoint():
+        if run.is_main:
+            atomic_save({
+                "step": step,
+                "trainable": {n: named[n].detach().cpu() for n in names},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(),
+                "metrics_offset": run.metrics_offset(),
+                "wall_s": wall_prior + (time.perf_counter() - t0),
+                "compute_s": compute_prior + compute_s,
+            }, ckpt_path)
+        accelerator.wait_for_everyone()
+
+    stop_at = params.get("stop_after_steps")
+    t0, compute_s, last_loss = time.perf_counter(), 0.0, None
+    bar = tqdm(total=total_steps, initial=step, desc=f"stage {stage} ({STAGE_NAMES[stage]})",
+               disable=not (progress and accelerator.is_local_main_process), unit="step")
+    model.train()
+    interrupted = False
+    for (ids,) in loader:
+        t_step = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        extra: dict = {}
+        if stage == 1:
+            loss, per_layer = matrix_mixing_step(raw, teacher, ids, params, backward, accelerator.autocast)
+            extra["layer_losses"] = per_layer
+        elif stage == 2:
+            loss, per_layer = hidden_step(raw, teacher, ids, params, backward, accelerator.autocast)
+            extra["layer_losses"] = per_layer
+        else:
+            loss, extra = distill_step(model, teacher, ids, params, backward, accelerator.autocast)
+        if stage in (1, 2) and nproc > 1:
+            # Layer-local steps bypass DDP's forward, so average gradients by hand.
+            for p in trainable:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            where = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['step']})" if ckpt_path.exists() else "none yet"
+            raise NonFiniteLossError(
+                f"stage {stage} ({STAGE_NAMES[stage]}): loss is {loss_value} at step {step + 1}; the "
+                f"parameters were not updated. Last good checkpoint: {where}. Lower stage{stage}_lr, "
+                "keep grad_clip on, or turn bf16 off."
+            )
+        grad_norm = None
+        if params["grad_clip"]:
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, params["grad_clip"]))
+        current_lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        dt = time.perf_counter() - t_step
+        compute_s += dt
+        last_loss = loss_value
+        tok_s = tokens_per_step / dt
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4g}", tok_s=f"{tok_s:.0f}")
+        if step % params["log_every"] == 0 or step == total_steps:
+            run.log({"event": "step", "stage": stage, "step": step, "tokens": step * tokens_per_step,
+                     "loss": loss_value, "lr": current_lr, "grad_norm": grad_norm, "tok_s": tok_s, **extra})
+        if stop_at is not None and step >= stop_at and step < total_steps:
+            save_checkpoint()
+            interrupted = True
+            break
+        if step % params["checkpoint_every"] == 0 and step < total_steps:
+            save_checkpoint()
+    bar.close()
+
+    wall = wall_prior + (time.perf_counter() - t0)
+    student = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    student.requires_grad_(False)
+    accelerator.free_memory()
+    compute_total = compute_prior + compute_s
+    summary = {"stage": stage, "name": STAGE_NAMES[stage], "start": start, "steps": step,
+               "total_steps": total_steps, "tokens": step * tokens_per_step, "wall_s": wall,
+               "train_tok_s": step * tokens_per_step / compute_total if compute_total else None,
+               "last_loss": last_loss, "trainable_params": sum(p.numel() for p in trainable)}
+    if interrupted:
+        return StageResult(stage, student, step, step * tokens_per_step, wall, False, summary)
+    if run.is_main:
+        atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, sdir / "student.pt")
+        _atomic_write_text(sdir / "done.json", json.dumps(summary, indent=1))
+        ckpt_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return StageResult(stage, student, step, step * tokens_per_step, wall, True, summary)
+
+
+# ---------------------------------------------------------------------------------------
+# Throughput reference and validation
+# ---------------------------------------------------------------------------------------
+def teacher_train_throughput(teacher, ids: torch.Tensor, steps: int = 2, autocast=nullcontext) -> float:
+    """Tokens/s of a plain forward+backward (LM loss) of the teacher on batches shaped like
+    ``ids``: the reference the distillation throughput is compared to. The first step warms up
+    and is not timed; gradients are dropped and the teacher is frozen again afterwards."""
+    teacher.requires_grad_(True)
+    try:
+        elapsed = 0.0
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            with autocast():
+                out = teacher(input_ids=ids, labels=ids)
+            out.loss.backward()
+            teacher.zero_grad(set_to_none=True)
+            if i > 0:
+                elapsed += time.perf_counter() - t
+    finally:
+        teacher.requires_grad_(False)
+    return steps * ids.numel() / elapsed
+
+
+def validate(student, teacher, val_blocks: torch.Tensor, params: dict) -> dict:
+    """Validation perplexity of the student and per-token KL(p_T || p_S), via linearize.evaluate."""
+    from .evaluate import perplexity_and_kl
+
+    return perplexity_and_kl(student, teacher, val_blocks, batch_size=params["val_batch_size"])
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline the notebooks call
+# ---------------------------------------------------------------------------------------
+def enabled_stages(params: dict, stages=(1, 2, 3)) -> list[int]:
+    flags = {1: params["matrix_mixing"], 2: params["h2h"], 3: params["distill"]}
+    return [s for s in stages if flags[s]]
+
+
+def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, root=None, progress: bool = True) -> dict:
+    """Run the requested (and enabled) stages for one student, validating after conversion and
+    after each stage. Finished stages are reused, an interrupted stage resumes. Returns a dict
+    with the run, the final student and the stage results."""
+    from .data import token_blocks
+    from .teacher import load_teacher
+
+    accelerator = make_accelerator(params)
+    run = Run(params, root=root, is_main=accelerator.is_main_process)
+    if teacher is None:
+        teacher, tokenizer = load_teacher(params["teacher"])
+    teacher = teacher.to(accelerator.device)
+    train_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "train", params["val_fraction"])
+    val_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "validation", params["val_fraction"],
+                              max_blocks=params["val_blocks"])
+    todo = enabled_stages(params, stages)
+    first = todo[0] if todo else max(stages) + 1
+    student, start = load_student(run, teacher, params, first)
+    student = student.to(accelerator.device)
+    evals = run.evals()
+    if start == "conversion" and "conversion" not in evals:
+        _log_eval(run, "conversion", student, teacher, val_blocks, params, tokens=0, wall_s=0.0)
+    results = []
+    for stage in todo:
+        done = run.done(stage)
+        if done is not None and done.get("start") == start:
+            accelerator.print(f"stage {stage} already finished in {run.dir / f'stage{stage}'}; reusing it")
+            student.load_state_dict(torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu",
+                                               weights_only=True))
+        else:
+            res = train_stage(stage, student, teacher, train_blocks, params, run, start=start,
+                              accelerator=accelerator, progress=progress)
+            results.append(res)
+            student = res.student
+            if not res.finished:
+                accelerator.print(f"stage {stage} stopped after {res.steps} steps (stop_after_steps); "
+                                  "run again to resume")
+                return {"run": run, "student": student, "results": results, "finished": False}
+            done = res.summary
+            if stage == 3 and params["measure_teacher_throughput"]:
+                ids = train_blocks[: params["batch_size"]].to(accelerator.device)
+                ref = teacher_train_throughput(teacher, ids, autocast=accelerator.autocast)
+                done = {**done, "teacher_fwd_bwd_tok_s": ref,
+                        "distill_over_teacher_fwd_bwd": done["train_tok_s"] / ref}
+                run.log({"event": "throughput", "stage": 3, **{k: done[k] for k in (
+                    "train_tok_s", "teacher_fwd_bwd_tok_s", "distill_over_teacher_fwd_bwd")}})
+        if f"stage{stage}" not in run.evals():
+            _log_eval(run, f"stage{stage}", student, teacher, val_blocks, params,
+                      tokens=done["tokens"], wall_s=done["wall_s"])
+        start = f"stage{stage}"
+    return {"run": run, "student": student, "results": results, "finished": True}
+
+
+def _log_eval(run, after, student, teacher, val_blocks, params, tokens, wall_s):
+    t = time.perf_counter()
+    metrics = validate(student, teacher, val_blocks, params)
+    run.log({"event": "eval", "after": after, "tokens": tokens, "stage_wall_s": wall_s,
+             "eval_s": time.perf_counter() - t, **metrics})
