@@ -127,3 +127,29 @@ def copy_linear_by_name(student: nn.Module, teacher: nn.Module, names, reasons=N
                 extra = " (teacher bias dropped: the student projection has none)"
         notes.append(f"{name}: copied {tuple(src.weight.shape)}{extra}")
     return notes
+
+
+class HeadNorm(nn.Module):
+    """Per-head normalisation of [B, H, T, D] over D ("group norm" with one group per head).
+
+    kind="layer": LayerNorm, kind="rms": RMSNorm; ``affine`` gives each of the H*D channels its
+    own weight (and bias for LayerNorm), as xLSTM's multi-head LayerNorm and RetNet's GroupNorm."""
+
+    def __init__(self, num_heads: int, head_dim: int, kind: str = "rms", affine: bool = True,
+                 eps: float = 1e-5):
+        super().__init__()
+        if kind not in ("layer", "rms"):
+            raise ValueError(f"HeadNorm kind must be 'layer' or 'rms', got {kind!r}")
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(num_heads, 1, head_dim)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_heads, 1, head_dim)) if affine and kind == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            x = x - x.mean(-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            x = x * self.weight.to(x.dtype)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype)
+        return x

@@ -1,0 +1,175 @@
+"""The shared frame of every recurrent (subquadratic) mixer.
+
+A subclass says what is particular to it in two hooks:
+* ``features(x, position_embeddings, state, new_state)`` -> Features: the kernel inputs
+  q, k, v [B, H, T, *] and its gates, computed from the layer input; short convolutions read
+  their window from ``state`` (None = fresh) and write the new one into ``new_state``.
+* ``output(o, x)`` -> y [B, T, hidden]: output norm, output gate, output projection.
+This class runs the kernel family (gated / delta / mlstm) in the requested form, so the chunked,
+recurrent and materialised forms cannot drift apart between mixers.
+
+State dict: the kernel state ("S" for gated and delta; "C", "n", "m" for mLSTM) plus one
+"conv_<name>" window per short convolution.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .base import CoreOut, MixerConfig, TokenMixer
+from .common import ShortConv, apply_rope, merge_heads, repeat_kv, split_heads
+
+
+@dataclass
+class Features:
+    q: torch.Tensor  # [B, H, T, K]
+    k: torch.Tensor  # [B, H, T, K]
+    v: torch.Tensor  # [B, H, T, V]
+    g: torch.Tensor | None = None  # gated: log decay [B, H, T, K] or [B, H, T, 1]
+    beta: torch.Tensor | None = None  # delta: [B, H, T]
+    lf: torch.Tensor | None = None  # mlstm: log forget gate [B, H, T]
+    ig: torch.Tensor | None = None  # mlstm: input gate pre-activation [B, H, T]
+    diag: torch.Tensor | None = None  # extra self-weight [B, H, T] (Mamba2's D, MetaLA's self-aug)
+    out_input: torch.Tensor | None = None  # what output() gates with, if not the layer input
+
+
+class LinearMixer(TokenMixer):
+    family: ClassVar[str] = "gated"  # gated | delta | mlstm
+    normalize: ClassVar[bool] = False  # gated family: divide by sum_j A_ij + eps
+
+    def __init__(self, config: MixerConfig, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        c = config
+        self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim)
+        if c.num_heads % c.num_kv_heads:
+            raise ValueError(f"num_heads={c.num_heads} must be a multiple of num_kv_heads={c.num_kv_heads}")
+        self.key_dim = c.head_dim  # feature-map mixers widen it
+        self.use_rope = bool(self.option("rope", False))
+        self.eps = float(self.option("norm_eps", 1e-6))
+        self.convs = nn.ModuleDict()
+
+    # ---- helpers for subclasses ---------------------------------------------------------
+    def option(self, name, default):
+        return self.config.options.get(name, default)
+
+    def llama_projections(self, q=True, k=True, v=True, o=True):
+        """nn.Linear layers with Llama's names and shapes (bias-free), so copying is by name."""
+        c = self.config
+        if q:
+            self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        if k:
+            self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        if v:
+            self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        if o:
+            self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def add_conv(self, name: str, channels: int, activation="silu"):
+        width = int(self.option("conv_size", 4))
+        if width > 0:
+            self.convs[name] = ShortConv(channels, width, activation, self.option("conv_init", "identity"))
+
+    def conv(self, name, x, conv_state, new_state):
+        """Apply short conv ``name`` if the mixer has one (conv_size > 0), tracking its window."""
+        if name not in self.convs:
+            return x
+        y, cache = self.convs[name](x, None if conv_state is None else conv_state.get(f"conv_{name}"))
+        new_state[f"conv_{name}"] = cache
+        return y
+
+    def heads(self, x, kv=False):
+        """[B, T, n*D] -> [B, H, T, D]; KV-head tensors are repeated to the H query heads."""
+        if kv:
+            return repeat_kv(split_heads(x, self.num_kv_heads), self.num_heads)
+        return split_heads(x, self.num_heads)
+
+    def rope(self, q, k, position_embeddings):
+        if self.use_rope:
+            return apply_rope(q, position_embeddings), apply_rope(k, position_embeddings)
+        return q, k
+
+    def gate_heads(self, x):
+        """[B, T, H] -> [B, H, T]."""
+        return x.transpose(1, 2)
+
+    # ---- hooks ----------------------------------------------------------------------------
+    def features(self, x, position_embeddings, state, new_state) -> Features:
+        raise NotImplementedError
+
+    def output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(merge_heads(o))
+
+    # ---- the three forms ------------------------------------------------------------------
+    def _run(self, f: Features, mode, state):
+        cs, be = self.config.chunk_size, self.config.backend
+        if self.family == "gated":
+            o, s = kernels.gated_attention(f.q, f.k, f.v, f.g, mode=mode, chunk_size=cs, backend=be,
+                                           initial_state=None if state is None else state["S"],
+                                           normalize=self.normalize, eps=self.eps)
+            kstate = {"S": s}
+        elif self.family == "delta":
+            o, s = kernels.delta_rule(f.q, f.k, f.v, f.beta, mode=mode, chunk_size=cs, backend=be,
+                                      initial_state=None if state is None else state["S"])
+            kstate = {"S": s}
+        elif self.family == "mlstm":
+            init = None if state is None else (state["C"], state["n"], state["m"])
+            o, (c, n, m) = kernels.mlstm(f.q, f.k, f.v, f.lf, f.ig, mode=mode, chunk_size=cs,
+                                         backend=be, initial_state=init)
+            kstate = {"C": c, "n": n, "m": m}
+        else:
+            raise ValueError(f"unknown kernel family {self.family!r}")
+        if f.diag is not None:
+            o = o + f.diag.unsqueeze(-1) * f.v
+        return o, kstate
+
+    def forward(self, x, position_embeddings=None, state=None, mode=None):
+        mode = mode or ("recurrent" if state is not None else "chunk")
+        new_state: dict = {}
+        f = self.features(x, position_embeddings, state, new_state)
+        o, kstate = self._run(f, mode, state)
+        new_state.update(kstate)
+        return self.output(o, x if f.out_input is None else f.out_input), new_state
+
+    def core(self, x, position_embeddings=None, mode="chunk") -> CoreOut:
+        f = self.features(x, position_embeddings, None, {})
+        o, _ = self._run(f, mode, None)
+        return CoreOut(o=o, v=f.v)
+
+    def mixing_matrix(self, x, position_embeddings=None) -> torch.Tensor:
+        f = self.features(x, position_embeddings, None, {})
+        if self.family == "gated":
+            a = kernels.gated_matrix(f.q, f.k, f.g, chunk_size=self.config.chunk_size,
+                                     normalize=self.normalize, eps=self.eps)
+        elif self.family == "delta":
+            a = kernels.delta_matrix(f.q, f.k, f.beta)
+        else:
+            a = kernels.mlstm_matrix(f.q, f.k, f.lf, f.ig)
+        if f.diag is not None:
+            a = a + torch.diag_embed(f.diag)
+        return a
+
+    def init_state(self, batch_size, device, dtype):
+        h, dk, dv = self.num_heads, self.key_dim, self.head_dim
+        state = {f"conv_{n}": m.init_state(batch_size, device, dtype) for n, m in self.convs.items()}
+        if self.family == "mlstm":
+            state.update(C=torch.zeros(batch_size, h, dk, dv, device=device, dtype=dtype),
+                         n=torch.zeros(batch_size, h, dk, device=device, dtype=dtype),
+                         m=torch.zeros(batch_size, h, device=device, dtype=dtype))
+        else:
+            extra = 1 if self.normalize else 0  # the normaliser's column
+            state["S"] = torch.zeros(batch_size, h, dk, dv + extra, device=device, dtype=dtype)
+        return state
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def scale_of(dim: int) -> float:
+    return 1.0 / math.sqrt(dim)
