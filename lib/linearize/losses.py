@@ -111,7 +111,9 @@ def matrix_mixing_loss(a_teacher: torch.Tensor, a_student: torch.Tensor, kind: s
             f"teacher map {tuple(a_teacher.shape)} and student map {tuple(a_student.shape)} must both "
             "be [B, H, T, T] with the teacher's head count (the converter keeps it)."
         )
-    diff = a_teacher.to(a_student.dtype) - a_student
+    # float32 at least: bf16 maps lose the small differences the loss is made of
+    dtype = torch.promote_types(a_student.dtype, torch.float32)
+    diff = a_teacher.to(dtype) - a_student.to(dtype)
     if kind == "frobenius":
         return torch.linalg.matrix_norm(diff, ord="fro").sum(1).mean()
     if kind == "mse":
@@ -125,7 +127,8 @@ def hidden_loss(h_teacher: torch.Tensor, h_student: torch.Tensor, kind: str = "l
         raise ValueError(
             f"teacher hidden {tuple(h_teacher.shape)} and student hidden {tuple(h_student.shape)} differ."
         )
-    diff = h_teacher.to(h_student.dtype) - h_student
+    dtype = torch.promote_types(h_student.dtype, torch.float32)
+    diff = h_teacher.to(dtype) - h_student.to(dtype)
     if kind == "l2":
         return torch.linalg.vector_norm(diff, dim=-1).mean()
     if kind == "mse":

@@ -170,8 +170,13 @@ def stage_identity(params: dict, stage: int, start: str) -> dict:
 # Students
 # ---------------------------------------------------------------------------------------
 def convert_student(teacher, params: dict):
+    """A fresh conversion. Seeded, so that mixers without copied weights start from the same
+    random initialisation in every run with the same seed."""
+    from accelerate.utils import set_seed
+
     from .convert import convert
 
+    set_seed(params["seed"])
     return convert(
         teacher, params["arch"], qkv_copy=params["qkv_copy"], mixer_options=dict(params["mixer_options"]),
         chunk_size=params["chunk_size"], backend=params["backend"],
@@ -300,7 +305,7 @@ def matrix_mixing_step(student, teacher, ids, params, backward: Callable, autoca
             layer = layers[trace.index]
             x = layer.input_layernorm(trace.hidden_in)
             a_s = layer.self_attn.mixing_matrix(x, trace.position_embeddings)
-            loss = losses.matrix_mixing_loss(trace.attn, a_s.float(), params["mm_loss"])
+            loss = losses.matrix_mixing_loss(trace.attn, a_s, params["mm_loss"])
             backward(loss)
             per_layer.append(loss.item())
             total = total + loss.detach()
@@ -317,7 +322,7 @@ def hidden_step(student, teacher, ids, params, backward: Callable, autocast) -> 
         for trace in iter_layers(teacher, ids, with_attention=False):
             out = layers[trace.index](trace.hidden_in, position_embeddings=trace.position_embeddings)
             out = out[0] if isinstance(out, tuple) else out
-            loss = losses.hidden_loss(trace.hidden_out, out.float(), params["h2h_loss"])
+            loss = losses.hidden_loss(trace.hidden_out, out, params["h2h_loss"])
             backward(loss)
             per_layer.append(loss.item())
             total = total + loss.detach()

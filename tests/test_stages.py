@@ -1,0 +1,233 @@
+"""The training stages on a tiny random Llama teacher: losses fall, resume is exact, a NaN
+stops the run with its last checkpoint intact, checkpoints are written atomically."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from linearize import losses, mixers
+from linearize import params as P
+from linearize import stages as S
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 96, (24, SEQ), generator=g)
+
+
+def _params(arch="softmax", **over):
+    base = dict(seq_len=SEQ, batch_size=4, stage1_tokens=64 * 12, stage2_tokens=64 * 12, stage3_tokens=64 * 12,
+                stage1_lr=3e-3, stage2_lr=3e-3, stage3_lr=3e-3, checkpoint_every=3, run_name="t",
+                qkv_copy=False, val_blocks=2, val_batch_size=2, warmup_fraction=0.0, decay_fraction=0.0)
+    base.update(over)
+    return P.resolve(arch, overrides=base)
+
+
+def _losses(run, stage):
+    return [m["loss"] for m in run.metrics() if m.get("event") == "step" and m["stage"] == stage]
+
+
+def _train(stage, teacher, blocks, params, root, start_student=None):
+    run = S.Run(params, root=root)
+    student, start = S.load_student(run, teacher, params, stage)
+    if start_student is not None:
+        student.load_state_dict(start_student.state_dict())
+    return run, S.train_stage(stage, student, teacher, blocks, params, run, start=start, progress=False)
+
+
+# --- each stage lowers its own loss --------------------------------------------------------
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_lowers_its_loss(stage, teacher, blocks, tmp_path):
+    # Four blocks and batch 4: every step sees the same batch, so the loss must fall steadily.
+    run, res = _train(stage, teacher, blocks[:4], _params(), tmp_path)
+    curve = _losses(run, stage)
+    assert res.finished and len(curve) == 12
+    # stage 3 includes the CE to random next tokens, whose floor is high
+    assert curve[-1] < {1: 0.7, 2: 0.7, 3: 0.85}[stage] * curve[0], curve
+    assert all(math.isfinite(v) for v in curve)
+    done = json.loads((tmp_path / "softmax" / "t" / f"stage{stage}" / "done.json").read_text())
+    assert done["steps"] == 12 and done["tokens"] == 12 * 4 * SEQ
+
+
+@pytest.mark.parametrize("arch", ["gla", "deltanet", "xlstm"])
+def test_alignment_lowers_loss_for_linear_students(arch, teacher, blocks, tmp_path):
+    try:
+        mixers.get(arch)
+    except (ImportError, ModuleNotFoundError, AttributeError):
+        pytest.skip(f"mixer {arch} not available yet")
+    for stage in (1, 2):
+        run, _ = _train(stage, teacher, blocks[:4], _params(arch, run_name=f"s{stage}"), tmp_path)
+        curve = _losses(run, stage)
+        assert curve[-1] < 0.9 * curve[0], (stage, curve)
+
+
+def test_alignment_losses_vanish_for_a_copied_softmax_student(teacher, blocks, tmp_path):
+    # Independent reference: a softmax student with the teacher's Q/K/V/O *is* the teacher,
+    # so its attention maps and layer outputs match the teacher's and both losses are ~0.
+    params = _params(qkv_copy=True, stage1_tokens=64, stage2_tokens=64)
+    for stage in (1, 2):
+        run, _ = _train(stage, teacher, blocks[:4], {**params, "run_name": f"c{stage}"}, tmp_path)
+        assert _losses(run, stage)[0] < 1e-4
+
+
+def test_stage3_trains_only_what_it_is_told(teacher, blocks, tmp_path):
+    params = _params(stage3_tokens=64 * 2, stage3_train="mixers")
+    run = S.Run(params, root=tmp_path)
+    student, _ = S.load_student(run, teacher, params, 3)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    res = S.train_stage(3, student, teacher, blocks, params, run, progress=False)
+    changed = {n for n, p in res.student.named_parameters() if not torch.equal(before[n], p)}
+    mixer_params = {n for n in before if ".self_attn." in n}
+    assert changed == mixer_params
+    # the teacher was never written to
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_stages_1_and_2_freeze_everything_but_the_mixers(teacher, blocks, tmp_path):
+    params = _params(stage2_tokens=64 * 2)
+    run = S.Run(params, root=tmp_path)
+    student, _ = S.load_student(run, teacher, params, 2)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    res = S.train_stage(2, student, teacher, blocks, params, run, progress=False)
+    changed = {n for n, p in res.student.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all(".self_attn." in n for n in changed)
+
+
+# --- resume ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("stage", [1, 3])
+def test_kill_and_resume_reproduces_the_uninterrupted_curve(stage, teacher, blocks, tmp_path, monkeypatch):
+    params = _params(warmup_fraction=0.25, decay_fraction=0.25)  # exercise the schedule state
+    ref_run, ref = _train(stage, teacher, blocks, {**params, "run_name": "ref"}, tmp_path)
+    reference = _losses(ref_run, stage)
+
+    # "Kill" the run while it logs step 5: the last checkpoint is at step 3, and the line of
+    # step 4 is already in metrics.jsonl (it must be dropped on resume).
+    real_log = S.Run.log
+
+    def dying_log(self, record):
+        if record.get("event") == "step" and record["step"] == 5:
+            raise KeyboardInterrupt("simulated kill")
+        real_log(self, record)
+
+    monkeypatch.setattr(S.Run, "log", dying_log)
+    with pytest.raises(KeyboardInterrupt):
+        _train(stage, teacher, blocks, {**params, "run_name": "killed"}, tmp_path)
+    monkeypatch.setattr(S.Run, "log", real_log)
+    ckpt = tmp_path / "softmax" / "killed" / f"stage{stage}" / "checkpoint.pt"
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
+
+    run, res = _train(stage, teacher, blocks, {**params, "run_name": "killed"}, tmp_path)
+    assert _losses(run, stage) == reference  # bit-identical curve, no duplicate steps
+    for (n, a), b in zip(ref.student.state_dict().items(), res.student.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert not ckpt.exists()  # a finished stage keeps student.pt, not the resume state
+
+
+def test_stop_after_steps_then_resume(teacher, blocks, tmp_path):
+    params = _params()
+    ref_run, _ = _train(2, teacher, blocks, {**params, "run_name": "ref"}, tmp_path)
+    run, res = _train(2, teacher, blocks, {**params, "run_name": "r", "stop_after_steps": 5}, tmp_path)
+    assert not res.finished and res.steps == 5
+    run, res = _train(2, teacher, blocks, {**params, "run_name": "r"}, tmp_path)
+    assert res.finished and _losses(run, 2) == _losses(ref_run, 2)
+
+
+def test_resume_refuses_changed_parameters(teacher, blocks, tmp_path):
+    params = _params(stop_after_steps=2)
+    _train(1, teacher, blocks, params, tmp_path)
+    with pytest.raises(S.RunError, match="stage1_lr"):
+        _train(1, teacher, blocks, {**params, "stage1_lr": 1e-4}, tmp_path)
+
+
+# --- failures --------------------------------------------------------------------------------
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher, blocks, tmp_path, monkeypatch):
+    params = _params()
+    calls = {"n": 0}
+    real = losses.hidden_loss
+
+    def poisoned(h_t, h_s, kind="l2"):
+        calls["n"] += 1
+        out = real(h_t, h_s, kind)
+        return out * float("nan") if calls["n"] == 2 * 5 else out  # 2 layers: step 5, layer 1
+
+    monkeypatch.setattr(losses, "hidden_loss", poisoned)
+    run = S.Run(params, root=tmp_path)
+    student, _ = S.load_student(run, teacher, params, 2)
+    with pytest.raises(S.NonFiniteLossError, match=r"nan at step 5.*checkpoint.pt \(step 3\)"):
+        S.train_stage(2, student, teacher, blocks, params, run, progress=False)
+    state = torch.load(run.dir / "stage2" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+    assert not (run.dir / "stage2" / "done.json").exists()
+
+
+def test_atomic_save_survives_a_kill_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    S.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dies_half_way(obj, fh, *a, **k):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        S.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+
+
+# --- schedules, data order, parameters --------------------------------------------------------
+def test_lr_schedules_by_hand():
+    # 10 steps, warmup 2, WSD decay over the last 4 steps to 0.
+    wsd = [S.lr_factor("wsd", s, 10, 0.2, 0.4, 0.0) for s in range(10)]
+    assert wsd == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0])
+    # linear: warmup 2, then decay over the remaining 8 steps to min ratio 0.2
+    lin = [S.lr_factor("linear", s, 10, 0.2, 0.0, 0.2) for s in range(10)]
+    assert lin == pytest.approx([0.5, 1.0] + [1 - 0.8 * k / 8 for k in range(1, 9)])
+
+
+def test_block_order_resumes_mid_epoch_and_permutes_each_epoch():
+    full = list(S.BlockOrder(7, seed=3, start=0, count=20))
+    assert sorted(full[:7]) == list(range(7)) and sorted(full[7:14]) == list(range(7))
+    assert full[:7] != full[7:14]
+    assert list(S.BlockOrder(7, seed=3, start=9, count=11)) == full[9:]
+
+
+def test_params_resolution_and_errors(tmp_path, monkeypatch):
+    p = P.resolve("gla")
+    assert p["preset"] == "cpu-quick" and p["run_name"] == "cpu-quick"
+    assert P.resolve("gla", overrides={"seq_len": 32, "stage1_lr": None})["seq_len"] == 32
+    assert P.resolve("mlstm")["arch"] == "xlstm"
+    assert P.resolve("gla", preset="paper")["batch_size"] == 48
+    with pytest.raises(P.ParamsError, match="valid keys:.*stage1_tokens"):
+        P.resolve("gla", overrides={"stage1_tokenz": 5})
+    with pytest.raises(P.ParamsError, match="valid names:.*deltanet"):
+        P.resolve("transformer")
+    with pytest.raises(P.ParamsError, match="valid presets:.*cpu-quick"):
+        P.resolve("gla", preset="huge")
+    # precedence: preset < student < overrides
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "x.yaml").write_text("seq_len: 64\nbatch_size: 2\nstage1_lr: 0.1\n")
+    (tmp_path / "students.yaml").write_text("gla: {batch_size: 3, stage1_lr: 0.2}\n")
+    monkeypatch.setattr(P, "PARAMS_DIR", tmp_path)
+    q = P.resolve("gla", preset="x", overrides={"stage1_lr": 0.3})
+    assert (q["seq_len"], q["batch_size"], q["stage1_lr"]) == (64, 3, 0.3)
+    (tmp_path / "students.yaml").write_text("gla: {lr: 0.2}\n")
+    with pytest.raises(P.ParamsError, match="students.yaml"):
+        P.resolve("gla", preset="x")
