@@ -54,3 +54,95 @@ def plot_maps_side_by_side(teacher_map, student_map, title: str = "", tokens: li
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------
+# Attention-alignment explorer (teacher softmax maps vs students' materialised matrices)
+# ---------------------------------------------------------------------------------------
+class AttentionExplorer:
+    """Teacher and student maps per (student, example, layer, head), computed lazily.
+
+    As in stage 1, each student layer sees the *teacher's* input to that layer, so a map shows
+    how well that mixer alone imitates the teacher's attention (errors do not compound across
+    layers). ``distances`` gives the matrix-mixing distance per layer (``losses.matrix_mixing_loss``:
+    Frobenius norm summed over heads), i.e. exactly what stage 1 minimises.
+    """
+
+    def __init__(self, teacher, tokenizer, students: dict, texts: list[str], max_tokens: int = 64):
+        if not students:
+            raise ValueError("AttentionExplorer needs at least one student: {name: model}.")
+        if not texts:
+            raise ValueError("AttentionExplorer needs at least one example text.")
+        self.teacher, self.tokenizer, self.students = teacher, tokenizer, dict(students)
+        self.inputs = [tokenizer(t, return_tensors="pt").input_ids[:, :max_tokens] for t in texts]
+        self.num_layers = teacher.config.num_hidden_layers
+        self.num_heads = teacher.config.num_attention_heads
+        self._cache: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @torch.no_grad()
+    def _layers(self, student: str, example: int):
+        """All layers' (teacher map, student map) [H, T, T] for one student and example."""
+        key = (student, example)
+        if key not in self._cache:
+            from .teacher import iter_layers
+
+            model = self.students[student]
+            maps = []
+            for tr in iter_layers(self.teacher, self.inputs[example]):
+                layer = model.model.layers[tr.index]
+                x = layer.input_layernorm(tr.hidden_in.to(next(model.parameters()).dtype))
+                a_s = layer.self_attn.mixing_matrix(x, tr.position_embeddings)
+                maps.append((tr.attn[0].float(), a_s[0].float()))
+            self._cache[key] = maps
+        return self._cache[key]
+
+    def maps(self, student: str, example: int, layer: int):
+        return self._layers(student, example)[layer]
+
+    def distances(self, student: str, example: int) -> np.ndarray:
+        from .losses import matrix_mixing_loss
+
+        return np.array([matrix_mixing_loss(t[None], s[None]).item() for t, s in self._layers(student, example)])
+
+    def tokens(self, example: int) -> list[str]:
+        return [t.replace("\u0120", " ") for t in self.tokenizer.convert_ids_to_tokens(self.inputs[example][0])]
+
+    def figure(self, student: str, layer: int = 0, head: int = 0, example: int = 0):
+        """The static view: maps side by side and the per-layer distance (for HTML export)."""
+        a_t, a_s = self.maps(student, example, layer)
+        fig = plot_maps_side_by_side(a_t[head], a_s[head], title=f"{student}: layer {layer}, head {head}, "
+                                     f"||A_T - A_S||_F = {torch.linalg.matrix_norm(a_t[head] - a_s[head]).item():.3f}")
+        d = self.distances(student, example)
+        fig2, ax = plt.subplots(figsize=(11, 2.4))
+        ax.bar(range(len(d)), d, color=["tab:orange" if i == layer else "tab:blue" for i in range(len(d))])
+        ax.set_xlabel("layer"), ax.set_ylabel("matrix-mixing distance")
+        ax.set_title(f"{student}: distance to the teacher's attention per layer (sum over heads)")
+        fig2.tight_layout()
+        return fig, fig2
+
+    def widget(self):
+        """ipywidgets controls (student, layer, head, example) over ``figure``."""
+        import ipywidgets as w
+        from IPython.display import display
+
+        student = w.Dropdown(options=list(self.students), description="student")
+        layer = w.IntSlider(0, 0, self.num_layers - 1, description="layer")
+        head = w.IntSlider(0, 0, self.num_heads - 1, description="head")
+        example = w.Dropdown(options=[(f"{i}: {self.tokenizer.decode(ids[0][:8])}...", i)
+                                      for i, ids in enumerate(self.inputs)], description="example")
+        out = w.Output()
+
+        def redraw(*_):
+            with out:
+                out.clear_output(wait=True)
+                for fig in self.figure(student.value, layer.value, head.value, example.value):
+                    display(fig)
+                    plt.close(fig)
+
+        for control in (student, layer, head, example):
+            control.observe(redraw, names="value")
+        redraw()
+        box = w.VBox([w.HBox([student, example]), w.HBox([layer, head]), out])
+        box.controls = dict(student=student, layer=layer, head=head, example=example)
+        box.output = out
+        return box
