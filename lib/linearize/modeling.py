@@ -268,7 +268,10 @@ class LinearizedLlamaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         # Mixers initialise themselves in their constructors (gate biases, feature maps ...);
         # the generic Linear/Embedding init of transformers would overwrite that.
-        if isinstance(module, TokenMixer) or getattr(module, "_linearize_in_mixer", False):
+        if isinstance(module, TokenMixer):
+            _restore_mixer_buffers(module)
+            return
+        if getattr(module, "_linearize_in_mixer", False):
             return
         super()._init_weights(module)
 
@@ -277,6 +280,38 @@ class LinearizedLlamaPreTrainedModel(PreTrainedModel):
         # A DynamicCache stores keys/values; our layers keep mixer states (MixerCache),
         # which forward() creates when use_cache=True, as transformers' Mamba models do.
         return False
+
+
+def _non_persistent_buffers(module: nn.Module) -> list[str]:
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, sub in module.named_modules()
+        for name in sub._non_persistent_buffers_set
+    ]
+
+
+def _restore_mixer_buffers(mixer: TokenMixer) -> None:
+    """Recompute a mixer's non-persistent buffers (constants its constructor derives from the
+    config, e.g. RetNet's decays) when they are not valid.
+
+    ``from_pretrained`` builds the model on the meta device and then gives non-persistent
+    buffers uninitialised memory (they are not in the checkpoint), expecting ``_init_weights``
+    to fill them. A mixer built here on the CPU, in the model's dtype, supplies the values.
+    """
+    names = _non_persistent_buffers(mixer)
+    if not names or getattr(mixer, "_linearize_buffers_valid", False):
+        return
+    dtype = next((p.dtype for p in mixer.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("cpu"):
+            fresh = type(mixer)(mixer.config, mixer.layer_idx)
+    finally:
+        torch.set_default_dtype(previous)
+    for name in names:
+        mixer.get_buffer(name).copy_(fresh.get_buffer(name))
+    mixer._linearize_buffers_valid = True
 
 
 class LinearizedLlamaModel(LinearizedLlamaPreTrainedModel):
@@ -291,6 +326,9 @@ class LinearizedLlamaModel(LinearizedLlamaPreTrainedModel):
         for layer in self.layers:
             for sub in layer.self_attn.modules():
                 sub._linearize_in_mixer = True
+            # Built for real (not on the meta device, as from_pretrained does): the buffers the
+            # constructor computed are valid and _init_weights need not rebuild them.
+            layer.self_attn._linearize_buffers_valid = not any(b.is_meta for b in layer.self_attn.buffers())
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
