@@ -4,12 +4,16 @@ For the teacher (softmax attention on a growing KV cache, ``DynamicCache``) and 
 (a constant-size recurrent state) this measures, at each context length T:
 
 * prefill tokens/s: one forward pass over T random tokens that fills the cache or state
-  (students may prefill in chunks of ``prefill_chunk`` tokens, carrying the state);
+  (students may prefill in chunks of ``prefill_chunk`` tokens, carrying the state; off by
+  default because the student model runs every chunk after the first through the token-by-
+  token recurrence, and one chunked-form pass already needs only O(T x chunk) memory);
 * decode tokens/s: 1 / median seconds of one decode step, over ``steps`` greedy steps that
   follow the prefill (two untimed warm-up steps first);
 * peak RSS of the process during prefill + decode (the high-water mark is reset after the
-  model is loaded, so loading and conversion do not count), the weights' bytes and the bytes
-  of the cache or state after the prefill;
+  model is loaded, so loading and conversion do not count; ``load_peak_rss_mib`` is the peak
+  up to then), the weights' bytes and the bytes of the cache or state after the prefill
+  (``state_mib``: the storage the state tensors keep alive; ``state_compact_mib``: their
+  elements only, smaller when a state tensor is a view into a larger buffer);
 * a physical reference: a decode step must at least read every weight and the whole cache or
   state once, so ``bytes_per_step / bandwidth`` bounds the step time from below; the machine's
   bandwidth is measured in the same run and each point reports its achieved fraction.
@@ -47,7 +51,7 @@ CSV_COLUMNS = [
     "state_mib", "bytes_per_step", "bandwidth_gbs", "roofline_tok_s", "fraction", "dtype",
     "threads", "device",
     # extra detail after the columns the issue asks for
-    "decode_ms", "prefill_s", "prefill_chunk", "steps", "load_peak_rss_mib", "peak_device_mib",
+    "state_compact_mib", "decode_ms", "prefill_s", "prefill_chunk", "steps", "load_peak_rss_mib", "peak_device_mib",
     "peak_rss_source", "teacher", "error",
 ]
 # Targets from the issue, checked on the printed numbers (not by a timed test).
@@ -105,6 +109,29 @@ def tensor_bytes(obj: Any) -> int:
                 walk(v)
         elif hasattr(x, "__dict__"):
             for v in vars(x).values():
+                walk(v)
+
+    walk(obj)
+    return total
+
+
+def compact_bytes(obj: Any) -> int:
+    """Bytes of the elements of every tensor in ``obj`` (numel x element size), ignoring the
+    storage a view keeps alive. Differs from ``tensor_bytes`` exactly when some state tensor is
+    a slice of a larger buffer, which then stays resident (worth fixing in the mixer)."""
+    import torch
+
+    total = 0
+
+    def walk(x: Any) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
                 walk(v)
 
     walk(obj)
@@ -276,16 +303,52 @@ class TeacherSession:
     def step(self, token):
         return self.model(input_ids=token, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
+    def state(self):
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
     def state_bytes(self) -> int:
-        return tensor_bytes([(layer.keys, layer.values) for layer in self.cache.layers])
+        return tensor_bytes(self.state())
+
+
+class StudentSession:
+    """A converted student generating on its ``MixerCache`` (per layer, its mixer's state)."""
+
+    def __init__(self, model):
+        from .modeling import MixerCache
+
+        self.model = model
+        self.cache = MixerCache(len(model.model.layers))
+
+    def prefill(self, ids):
+        return self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def step(self, token):
+        return self.model(input_ids=token, cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def state(self):
+        return [layer.state for layer in self.cache.layers]
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.state())
 
 
 def build_model(name: str, teacher: str | None, dtype, device: str):
-    """(model, session factory) for ``teacher`` or a freshly converted student."""
+    """(model, session class) for the teacher or a freshly converted student.
+
+    A fresh student (``qkv_copy=True``, untrained) costs exactly what a trained one costs: speed
+    and memory depend on shapes, not on weight values. The teacher is dropped after conversion
+    so that its weights do not stay resident beside the student's."""
     model = load_teacher_model(teacher, dtype, device)
     if name == TEACHER:
         return model, TeacherSession
-    raise BenchError(f"Unknown model {name!r}: the converter is not available yet; only {TEACHER!r} can run.")
+    from . import mixers
+    from .convert import convert
+
+    if name not in mixers.available():
+        raise BenchError(f"Unknown model {name!r}: use {TEACHER!r} or a student: {', '.join(mixers.available())}.")
+    student = convert(model, name, qkv_copy=True).requires_grad_(False)
+    del model
+    return student, StudentSession
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,7 +361,7 @@ def measure_point(
     dtype: str = "float32",
     threads: int = 2,
     steps: int = 32,
-    prefill_chunk: int | None = 2048,
+    prefill_chunk: int | None = None,
     device: str = "cpu",
     seed: int = 0,
 ) -> dict:
@@ -336,6 +399,7 @@ def measure_point(
         _sync(device)
         prefill_s = time.perf_counter() - t0
         state = session.state_bytes()
+        state_compact = compact_bytes(session.state())
         token = logits.argmax(-1, keepdim=True)
         times = []
         for i in range(steps + 2):
@@ -355,6 +419,7 @@ def measure_point(
         "peak_rss_mib": peak_rss_bytes() / MIB,
         "weights_mib": weights / MIB,
         "state_mib": state / MIB,
+        "state_compact_mib": state_compact / MIB,
         "bytes_per_step": weights + state,
         "dtype": dtype,
         "threads": threads,
@@ -387,8 +452,9 @@ def _child(args: list[str], tag: str, threads: int, timeout: float) -> dict:
     raise BenchError(f"child `{' '.join(args)}` exited {proc.returncode} without a result:\n{tail}")
 
 
-def bandwidth_in_child(device: str, threads: int, timeout: float = 300) -> dict:
-    return _child(["bandwidth", "--device", device, "--threads", str(threads)], BANDWIDTH_TAG, threads, timeout)
+def bandwidth_in_child(device: str, threads: int, mib: int = 512, timeout: float = 300) -> dict:
+    args = ["bandwidth", "--device", device, "--threads", str(threads), "--mib", str(mib)]
+    return _child(args, BANDWIDTH_TAG, threads, timeout)
 
 
 def point_in_child(
@@ -427,12 +493,17 @@ def run(
     dtype: str = "float32",
     threads: int = 2,
     steps: int = 32,
-    prefill_chunk: int | None = 2048,
+    prefill_chunk: int | None = None,
     device: str = "cpu",
     timeout: float = 1800,
+    bandwidth_mib: int = 512,
+    isolate: bool = True,
     log=print,
 ) -> list[dict]:
     """Benchmark every model at every length, each point in a fresh process; write ``out``.
+
+    ``isolate=False`` measures every point in this process instead (fast, for tests and quick
+    looks; peak RSS then carries earlier points' memory and is not a per-point number).
 
     Teacher points beyond its context limit are skipped (logged); a point that fails is kept
     as a row with its ``error`` so one crash does not lose the rest of a long run."""
@@ -440,7 +511,10 @@ def run(
         raise BenchError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     if not models or not lengths:
         raise BenchError("Give at least one model (--models teacher,gla) and one length (--lengths 128,512).")
-    bw = bandwidth_in_child(device, threads)
+    if isolate:
+        bw = bandwidth_in_child(device, threads, bandwidth_mib)
+    else:
+        bw = measure_bandwidth(resolve_device(device), threads, bandwidth_mib)
     log(f"bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
         f"({bw['threads']} threads, {bw['device']}, median of {bw['repeats']})")
     limit = teacher_limit(teacher) if TEACHER in models else None
@@ -452,7 +526,10 @@ def run(
                 continue
             t0 = time.perf_counter()
             try:
-                row = point_in_child(model, context, teacher, dtype, threads, steps, prefill_chunk, device, timeout)
+                if isolate:
+                    row = point_in_child(model, context, teacher, dtype, threads, steps, prefill_chunk, device, timeout)
+                else:
+                    row = measure_point(model, context, teacher, dtype, threads, steps, prefill_chunk, device)
                 add_roofline(row, bw["read_gbs"])
                 log(f"{model:>10} T={context:<6} prefill {row['prefill_tok_s']:8.1f} tok/s  decode "
                     f"{row['decode_tok_s']:6.2f} tok/s  state {row['state_mib']:8.2f} MiB  peak "
@@ -619,7 +696,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps after the prefill")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="students prefill in chunks of this many tokens (0: one pass)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="students prefill in chunks of this many tokens, carrying the state (0: one pass)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
 
 
@@ -631,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run.add_argument("--lengths", type=_ints, default=[128, 512, 2048, 8192])
     p_run.add_argument("--out", default="outputs/bench/bench.csv")
     p_run.add_argument("--timeout", type=float, default=1800, help="seconds per point")
+    p_run.add_argument("--bandwidth-mib", type=int, default=512, help="tensor size for the bandwidth probe")
     _common(p_run)
     p_point = sub.add_parser("point", help="(internal) measure one point in this process, print one JSON line")
     p_point.add_argument("--model", required=True)
@@ -639,6 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bw = sub.add_parser("bandwidth", help="measure memory bandwidth, print one JSON line")
     p_bw.add_argument("--device", default="cpu")
     p_bw.add_argument("--threads", type=int, default=2)
+    p_bw.add_argument("--mib", type=int, default=512, help="size of the tensor read and copied")
     p_table = sub.add_parser("table", help="print the table and target checks of an existing CSV")
     p_table.add_argument("csv")
     args = parser.parse_args(argv)
@@ -649,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(POINT_TAG + json.dumps(row), flush=True)
         return 0
     if args.command == "bandwidth":
-        print(BANDWIDTH_TAG + json.dumps(measure_bandwidth(resolve_device(args.device), args.threads)), flush=True)
+        print(BANDWIDTH_TAG + json.dumps(measure_bandwidth(resolve_device(args.device), args.threads, args.mib)), flush=True)
         return 0
     if args.command == "table":
         rows = read_csv(args.csv)
@@ -658,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark started {started}: models {','.join(args.models)}, lengths "
               f"{','.join(map(str, args.lengths))}, {args.dtype}, {args.threads} threads, {args.device}")
         rows = run(args.models, args.lengths, args.out, args.teacher, args.dtype, args.threads, args.steps,
-                   args.prefill_chunk or None, args.device, args.timeout)
+                   args.prefill_chunk or None, args.device, args.timeout, args.bandwidth_mib)
         print(f"wrote {args.out}")
     print(format_table(rows))
     for line in check_targets(rows):

@@ -1,0 +1,156 @@
+"""The inference benchmark: byte accounting against real tensors, and an end-to-end CLI run
+on a tiny random Llama teacher (and two students when the converter exists) at two lengths."""
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from linearize import bench
+
+STUDENTS = ["gla", "deltanet"]
+HAVE_CONVERTER = importlib.util.find_spec("linearize.convert") is not None
+LENGTHS = [16, 32]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_dir(tmp_path_factory):
+    """A tiny random Llama saved as a teacher folder (float32, GQA 4 heads / 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def _real_cache_bytes(cache) -> int:
+    # independent of bench.tensor_bytes: element counts of the cache's own K and V tensors
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def test_kv_cache_formula_matches_dynamic_cache(tiny_llama):
+    cfg = tiny_llama.config
+    batch, t = 2, 7
+    session = bench.TeacherSession(tiny_llama)
+    with torch.inference_mode():
+        session.prefill(torch.randint(0, cfg.vocab_size, (batch, t)))
+        assert _real_cache_bytes(session.cache) == bench.kv_cache_bytes(cfg, t, batch, bytes_per_elem=8)
+        assert session.state_bytes() == _real_cache_bytes(session.cache)
+        session.step(torch.randint(0, cfg.vocab_size, (batch, 1)))
+    # the cache grows by one position per decode step
+    assert session.state_bytes() == bench.kv_cache_bytes(cfg, t + 1, batch, bytes_per_elem=8)
+    # 2 * layers 2 * kv heads 2 * head dim 16 * 8 positions * 8 bytes * batch 2
+    assert session.state_bytes() == 2 * 2 * 2 * 16 * 8 * 8 * 2
+
+
+def test_weight_bytes_counts_tied_weights_once(tiny_llama):
+    assert tiny_llama.lm_head.weight.data_ptr() == tiny_llama.model.embed_tokens.weight.data_ptr()
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in tiny_llama.parameters()}
+    buffers = sum(b.numel() * b.element_size() for b in tiny_llama.buffers())
+    assert bench.weight_bytes(tiny_llama) == sum(unique.values()) + buffers
+    x = torch.zeros(10, dtype=torch.float64)
+    assert bench.tensor_bytes({"a": x, "b": [x[2:5], x.view(2, 5)]}) == 80
+
+
+def test_teacher_beyond_its_context_limit_is_refused(tiny_teacher_dir):
+    with pytest.raises(bench.BenchError, match="context limit is 64"):
+        bench.measure_point(bench.TEACHER, 62, teacher=str(tiny_teacher_dir), steps=STEPS)
+
+
+def test_check_targets_on_hand_made_rows():
+    def row(model, context, tok_s, state_mib, bytes_per_step):
+        return dict(model=model, context=context, decode_tok_s=tok_s, state_mib=state_mib,
+                    bytes_per_step=bytes_per_step, error="")
+
+    rows = [
+        row("teacher", 128, 26.0, 5.0, 500), row("teacher", 8192, 14.0, 360.0, 900),
+        # flat (24/25 = 0.96), speed ratio 24/14 = 1.71 >= 0.9 * 900/510 = 1.59, 360/1 = 360x
+        row("good", 128, 25.0, 1.0, 510), row("good", 8192, 24.0, 1.0, 510),
+        # not flat (20/25 = 0.8), speed ratio 20/14 = 1.43 < 1.59, 360/30 = 12x
+        row("bad", 128, 25.0, 30.0, 510), row("bad", 8192, 20.0, 30.0, 510),
+    ]
+    lines = bench.check_targets(rows)
+    good = [line for line in lines if " good:" in line]
+    bad = [line for line in lines if " bad:" in line]
+    assert len(good) == 3 and all(line.startswith("PASS") for line in good), good
+    assert len(bad) == 3 and all(line.startswith("FAIL") for line in bad), bad
+    missing = bench.check_targets(rows[:2] + [row("lonely", 128, 25.0, 1.0, 510)])
+    assert missing and all(line.startswith("MISSING") for line in missing)
+
+
+def _check_csv(path, models, teacher_dir, chunk):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == bench.CSV_COLUMNS
+        rows = list(reader)
+    assert [(r["model"], int(r["context"])) for r in rows] == [(m, t) for m in models for t in LENGTHS]
+    config = _tiny_config(teacher_dir)
+    for r in rows:
+        assert r["error"] == ""
+        assert r["dtype"] == "float32" and r["threads"] == "1" and r["device"] == "cpu"
+        num = {k: float(r[k]) for k in ("prefill_tok_s", "decode_tok_s", "peak_rss_mib", "weights_mib",
+                                        "state_mib", "bytes_per_step", "bandwidth_gbs", "roofline_tok_s", "fraction")}
+        assert all(math.isfinite(v) and v > 0 for v in num.values()), r
+        assert num["bytes_per_step"] == pytest.approx((num["weights_mib"] + num["state_mib"]) * 2**20)
+        assert num["roofline_tok_s"] == pytest.approx(num["bandwidth_gbs"] * 1e9 / num["bytes_per_step"])
+        assert num["fraction"] == pytest.approx(num["decode_tok_s"] / num["roofline_tok_s"])
+        assert num["peak_rss_mib"] > num["weights_mib"]
+        assert float(r["state_compact_mib"]) <= num["state_mib"]
+        if r["model"] == bench.TEACHER:
+            # measured on the real DynamicCache after the prefill: it must match the formula
+            assert num["state_mib"] * 2**20 == bench.kv_cache_bytes(config, int(r["context"]), 1, 4)
+            assert int(r["prefill_chunk"]) == int(r["context"])  # the teacher prefills in one pass
+        else:
+            assert int(r["prefill_chunk"]) == chunk
+    for s in models[1:]:
+        # a recurrent state does not grow with the context (compact bytes: a chunked prefill
+        # may leave views of its last chunk in the state, which is the same size at 16 and 32)
+        sizes = {float(r["state_compact_mib"]) for r in rows if r["model"] == s}
+        assert len(sizes) == 1, (s, sizes)
+    return rows
+
+
+def test_run_in_process_writes_a_well_formed_csv(tiny_teacher_dir, tmp_path):
+    """Teacher and two students (when the converter exists) at two lengths, in this process."""
+    models = [bench.TEACHER] + (STUDENTS if HAVE_CONVERTER else [])
+    out = tmp_path / "bench.csv"
+    rows = bench.run(models, LENGTHS, out, teacher=str(tiny_teacher_dir), threads=1, steps=STEPS,
+                     prefill_chunk=8, bandwidth_mib=32, isolate=False, log=lambda *_: None)
+    assert len(rows) == len(models) * len(LENGTHS)
+    _check_csv(out, models, tiny_teacher_dir, chunk=8)
+    table = bench.format_table(bench.read_csv(out))
+    assert table.count("\n") == len(rows) + 1
+
+
+@pytest.mark.slow
+def test_cli_run_one_fresh_process_per_point(tiny_teacher_dir, tmp_path):
+    models = [bench.TEACHER] + (STUDENTS[:1] if HAVE_CONVERTER else [])
+    out = tmp_path / "bench.csv"
+    cmd = [sys.executable, "-m", "linearize.bench", "run", "--models", ",".join(models),
+           "--lengths", ",".join(map(str, LENGTHS)), "--out", str(out), "--teacher", str(tiny_teacher_dir),
+           "--steps", str(STEPS), "--bandwidth-mib", "32", "--threads", "1", "--prefill-chunk", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "decode_tok_s" in proc.stdout  # the printed table
+    rows = _check_csv(out, models, tiny_teacher_dir, chunk=8)
+    # each point ran in its own process: the peak was reset after loading, never the sum of points
+    assert all(r["peak_rss_source"] == "VmHWM after load" for r in rows)
+
+
+def _tiny_config(folder):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
