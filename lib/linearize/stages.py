@@ -477,7 +477,7 @@ def train_stage(
         accelerator.wait_for_everyone()
 
     stop_at = params.get("stop_after_steps")
-    t0, compute_s, last_loss = time.perf_counter(), 0.0, None
+    t0, compute_s, last_loss, step_times = time.perf_counter(), 0.0, None, []
     bar = tqdm(total=total_steps, initial=step, desc=f"stage {stage} ({STAGE_NAMES[stage]})",
                disable=not (progress and accelerator.is_local_main_process), unit="step")
     model.train()
@@ -517,6 +517,7 @@ def train_stage(
         step += 1
         dt = time.perf_counter() - t_step
         compute_s += dt
+        step_times.append(dt)
         last_loss = loss_value
         tok_s = tokens_per_step / dt
         bar.update(1)
@@ -540,6 +541,8 @@ def train_stage(
     summary = {"stage": stage, "name": STAGE_NAMES[stage], "start": start, "steps": step,
                "total_steps": total_steps, "tokens": step * tokens_per_step, "wall_s": wall,
                "train_tok_s": step * tokens_per_step / compute_total if compute_total else None,
+               # the median step (of this call) ignores the first step's one-off warm-up
+               "median_step_tok_s": tokens_per_step / float(np.median(step_times)) if step_times else None,
                "last_loss": last_loss, "trainable_params": sum(p.numel() for p in trainable)}
     if interrupted:
         return StageResult(stage, student, step, step * tokens_per_step, wall, False, summary)
@@ -554,7 +557,7 @@ def train_stage(
 # ---------------------------------------------------------------------------------------
 # Throughput reference and validation
 # ---------------------------------------------------------------------------------------
-def teacher_train_throughput(teacher, ids: torch.Tensor, steps: int = 2, autocast=nullcontext) -> float:
+def teacher_train_throughput(teacher, ids: torch.Tensor, steps: int = 3, autocast=nullcontext) -> float:
     """Tokens/s of a plain forward+backward (LM loss) of the teacher on batches shaped like
     ``ids``: the reference the distillation throughput is compared to. The first step warms up
     and is not timed; gradients are dropped and the teacher is frozen again afterwards."""
@@ -632,9 +635,9 @@ def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, r
                 ids = train_blocks[: params["batch_size"]].to(accelerator.device)
                 ref = teacher_train_throughput(teacher, ids, autocast=accelerator.autocast)
                 done = {**done, "teacher_fwd_bwd_tok_s": ref,
-                        "distill_over_teacher_fwd_bwd": done["train_tok_s"] / ref}
+                        "distill_over_teacher_fwd_bwd": done["median_step_tok_s"] / ref}
                 run.log({"event": "throughput", "stage": 3, **{k: done[k] for k in (
-                    "train_tok_s", "teacher_fwd_bwd_tok_s", "distill_over_teacher_fwd_bwd")}})
+                    "train_tok_s", "median_step_tok_s", "teacher_fwd_bwd_tok_s", "distill_over_teacher_fwd_bwd")}})
         if f"stage{stage}" not in run.evals():
             _log_eval(run, f"stage{stage}", student, teacher, val_blocks, params,
                       tokens=done["tokens"], wall_s=done["wall_s"])
@@ -647,3 +650,22 @@ def _log_eval(run, after, student, teacher, val_blocks, params, tokens, wall_s):
     metrics = validate(student, teacher, val_blocks, params)
     run.log({"event": "eval", "after": after, "tokens": tokens, "stage_wall_s": wall_s,
              "eval_s": time.perf_counter() - t, **metrics})
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a run back (notebooks, reports)
+# ---------------------------------------------------------------------------------------
+def metrics_frames(run_dir: str | os.PathLike):
+    """``(steps, evals)`` pandas DataFrames of a run's metrics.jsonl: one row per logged
+    training step (stage, step, tokens, loss, lr, ...) and one per validation (after, perplexity,
+    kl, tokens, stage_wall_s, ...), in the order they were written."""
+    import pandas as pd
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: this run has logged nothing yet.")
+    with open(path, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    steps = pd.DataFrame([r for r in records if r.get("event") == "step"])
+    evals = pd.DataFrame([r for r in records if r.get("event") == "eval"])
+    return steps, evals
