@@ -234,6 +234,46 @@ def test_state_memory_is_constant_for_recurrent_students(teacher, name):
         assert sizes[0] == sizes[1] == sizes[2]
 
 
+def test_softmax_student_beam_search_matches_teacher(teacher, ids):
+    """Beam search reorders the MixerCache (reorder_cache): same beams as the teacher's KV cache."""
+    student = convert(teacher, "softmax")
+    prompt = ids[:, :5]
+    with torch.no_grad():
+        expected = teacher.generate(prompt, num_beams=3, max_new_tokens=4, do_sample=False)
+        got = student.generate(prompt, num_beams=3, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+def test_lm_eval_hflm_takes_the_in_memory_student():
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from linearize.teacher import TeacherError, load_teacher
+
+    try:
+        _, tok = load_teacher()
+    except TeacherError as err:
+        pytest.skip(f"embedded teacher not installed: {err}")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    student = convert(LlamaForCausalLM(config).eval(), "gla")
+    lm = HFLM(pretrained=student, tokenizer=tok, device="cpu", batch_size=2, backend="causal")
+    context, continuation = "The capital of France is", " Paris"
+    reqs = [Instance("loglikelihood", {}, (context, continuation), 0),
+            Instance("loglikelihood", {}, (context + " a city called", continuation), 1)]
+    (ll, _), _ = lm.loglikelihood(reqs)
+    # the same number by hand: log p(continuation | context) from the student's logits
+    ctx, cont = tok(context).input_ids, tok(continuation).input_ids
+    with torch.no_grad():
+        logp = student(torch.tensor([ctx + cont])).logits.log_softmax(-1)[0]
+    expected = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+    assert ll == pytest.approx(expected, abs=1e-4)
+
+
 def test_padded_batches_are_refused(teacher):
     student = convert(teacher, "gla")
     ids = torch.randint(1, 97, (2, 6))
