@@ -212,14 +212,20 @@ def test_teacher_forced_logits_equal_generation_logits(teacher, ids, name):
     torch.testing.assert_close(torch.stack(out.logits, dim=1), forced.float(), rtol=1e-6, atol=1e-6)
     assert torch.equal(out.sequences[:, 6:], forced.argmax(-1))
 
-    # the same recurrence driven by hand stays in float64: prompt, then one token at a time
+    # The same state driven by hand stays in float64: a 3-token prompt (chunked form from the
+    # empty state), a 3-token continuation (chunked form from a carried state), then single steps.
+    seq = out.sequences
     with torch.no_grad():
-        step = student(prompt, use_cache=True)
-        stepped = [step.logits[:, -1]]
-        for t in range(6, 6 + new - 1):
-            step = student(out.sequences[:, t:t + 1], cache=step.cache)
-            stepped.append(step.logits[:, -1])
-    torch.testing.assert_close(torch.stack(stepped, dim=1), forced, rtol=0, atol=1e-10)
+        full = student(seq[:, :-1]).logits
+        step = student(seq[:, :3], use_cache=True)
+        pieces = [step.logits]
+        step = student(seq[:, 3:6], cache=step.cache)
+        pieces.append(step.logits)
+        for t in range(6, seq.shape[1] - 1):
+            step = student(seq[:, t:t + 1], cache=step.cache)
+            pieces.append(step.logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-10)
+    assert step.cache.get_seq_length() == seq.shape[1] - 1
 
 
 @pytest.mark.parametrize("name", STUDENTS)
@@ -242,6 +248,17 @@ def test_softmax_student_beam_search_matches_teacher(teacher, ids):
         expected = teacher.generate(prompt, num_beams=3, max_new_tokens=4, do_sample=False)
         got = student.generate(prompt, num_beams=3, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, expected)
+
+
+def test_generate_continues_from_a_returned_cache(teacher, ids):
+    student = convert(teacher, "xlstm")
+    prompt = ids[:, :6]
+    with torch.no_grad():
+        first = student.generate(prompt, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        assert first.cache.get_seq_length() == 6 + 3 - 1  # the last token is not consumed yet
+        resumed = student.generate(first.sequences, cache=first.cache, max_new_tokens=3, do_sample=False)
+        at_once = student.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(resumed, at_once)
 
 
 def test_lm_eval_hflm_takes_the_in_memory_student():

@@ -86,19 +86,16 @@ def mixer_class(name: str) -> type[TokenMixer]:
 # ---------------------------------------------------------------------------------------
 # Generation state
 # ---------------------------------------------------------------------------------------
-def _tensors(state: dict[str, Any] | None):
+def _tensors(state):
     """Every tensor of a (possibly nested) mixer state."""
-    if state is None:
-        return
-    for value in state.values():
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, dict):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
             yield from _tensors(value)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                if isinstance(item, torch.Tensor):
-                    yield item
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
 
 
 def _map_state(state, fn):
@@ -199,8 +196,9 @@ class MixerCache(Cache):
 
     @property
     def is_linear(self) -> list[bool]:
-        # Tells ``generate`` not to slice inputs by ``get_seq_length`` before the first step in
-        # the way it does for key/value caches; we slice ourselves (only new tokens are fed).
+        # "Not linear attention" in transformers' sense (its LinearAttentionLayer keeps no token
+        # count): generate() then trusts get_seq_length() and, when a used MixerCache is passed
+        # back in, feeds only the tokens the state has not consumed yet.
         return [False] * len(self.layers)
 
     @property
@@ -238,13 +236,13 @@ class LinearizedDecoderLayer(GradientCheckpointingLayer):
             y, _ = self.self_attn(x, position_embeddings=position_embeddings, mode="chunk")
         else:
             slot = cache.layers[self.layer_idx]
-            if slot.state is None:
-                # First call: start from the mixer's empty state. The chunked form serves
-                # prompts; a single token goes straight to the recurrence.
+            # The first call starts from the mixer's empty state. Several tokens at once (a
+            # prompt, or a continuation) take the chunked form from the carried state; a single
+            # token takes the recurrent step.
+            start = slot.state
+            if start is None:
                 start = self.self_attn.init_state(x.shape[0], x.device, x.dtype)
-                mode = "chunk" if x.shape[1] > 1 else "recurrent"
-            else:
-                start, mode = slot.state, "recurrent"
+            mode = "chunk" if x.shape[1] > 1 else "recurrent"
             y, new_state = self.self_attn(x, position_embeddings=position_embeddings, state=start, mode=mode)
             if new_state is None:
                 raise RuntimeError(
