@@ -498,10 +498,12 @@ def run(
     timeout: float = 1800,
     bandwidth_mib: int = 512,
     isolate: bool = True,
+    student_lengths: Sequence[int] = (),
     log=print,
 ) -> list[dict]:
     """Benchmark every model at every length, each point in a fresh process; write ``out``.
 
+    ``student_lengths`` are extra lengths for the students only (beyond the teacher's limit).
     ``isolate=False`` measures every point in this process instead (fast, for tests and quick
     looks; peak RSS then carries earlier points' memory and is not a per-point number).
 
@@ -520,7 +522,8 @@ def run(
     limit = teacher_limit(teacher) if TEACHER in models else None
     rows: list[dict] = []
     for model in models:
-        for context in lengths:
+        extra = [t for t in student_lengths if t not in lengths] if model != TEACHER else []
+        for context in [*lengths, *extra]:
             if model == TEACHER and limit is not None and context + steps + 2 > limit:
                 log(f"skip teacher at {context}: beyond its context limit of {limit}")
                 continue
@@ -677,6 +680,16 @@ def plot(rows_or_csv, out_dir: str | os.PathLike) -> list[Path]:
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
+def as_list(value, kind=str) -> list:
+    """A list from a papermill/CLI parameter: "a,b", a single value (papermill turns "48" into
+    48) or a list already; None and "" give []."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)):
+        return [kind(v) for v in value]
+    return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -707,6 +720,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="benchmark models x lengths, one fresh process per point; write a CSV")
     p_run.add_argument("--models", type=_names, default=[TEACHER, "gla", "deltanet"])
     p_run.add_argument("--lengths", type=_ints, default=[128, 512, 2048, 8192])
+    p_run.add_argument("--student-lengths", type=_ints, default=[],
+                       help="extra lengths for students only, e.g. 16384 (beyond the teacher's limit)")
     p_run.add_argument("--out", default="outputs/bench/bench.csv")
     p_run.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     p_run.add_argument("--bandwidth-mib", type=int, default=512, help="tensor size for the bandwidth probe")
@@ -738,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark started {started}: models {','.join(args.models)}, lengths "
               f"{','.join(map(str, args.lengths))}, {args.dtype}, {args.threads} threads, {args.device}")
         rows = run(args.models, args.lengths, args.out, args.teacher, args.dtype, args.threads, args.steps,
-                   args.prefill_chunk or None, args.device, args.timeout, args.bandwidth_mib)
+                   args.prefill_chunk or None, args.device, args.timeout, args.bandwidth_mib,
+                   student_lengths=args.student_lengths)
         print(f"wrote {args.out}")
     print(format_table(rows))
     for line in check_targets(rows):
