@@ -212,6 +212,17 @@ class MixerCache(Cache):
 # ---------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------
+def build_mixer(config: LinearizedLlamaConfig, layer_idx: int) -> TokenMixer:
+    """Layer ``layer_idx``'s mixer, marked so that ``_init_weights`` leaves its own init alone."""
+    mixer = mixer_class(config.mixer)(config.mixer_config(), layer_idx)
+    for sub in mixer.modules():
+        sub._linearize_in_mixer = True
+    # Built for real (not on the meta device, as from_pretrained does): the buffers the
+    # constructor computed are valid and _init_weights need not rebuild them.
+    mixer._linearize_buffers_valid = not any(b.is_meta for b in mixer.buffers())
+    return mixer
+
+
 class LinearizedDecoderLayer(GradientCheckpointingLayer):
     """Llama's decoder layer with the attention block replaced by a token mixer."""
 
@@ -219,7 +230,7 @@ class LinearizedDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = mixer_class(config.mixer)(config.mixer_config(), layer_idx)
+        self.self_attn = build_mixer(config, layer_idx)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -321,12 +332,6 @@ class LinearizedLlamaModel(LinearizedLlamaPreTrainedModel):
         self.layers = nn.ModuleList(
             [LinearizedDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         )
-        for layer in self.layers:
-            for sub in layer.self_attn.modules():
-                sub._linearize_in_mixer = True
-            # Built for real (not on the meta device, as from_pretrained does): the buffers the
-            # constructor computed are valid and _init_weights need not rebuild them.
-            layer.self_attn._linearize_buffers_valid = not any(b.is_meta for b in layer.self_attn.buffers())
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
