@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .tasks import PAPER_TASKS, check_task_names, lm_eval_name, load_tasks
+from .tasks import PAPER_TASKS, check_task_names, lm_eval_name, load_tasks, task_manager
 
 # Column label of each task in the paper's tables, in the paper's order.
 COLUMNS = {
@@ -116,7 +116,10 @@ def evaluate_tasks(
     names = check_task_names(tasks)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None (all documents), got {limit!r}")
-    task_objs = load_tasks(names, online=online)
+    # One manager for loading and evaluating: without it simple_evaluate builds a default one,
+    # indexing all of lm-eval's ~13k task YAMLs (about 30 s here) for nothing.
+    manager = task_manager(online)
+    task_objs = load_tasks(names, online=online, manager=manager)
     device = str(next(model.parameters()).device)
     was_training = model.training
     model.eval()
@@ -130,6 +133,7 @@ def evaluate_tasks(
             limit=limit,
             bootstrap_iters=bootstrap_iters,
             log_samples=per_doc,
+            task_manager=manager,
         )
     wall = time.perf_counter() - start
     model.train(was_training)
@@ -284,39 +288,55 @@ def perplexity_and_kl(student, teacher, blocks: torch.Tensor, batch_size: int = 
 def load_model(source: str | os.PathLike | None = None):
     """(model, tokenizer, label) from a run folder, a saved model folder or a teacher name.
 
-    A folder with ``config.json`` is loaded with ``AutoModelForCausalLM`` (after importing
-    ``linearize.modeling`` so saved students resolve); a run folder without one is searched for
-    a ``student/`` or ``model/`` subfolder. Anything else is a teacher name for
-    ``linearize.teacher.load_teacher`` (None = the embedded default). Students saved without a
-    tokenizer get the embedded teacher's.
+    * a run folder of ``linearize.stages`` (``params.yaml`` + ``stageN/student.pt``): the
+      student is converted from the run's teacher as the run did and given the weights of its
+      last finished stage (a run with no finished stage gives the fresh conversion);
+    * a folder with ``config.json`` (``save_pretrained``): loaded with ``AutoModelForCausalLM``
+      (``import linearize`` registers the student classes); a Llama folder loads as a teacher;
+    * anything else is a teacher name for ``linearize.teacher.load_teacher`` (None = embedded).
+    Students come with their teacher's tokenizer unless their folder holds one.
     """
     from .teacher import load_teacher
 
     path = Path(source) if source not in (None, "") else None
-    if path is not None and path.is_dir():
-        model_dir = next((d for d in (path, path / "student", path / "model")
-                          if (d / "config.json").exists()), None)
-        if model_dir is None:
-            raise FileNotFoundError(
-                f"{path} holds no saved model: expected config.json in it or in its student/ or "
-                "model/ subfolder (save one with model.save_pretrained(folder))."
-            )
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-        if model_type == "llama":
-            model, tok = load_teacher(model_dir)
-            return model, tok, path.name
-        try:
-            import linearize.modeling  # noqa: F401  (registers the student with AutoModelForCausalLM)
-        except ImportError as exc:
-            raise ImportError(f"{model_dir} holds a '{model_type}' model, but linearize.modeling "
-                              f"could not be imported to load it: {exc}") from exc
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        if (model_dir / "tokenizer_config.json").exists():
-            tok = AutoTokenizer.from_pretrained(model_dir)
-        else:
-            _, tok = load_teacher()
+    if path is None or not path.is_dir():
+        model, tok = load_teacher(source)
+        return model, tok, str(source or "smollm2-135m-instruct")
+    if (path / "params.yaml").exists() and not (path / "config.json").exists():
+        return _load_run_student(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} is neither a run folder (params.yaml with stageN/student.pt) nor a saved "
+            "model (config.json): pass a run folder, a save_pretrained folder or a teacher name."
+        )
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == "llama":
+        model, tok = load_teacher(path)
         return model, tok, path.name
-    model, tok = load_teacher(source)
-    return model, tok, str(source or "smollm2-135m-instruct")
+    import linearize.modeling  # noqa: F401  (registers the student with AutoModelForCausalLM)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if (path / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(path)
+    else:
+        _, tok = load_teacher(getattr(model.config, "teacher", None))
+    return model, tok, path.name
+
+
+def _load_run_student(run_dir: Path):
+    import yaml
+
+    from .stages import Run, load_student
+    from .teacher import load_teacher
+
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    teacher, tok = load_teacher(params["teacher"])
+    # is_main=False: reading a run must not rewrite its params.yaml.
+    run = Run(params, root=run_dir.parent.parent, is_main=False)
+    if run.dir.resolve() != run_dir.resolve():
+        raise ValueError(f"{run_dir} does not match its params.yaml (arch {params['arch']!r}, "
+                         f"run_name {params['run_name']!r}): expected it at {run.dir}")
+    student, start = load_student(run, teacher, params, before=4)
+    del teacher
+    return student.eval(), tok, f"{params['arch']}/{params['run_name']} ({start})"

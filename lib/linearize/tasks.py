@@ -198,10 +198,10 @@ def task_manager(online: bool = False):
     return TaskManager(include_path=str(write_offline_tasks()), include_defaults=False)
 
 
-def load_tasks(tasks: str | Iterable[str] = PAPER_TASKS, online: bool = False) -> dict:
+def load_tasks(tasks: str | Iterable[str] = PAPER_TASKS, online: bool = False, manager=None) -> dict:
     """Build lm-eval Task objects (datasets loaded) keyed by our task names."""
     names = check_task_names(tasks)
-    manager = task_manager(online)
+    manager = manager or task_manager(online)
     wanted = [lm_eval_name(n, online) for n in names]
     ctx = contextlib.nullcontext() if online else hub_offline()
     with ctx:
