@@ -48,7 +48,7 @@ def render(teacher_name: str, teacher, teacher_params: int, rows) -> str:
         "",
         "Every student keeps the teacher's embeddings, norms, MLPs and (tied) LM head and replaces each "
         "attention block by its mixer; *growth* is the student's count over the teacher's. The paper's "
-        "students were converted from SmolLM-360M (its Llama-Llama student: 350M) with FLA's layers; "
+        "students were converted from SmolLM-360M (its Llama-Llama student: 350M); "
         "*paper growth* is their count over 350M.",
         "",
         "| student | family | key | QKV copy fills | parameters | growth | mixer params / layer | "

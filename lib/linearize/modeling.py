@@ -301,7 +301,7 @@ def _non_persistent_buffers(module: nn.Module) -> list[str]:
 
 def _restore_mixer_buffers(mixer: TokenMixer) -> None:
     """Recompute a mixer's non-persistent buffers (constants its constructor derives from the
-    config, e.g. RetNet's decays) when they are not valid.
+    config, e.g. ReBased's feature indices) when they are not valid.
 
     ``from_pretrained`` builds the model on the meta device and then gives non-persistent
     buffers uninitialised memory (they are not in the checkpoint), expecting ``_init_weights``
