@@ -7,8 +7,9 @@ One kernel family for every mixer whose state decays multiplicatively:
 
 All tensors are [B, H, T, D]; g is the *log* decay (<= 0). No scale is applied here: callers
 scale q themselves. The three forms:
-* ``gla_chunk``      chunked parallel form, memory O(T * chunk * K): exact intra-chunk
-                     weights from log-space segment sums, a sequential pass over chunk states.
+* ``gla_chunk``      chunked parallel form, memory O(T * chunk): intra-chunk weights from
+                     log-space segment sums (per-channel decay: in sub-blocks of 16, see
+                     ``_weights``), then a sequential pass over the chunk states.
 * ``gla_recurrent``  token by token (``gla_step``) on the state S [B, H, K, V].
 * ``gla_matrix``     A[i, j] = sum_d q_id k_jd exp(sum_{j<l<=i} g_ld) for j <= i, else 0.
 Decays are only ever formed as exp(sum of log decays over a segment): never as a ratio of
@@ -39,11 +40,19 @@ def segsum(g: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~causal.unsqueeze(-1), float("-inf"))
 
 
-def _pad_time(x: torch.Tensor | None, length: int, value: float = 0.0):
-    if x is None or x.shape[2] == length:
+def _pad_time(x: torch.Tensor | None, length: int, value: float = 0.0, dim: int = 2):
+    """Pad x along ``dim`` (time) up to ``length`` with ``value``."""
+    if x is None or x.shape[dim] == length:
         return x
-    pad = [0, 0] * (x.dim() - 3) + [0, length - x.shape[2]]
+    dim = dim % x.dim()
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, length - x.shape[dim]]
     return F.pad(x, pad, value=value)
+
+
+def _suffix(g: torch.Tensor) -> torch.Tensor:
+    """Exclusive suffix sums along -2: out[j] = sum_{l > j} g_l (a plain sum, no differences)."""
+    shifted = torch.cat([torch.zeros_like(g[..., :1, :]), g.flip(-2)[..., :-1, :]], dim=-2)
+    return shifted.cumsum(-2).flip(-2)
 
 
 def _check(q, k, v, g):
@@ -54,16 +63,51 @@ def _check(q, k, v, g):
         raise ValueError(f"log decay g must be [B,H,T,K] or [B,H,T,1]; got {tuple(g.shape)} for q {tuple(q.shape)}")
 
 
-def _intra_weights(q, k, seg):
-    """Within-chunk weights W[i, j] = sum_d q_id k_jd exp(seg[i, j, d]); q, k [..., C, K]."""
-    if seg is None:
+def _exact_weights(q, k, g):
+    """W[i, j] = sum_d q_id k_jd exp(sum_{j<l<=i} g_ld), j <= i, from full segment sums.
+
+    q, k [..., T, K], g [..., T, K|1] or None. Memory T*T*K for per-channel decay, so it is
+    only used on short blocks (see ``_weights``)."""
+    t = q.shape[-2]
+    if g is None:
         w = q @ k.transpose(-1, -2)
-        c = q.shape[-2]
-        return w.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=q.device).tril(), 0.0)
-    if seg.shape[-1] == 1:  # scalar decay: a [C, C] factor
+        return w.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), 0.0)
+    seg = segsum(g)
+    if g.shape[-1] == 1:  # scalar decay: a [T, T] factor
         return (q @ k.transpose(-1, -2)) * seg[..., 0].exp()
-    # per-channel decay: the [C, C, K] factor is what makes memory O(T * chunk * K)
     return torch.einsum("...id,...jd,...ijd->...ij", q, k, seg.exp())
+
+
+SUB_CHUNK = 16  # smallest block for per-channel decay: exact segment sums cost T * 16 * K
+
+
+def _weights(q, k, g, block: int):
+    """Causal decayed weights W [..., T, T] (as ``_exact_weights``) for any leading dims.
+
+    Per-channel decay is done block by block, so memory is O(T^2 + T * block * K): a diagonal
+    block uses exact segment sums; an off-diagonal block (row block n, row i; column block
+    m < n, column j) splits the segment (j, i] at the block borders into [j's block after j]
+    + [whole blocks m+1..n-1] + [n's block up to i]. Each part is a sum of log decays, so
+    every exponent is <= 0 and nothing overflows however strong the decay."""
+    t = q.shape[-2]
+    if g is None or g.shape[-1] == 1 or t <= block:
+        return _exact_weights(q, k, g)
+    *lead, _, dk = q.shape
+    n = -(-t // block)
+    q, k, g = (_pad_time(x, n * block, dim=-2) for x in (q, k, g))
+    qc, kc, gc = (x.reshape(*lead, n, block, dk) for x in (q, k, g))
+    totals = gc.sum(-2)  # [..., n, K]
+    between = segsum(totals)  # [..., n, n, K]: sum over blocks (m, n]
+    # blocks strictly between m and n: row n reads row n-1; m >= n -> -inf (weight 0)
+    between = torch.cat([torch.full_like(between[..., :1, :, :], float("-inf")), between[..., :-1, :, :]], dim=-3)
+    p = qc.unsqueeze(-3) * (gc.cumsum(-2).unsqueeze(-3) + between.unsqueeze(-2)).exp()  # [..., n, m, c, K]
+    kk = kc * _suffix(gc).exp()  # [..., m, c, K]
+    blocks = torch.einsum("...nmid,...mjd->...nimj", p, kk)  # [..., n, c, n, c], zero for m >= n
+    # diagonal blocks: the same factorisation on sub-blocks, down to exact 16 x 16 segment sums
+    diag = _weights(qc, kc, gc, SUB_CHUNK) if block > SUB_CHUNK else _exact_weights(qc, kc, gc)
+    eye = torch.eye(n, dtype=q.dtype, device=q.device).view(n, 1, n, 1)
+    blocks = blocks + diag.unsqueeze(-2) * eye
+    return blocks.reshape(*lead, n * block, n * block)[..., :t, :t]
 
 
 def gla_chunk(q, k, v, g=None, initial_state=None, chunk_size: int = 64):
@@ -76,16 +120,14 @@ def gla_chunk(q, k, v, g=None, initial_state=None, chunk_size: int = 64):
     # padded tail: k = v = 0 and g = 0 (no decay), so it changes neither outputs nor the state
     q, k, v, g = (_pad_time(x, n * c) for x in (q, k, v, g))
     qc, kc, vc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))
-    if g is None:
-        seg = None
+    gc = None if g is None else g.reshape(b, h, n, c, g.shape[-1])
+    o_intra = _weights(qc, kc, gc, SUB_CHUNK) @ vc  # [B,H,N,C,V], all chunks at once
+    if gc is None:
         q_in, k_out, chunk_decay = qc, kc, None
     else:
-        gc = g.reshape(b, h, n, c, g.shape[-1])
-        seg = segsum(gc)  # [B,H,N,C,C,Kg]
         q_in = qc * gc.cumsum(-2).exp()  # decay from the chunk start to i (inclusive)
-        k_out = kc * seg[..., -1, :, :].exp()  # decay from j (exclusive) to the chunk end
+        k_out = kc * _suffix(gc).exp()  # decay from j (exclusive) to the chunk end
         chunk_decay = gc.sum(-2).exp()  # [B,H,N,Kg]
-    o_intra = _intra_weights(qc, kc, seg) @ vc  # [B,H,N,C,V], all chunks at once
     s = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(q.dtype)
     outs = []
     for i in range(n):
@@ -119,35 +161,9 @@ def gla_recurrent(q, k, v, g=None, initial_state=None):
 def gla_matrix(q, k, g=None, chunk_size: int = 64):
     """Materialised A [B,H,T,T] with A[i,j] = sum_d q_id k_jd exp(sum_{j<l<=i} g_ld), j <= i.
 
-    Built block by block so memory stays O(T^2 + T * chunk * K): a diagonal block uses the
-    exact in-chunk segment sums; an off-diagonal block (chunk n row i, chunk m < n column j)
-    factorises the segment (j, i] into [j's chunk after j] + [whole chunks m+1..n-1] +
-    [n's chunk up to i], each a sum of log decays, each exponent <= 0."""
+    Memory O(T^2 + T * chunk * K) (block factorisation, see ``_weights``)."""
     _check(q, k, k, g)
-    b, h, t, dk = q.shape
-    if g is None:
-        return _intra_weights(q, k, None)
-    c = chunk_size
-    n = -(-t // c)
-    q, k, g = (_pad_time(x, n * c) for x in (q, k, g))
-    qc, kc, gc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, g))
-    seg = segsum(gc)  # [B,H,N,C,C,Kg]
-    q_in = gc.cumsum(-2)  # log decay chunk start .. i
-    k_out = seg[..., -1, :, :]  # log decay j (excl) .. chunk end
-    totals = gc.sum(-2)  # [B,H,N,Kg]
-    between = segsum(totals)  # [B,H,N,N,Kg]: sum of totals over chunks (m, n]
-    # chunks strictly between m and n: shift rows by one (row n reads row n-1); m >= n -> -inf
-    between = torch.cat([torch.full_like(between[:, :, :1], float("-inf")), between[:, :, :-1]], dim=2)
-    # P[n, m, i, d] = q[n,i,d] exp(q_in[n,i,d] + between[n,m,d]); zero for m >= n
-    p = qc.unsqueeze(3) * (q_in.unsqueeze(3) + between.unsqueeze(4)).exp()  # [B,H,N,N,C,K]
-    kk = kc * k_out.exp()  # [B,H,N,C,K]
-    blocks = torch.einsum("bhnmid,bhmjd->bhnimj", p, kk)  # [B,H,N,C,N,C]
-    diag = _intra_weights(qc, kc, seg)  # [B,H,N,C,C]
-    idx = torch.arange(n, device=q.device)
-    blocks = blocks.clone()
-    blocks[:, :, idx, :, idx, :] = diag.permute(2, 0, 1, 3, 4)
-    a = blocks.reshape(b, h, n * c, n * c)
-    return a[:, :, :t, :t]
+    return _weights(q, k, g, chunk_size)
 
 
 def append_ones(v: torch.Tensor) -> torch.Tensor:
