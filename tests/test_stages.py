@@ -106,6 +106,16 @@ def test_stages_1_and_2_freeze_everything_but_the_mixers(teacher, blocks, tmp_pa
     assert changed and all(".self_attn." in n for n in changed)
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_autocast_matches_fp32_loosely(stage, teacher, blocks, tmp_path):
+    params = _params(**{f"stage{stage}_tokens": 64 * 2})
+    fp32_run, _ = _train(stage, teacher, blocks, {**params, "run_name": "fp32"}, tmp_path)
+    bf16_run, _ = _train(stage, teacher, blocks, {**params, "run_name": "bf16", "bf16": True}, tmp_path)
+    a, b = _losses(fp32_run, stage), _losses(bf16_run, stage)
+    assert a != b  # autocast really changed the arithmetic
+    assert b == pytest.approx(a, rel=0.05)
+
+
 # --- resume ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage", [1, 3])
 def test_kill_and_resume_reproduces_the_uninterrupted_curve(stage, teacher, blocks, tmp_path, monkeypatch):
@@ -231,3 +241,52 @@ def test_params_resolution_and_errors(tmp_path, monkeypatch):
     (tmp_path / "students.yaml").write_text("gla: {lr: 0.2}\n")
     with pytest.raises(P.ParamsError, match="students.yaml"):
         P.resolve("gla", preset="x")
+
+
+# --- the notebooks, end to end on a tiny teacher and corpus -----------------------------------
+def _tiny_teacher_folder(root):
+    """A 2-layer random Llama with a word-level tokenizer, and a corpus of 30 small documents."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(60)]
+    rng = random.Random(0)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for d in range(30):
+        (corpus / f"doc{d:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(200)))
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=1)
+    LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
+    fast.save_pretrained(root / "teacher")
+    return root / "teacher", corpus
+
+
+@pytest.mark.slow
+def test_notebooks_run_under_papermill(tmp_path):
+    import papermill as pm
+
+    from linearize.paths import ROOT
+
+    teacher_dir, corpus = _tiny_teacher_folder(tmp_path)
+    common = dict(arch="gla", teacher=str(teacher_dir), corpus=str(corpus), output_root=str(tmp_path / "out"))
+    tiny = {"seq_len": 16, "val_blocks": 2, "val_fraction": 0.2, "checkpoint_every": 2}
+    pm.execute_notebook(str(ROOT / "notebooks" / "01_align.ipynb"), str(tmp_path / "01.ipynb"), cwd=str(tmp_path),
+                        parameters={**common, "stage1_tokens": 192, "stage2_tokens": 192, "overrides": tiny},
+                        progress_bar=False)
+    pm.execute_notebook(str(ROOT / "notebooks" / "02_distill.ipynb"), str(tmp_path / "02.ipynb"), cwd=str(tmp_path),
+                        parameters={**common, "stage3_tokens": 192, "overrides": tiny}, progress_bar=False)
+    run_dir = tmp_path / "out" / "gla" / "cpu-quick"
+    _, evals = S.metrics_frames(run_dir)
+    assert list(evals["after"]) == ["conversion", "stage1", "stage2", "stage3"]
+    assert json.loads((run_dir / "stage3" / "done.json").read_text())["start"] == "stage2"  # 02 continued 01
+    assert (run_dir / "align_losses.png").exists() and (run_dir / "distill_loss.png").exists()
+    steps, _ = S.metrics_frames(run_dir)
+    assert steps.groupby("stage").size().to_dict() == {1: 3, 2: 3, 3: 3}  # 192 tokens / (4 x 16)

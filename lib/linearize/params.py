@@ -41,9 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "h2h": True,  # stage 2
     "distill": True,  # stage 3
     # token budgets
-    "stage1_tokens": 16384,
-    "stage2_tokens": 16384,
-    "stage3_tokens": 16384,
+    "stage1_tokens": 4096,
+    "stage2_tokens": 4096,
+    "stage3_tokens": 8192,
     # optimiser: AdamW
     "stage1_lr": 1.0e-3,
     "stage2_lr": 1.0e-3,

@@ -370,9 +370,21 @@ def _set_rng_state(state: dict) -> None:
 
 
 def make_accelerator(params: dict):
+    """The Accelerator of a stage. Mixed precision is left to the launch configuration
+    (``accelerate launch --mixed_precision ...``); ``params["bf16"]`` is applied by the stages
+    themselves through ``torch.autocast`` (see ``autocast_for``), because accelerate fixes its
+    precision once per process and a notebook may switch bf16 between calls."""
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision="bf16" if params["bf16"] else "no")
+    return Accelerator()
+
+
+def autocast_for(accelerator, params: dict):
+    """A context factory: bf16 autocast on the accelerator's device when params["bf16"], else
+    whatever the launch configured (a no-op by default)."""
+    if params["bf16"]:
+        return lambda: torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16)
+    return accelerator.autocast
 
 
 def train_stage(
@@ -459,6 +471,8 @@ def train_stage(
     teacher = teacher.to(accelerator.device)
     raw = accelerator.unwrap_model(model)
 
+    autocast = autocast_for(accelerator, params)
+
     def backward(loss):
         accelerator.backward(loss)
 
@@ -487,13 +501,13 @@ def train_stage(
         optimizer.zero_grad(set_to_none=True)
         extra: dict = {}
         if stage == 1:
-            loss, per_layer = matrix_mixing_step(raw, teacher, ids, params, backward, accelerator.autocast)
+            loss, per_layer = matrix_mixing_step(raw, teacher, ids, params, backward, autocast)
             extra["layer_losses"] = per_layer
         elif stage == 2:
-            loss, per_layer = hidden_step(raw, teacher, ids, params, backward, accelerator.autocast)
+            loss, per_layer = hidden_step(raw, teacher, ids, params, backward, autocast)
             extra["layer_losses"] = per_layer
         else:
-            loss, extra = distill_step(model, teacher, ids, params, backward, accelerator.autocast)
+            loss, extra = distill_step(model, teacher, ids, params, backward, autocast)
         if stage in (1, 2) and nproc > 1:
             # Layer-local steps bypass DDP's forward, so average gradients by hand.
             for p in trainable:
@@ -633,7 +647,7 @@ def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, r
             done = res.summary
             if stage == 3 and params["measure_teacher_throughput"]:
                 ids = train_blocks[: params["batch_size"]].to(accelerator.device)
-                ref = teacher_train_throughput(teacher, ids, autocast=accelerator.autocast)
+                ref = teacher_train_throughput(teacher, ids, autocast=autocast_for(accelerator, params))
                 done = {**done, "teacher_fwd_bwd_tok_s": ref,
                         "distill_over_teacher_fwd_bwd": done["median_step_tok_s"] / ref}
                 run.log({"event": "throughput", "stage": 3, **{k: done[k] for k in (
