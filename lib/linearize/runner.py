@@ -51,24 +51,91 @@ def run_step(step: Step, force: bool = False) -> str:
     return f"done in {seconds:.0f} s"
 
 
-def plan(students: list[str], preset: str, teacher: str | None = None) -> list[Step]:
-    """The ordered steps of a study (the notebooks that exist so far)."""
+# Training variants of one student (the paper's Table 2 and Table 3 grid). Stage 3 (end-to-end
+# distillation) always runs; the name says what comes before it.
+VARIANTS: dict[str, dict] = {
+    "kd": dict(qkv_copy=False, matrix_mixing=False, h2h=False),  # Table 2, without MM
+    "mm": dict(qkv_copy=False, matrix_mixing=True, h2h=False),  # Table 2, with MM
+    "mm-h2h": dict(qkv_copy=False, matrix_mixing=True, h2h=True),  # Table 3: GLA collapsed here
+    "qkv": dict(qkv_copy=True, matrix_mixing=False, h2h=False),  # Table 3
+    "qkv-mm": dict(qkv_copy=True, matrix_mixing=True, h2h=False),  # Table 3
+    "qkv-mm-h2h": dict(qkv_copy=True, matrix_mixing=True, h2h=True),  # Table 3: the paper's best
+}
+GRIDS = {
+    "default": ["qkv-mm-h2h"],
+    "table2": ["kd", "mm"],
+    "table3": ["qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h"],
+    "all": list(VARIANTS),
+}
+DEFAULT_STUDENTS = ["gla", "xlstm", "deltanet"]  # one per kernel family
+# Zero-shot evaluation size per preset: the full tasks take about 10 minutes per model at
+# limit 500 on 2 cores, so the quick preset evaluates a sample.
+EVAL_LIMIT = {"cpu-quick": 100, "cpu-study": 500, "paper": None}
+
+
+def run_dir(arch: str, preset: str, variant: str) -> Path:
+    return OUTPUTS / arch / f"{preset}-{variant}"
+
+
+def plan(students: list[str], preset: str, teacher: str | None = None, grid: str = "default",
+         bench_lengths: str = "128,512,2048,8192", eval_limit: int | None | str = "preset") -> list[Step]:
+    """The ordered steps of a study: teacher, then per student and variant align -> distill ->
+    evaluate, then the benchmark and the study notebook (which reads outputs/ only)."""
+    from .mixers import available
+
+    unknown = [s for s in students if s not in available() and s != "llama"]
+    if unknown:
+        raise SystemExit(f"unknown student(s) {unknown}; choose from {available()}")
+    if grid not in GRIDS:
+        raise SystemExit(f"unknown grid {grid!r}; choose from {sorted(GRIDS)}")
+    limit = EVAL_LIMIT.get(preset, 100) if eval_limit == "preset" else eval_limit
     common = {"teacher": teacher} if teacher else {}
-    steps = [Step("00_teacher.ipynb", OUTPUTS / "teacher" / "00_teacher.ipynb", dict(common))]
-    return steps
+    teacher_dir = OUTPUTS / "teacher"
+    steps = [
+        Step("00_teacher.ipynb", teacher_dir / "00_teacher.ipynb", dict(common, output_dir=str(teacher_dir))),
+        Step("03_evaluate.ipynb", teacher_dir / "03_evaluate.ipynb",
+             dict(common, run_dir=None, limit=limit, output_dir=str(teacher_dir))),
+    ]
+    for arch in students:
+        for variant in GRIDS[grid]:
+            folder = run_dir(arch, preset, variant)
+            train = dict(common, arch=arch, preset=preset, run_name=folder.name, **VARIANTS[variant])
+            steps += [
+                Step("01_align.ipynb", folder / "01_align.ipynb", train),
+                Step("02_distill.ipynb", folder / "02_distill.ipynb",
+                     {k: v for k, v in train.items() if k not in ("matrix_mixing", "h2h")}),
+                Step("03_evaluate.ipynb", folder / "03_evaluate.ipynb",
+                     dict(run_dir=str(folder), limit=limit, output_dir=str(folder))),
+            ]
+    bench = OUTPUTS / "bench"
+    steps.append(Step("04_benchmark.ipynb", bench / "04_benchmark.ipynb",
+                      dict(common, models=",".join(["teacher", *students]), lengths=bench_lengths,
+                           out=str(bench / "bench.csv"))))
+    steps.append(Step("05_study.ipynb", OUTPUTS / "study" / "05_study.ipynb", dict(outputs=str(OUTPUTS))))
+    return [s for s in steps if (NOTEBOOKS / s.notebook).exists()]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linearize.runner", description=__doc__.splitlines()[0])
-    parser.add_argument("--students", default="gla", help="comma-separated student names (default: gla)")
+    parser.add_argument("--students", default=",".join(DEFAULT_STUDENTS),
+                        help=f"comma-separated student names (default: {','.join(DEFAULT_STUDENTS)}); 'all' for the ten")
+    parser.add_argument("--grid", default="default", help=f"training variants per student: {', '.join(GRIDS)}")
+    parser.add_argument("--bench-lengths", default="128,512,2048,8192", help="context lengths for the benchmark")
+    parser.add_argument("--eval-limit", default="preset", help="documents per task (an int, 'none' for all, or 'preset')")
     parser.add_argument("--preset", default="cpu-quick", help="params preset (cpu-quick, cpu-study, paper)")
     parser.add_argument("--teacher", default=None, help="teacher name, hub id or folder (default: embedded)")
     parser.add_argument("--force", action="store_true", help="redo finished steps")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    students = [s.strip() for s in args.students.split(",") if s.strip()]
+    if args.students == "all":
+        from .mixers import available
+
+        students = available()
+    else:
+        students = [s.strip() for s in args.students.split(",") if s.strip()]
+    limit = args.eval_limit if args.eval_limit == "preset" else None if args.eval_limit == "none" else int(args.eval_limit)
     total = time.perf_counter()
-    for step in plan(students, args.preset, args.teacher):
+    for step in plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, limit):
         print(f"[{step.notebook} -> {step.output.relative_to(ROOT) if step.output.is_relative_to(ROOT) else step.output}]",
               flush=True)
         print(f"  {run_step(step, args.force)}", flush=True)
