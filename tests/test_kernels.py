@@ -324,3 +324,11 @@ def test_forcing_fla_without_cuda_is_an_error():
         K.mlstm(q, k, v, g[..., 0], g[..., 0], backend="fla")
     with pytest.raises(ValueError, match="backend must be one of"):
         K.gated_attention(q, k, v, g, backend="triton")
+
+
+def test_auto_backend_choice():
+    """auto: ours on the CPU; on CUDA, ours for feature maps wider than FLA's kernels handle."""
+    assert not K.use_fla("auto", torch.device("cpu"), "op")
+    assert not K.use_fla("auto", torch.device("cuda"), "op", key_dim=2080)
+    assert not K.use_fla("auto", torch.device("cuda"), "mLSTM", fla_has_op=False)
+    assert not K.use_fla("torch", torch.device("cuda"), "op")

@@ -31,7 +31,7 @@ def gated_attention(q, k, v, g=None, *, mode="chunk", initial_state=None, chunk_
     vv = append_ones(v) if normalize else v
     if mode == "recurrent":
         o, s = gla_recurrent(q, k, vv, g, initial_state)
-    elif use_fla(backend, q.device, "gated linear attention"):
+    elif use_fla(backend, q.device, "gated linear attention", key_dim=q.shape[-1]):
         o, s = fla_gated(q, k, vv, g, initial_state)
     else:
         o, s = gla_chunk(q, k, vv, g, initial_state, chunk_size)
@@ -47,7 +47,7 @@ def delta_rule(q, k, v, beta, *, mode="chunk", initial_state=None, chunk_size=64
     _check_mode(mode)
     if mode == "recurrent":
         return delta_recurrent(q, k, v, beta, initial_state)
-    if use_fla(backend, q.device, "the delta rule"):
+    if use_fla(backend, q.device, "the delta rule", key_dim=q.shape[-1]):
         return fla_delta(q, k, v, beta, initial_state)
     return delta_chunk(q, k, v, beta, initial_state, chunk_size)
 

@@ -21,7 +21,13 @@ def _fla_ops():
     return importlib.import_module("fla.ops")
 
 
-def use_fla(backend: str, device: torch.device, op: str, fla_has_op: bool = True) -> bool:
+# FLA's Triton kernels are tuned for head dims up to 256; "auto" keeps wider feature maps
+# (ReBased's d(d+1)/2 = 2080 quadratic features) on our kernels. backend="fla" still tries.
+FLA_AUTO_MAX_DIM = 256
+
+
+def use_fla(backend: str, device: torch.device, op: str, fla_has_op: bool = True,
+            key_dim: int | None = None) -> bool:
     global _warned
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -45,6 +51,8 @@ def use_fla(backend: str, device: torch.device, op: str, fla_has_op: bool = True
         return True
     if device.type != "cuda" or not fla_has_op:
         return False
+    if key_dim is not None and key_dim > FLA_AUTO_MAX_DIM:
+        return False
     try:
         _fla_ops()
     except Exception as exc:
@@ -62,6 +70,11 @@ def _btf(x):
 def fla_gated(q, k, v, g, initial_state, scale: float = 1.0):
     """FLA equivalent of ``gla_chunk``: chunk_gla (per-channel g), chunk_simple_gla (scalar/no g)."""
     ops = _fla_ops()
+    dv = v.shape[-1]
+    if dv % 2:  # FLA's backward wants an even value width (the normaliser column makes V+1)
+        v = torch.nn.functional.pad(v, (0, 1))
+        if initial_state is not None:
+            initial_state = torch.nn.functional.pad(initial_state, (0, 1))
     if g is not None and g.shape[-1] > 1:
         o, s = ops.chunk_gla(_btf(q), _btf(k), _btf(v), _btf(g), scale=scale,
                              initial_state=initial_state, output_final_state=True)
@@ -69,7 +82,7 @@ def fla_gated(q, k, v, g, initial_state, scale: float = 1.0):
         gs = None if g is None else _btf(g[..., 0])
         o, s = ops.chunk_simple_gla(_btf(q), _btf(k), _btf(v), g=gs, scale=scale,
                                     initial_state=initial_state, output_final_state=True)
-    return o.transpose(1, 2), s
+    return o.transpose(1, 2)[..., :dv], s[..., :dv]
 
 
 def fla_delta(q, k, v, beta, initial_state, scale: float = 1.0):
