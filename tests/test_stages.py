@@ -204,12 +204,12 @@ def test_atomic_save_survives_a_kill_mid_write(tmp_path, monkeypatch):
 
 # --- schedules, data order, parameters --------------------------------------------------------
 def test_lr_schedules_by_hand():
-    # 10 steps, warmup 2, WSD decay over the last 4 steps to 0.
+    # 10 steps, warmup 2, WSD decay over the last 4 steps towards 0 (reached one step later).
     wsd = [S.lr_factor("wsd", s, 10, 0.2, 0.4, 0.0) for s in range(10)]
-    assert wsd == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0])
-    # linear: warmup 2, then decay over the remaining 8 steps to min ratio 0.2
+    assert wsd == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    # linear: warmup 2, then decay over the remaining 8 steps towards min ratio 0.2
     lin = [S.lr_factor("linear", s, 10, 0.2, 0.0, 0.2) for s in range(10)]
-    assert lin == pytest.approx([0.5, 1.0] + [1 - 0.8 * k / 8 for k in range(1, 9)])
+    assert lin == pytest.approx([0.5, 1.0] + [1 - 0.8 * k / 9 for k in range(1, 9)])
 
 
 def test_block_order_resumes_mid_epoch_and_permutes_each_epoch():

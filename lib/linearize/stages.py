@@ -273,7 +273,8 @@ def lr_factor(kind: str, step: int, total: int, warmup_fraction: float, decay_fr
 
     "wsd": linear warmup, constant, then linear decay over the last ``decay_fraction`` of steps.
     "linear": linear warmup, then linear decay over all remaining steps.
-    Both end at ``min_ratio`` after the last step; warmup starts at 1/warmup_steps, not 0, so
+    The decay is linear from 1 (at the step before it starts) to ``min_ratio`` one step past
+    the last, so no step is wasted at a zero rate; warmup starts at 1/warmup_steps, not 0, so
     the first step already moves."""
     warmup = int(round(warmup_fraction * total))
     if step < warmup:
@@ -282,8 +283,8 @@ def lr_factor(kind: str, step: int, total: int, warmup_fraction: float, decay_fr
     decay_start = max(decay_start, warmup)
     if step < decay_start:
         return 1.0
-    span = max(total - decay_start, 1)
-    progress = (step - decay_start + 1) / span  # reaches 1 after the last step
+    span = total - decay_start + 1
+    progress = (step - decay_start + 1) / span  # would reach 1 one step after the last
     return 1.0 - (1.0 - min_ratio) * min(progress, 1.0)
 
 
