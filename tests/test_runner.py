@@ -1,0 +1,57 @@
+import nbformat
+import pytest
+
+from linearize import runner
+
+
+@pytest.fixture
+def tiny_notebook(tmp_path, monkeypatch):
+    """A one-cell notebook that appends a line to a counter file, so we can count executions."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("counter = ''")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("open(counter, 'a').write('ran\\n')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    nbformat.write(nb, folder / "count.ipynb")
+    monkeypatch.setattr(runner, "NOTEBOOKS", folder)
+    return tmp_path / "counter.txt"
+
+
+def test_finished_step_is_skipped_and_missing_output_redone(tmp_path, tiny_notebook):
+    step = runner.Step("count.ipynb", tmp_path / "out" / "count.ipynb", {"counter": str(tiny_notebook)})
+    assert runner.run_step(step).startswith("done")
+    assert runner.run_step(step) == "skipped"
+    assert tiny_notebook.read_text().count("ran") == 1
+    step.output.unlink()  # the executed notebook is gone: the step runs again
+    assert runner.run_step(step).startswith("done")
+    assert tiny_notebook.read_text().count("ran") == 2
+    step.marker.unlink()  # a step that never finished (no marker) runs again
+    assert runner.run_step(step).startswith("done")
+    assert runner.run_step(step, force=True).startswith("done")
+    assert tiny_notebook.read_text().count("ran") == 4
+
+
+def test_failed_step_leaves_no_marker(tmp_path, tiny_notebook):
+    step = runner.Step("count.ipynb", tmp_path / "out" / "count.ipynb", {"counter": str(tmp_path / "no" / "dir")})
+    with pytest.raises(Exception):
+        runner.run_step(step)
+    assert not step.finished()
+
+
+def test_plan_orders_the_study():
+    steps = runner.plan(["gla", "deltanet"], "cpu-quick", grid="table2")
+    names = [s.notebook for s in steps]
+    assert names[0] == "00_teacher.ipynb"
+    runs = [s.output.parent.name for s in steps if s.notebook == "02_distill.ipynb"]
+    assert runs == ["cpu-quick-kd", "cpu-quick-mm"] * 2
+    kd = next(s for s in steps if s.notebook == "01_align.ipynb")
+    assert kd.parameters["qkv_copy"] is False and kd.parameters["matrix_mixing"] is False
+
+
+def test_plan_rejects_unknown_student_and_grid():
+    with pytest.raises(SystemExit, match="unknown student"):
+        runner.plan(["transformer-xl"], "cpu-quick")
+    with pytest.raises(SystemExit, match="unknown grid"):
+        runner.plan(["gla"], "cpu-quick", grid="everything")
