@@ -177,3 +177,23 @@ def test_load_model_from_a_saved_student(teacher, tmp_path):
     assert label == "student"
     with pytest.raises(FileNotFoundError, match="config.json"):
         E.load_model(tmp_path)  # neither a run folder nor a saved model
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_on_a_saved_student(teacher, tmp_path):
+    import papermill as pm
+
+    from linearize.convert import convert
+    from linearize.paths import ROOT
+
+    convert(teacher[0], "gla", qkv_copy=True).save_pretrained(tmp_path / "student")
+    pm.execute_notebook(str(ROOT / "notebooks" / "03_evaluate.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters=dict(run_dir=str(tmp_path / "student"), tasks=["piqa"], limit=2,
+                                        kl_blocks=1, seq_len=32),
+                        cwd=str(ROOT), kernel_name="python3", progress_bar=False)
+    table = (tmp_path / "student" / "eval_table.csv").read_text().splitlines()
+    assert table[0] == "model,Lamb.,WinoG.,Arc-E,Arc-C,PIQA,HellaS.,Avg."
+    assert table[1].startswith("student,") and table[2].startswith("teacher: ")
+    assert any(line.startswith('"paper, SmolLM-360M teacher: teacher"') for line in table)
+    kl = json.loads((tmp_path / "student" / "eval_perplexity_kl.json").read_text())
+    assert kl["kl"] > 0 and kl["n_blocks"] == 1
