@@ -290,3 +290,27 @@ def test_notebooks_run_under_papermill(tmp_path):
     assert (run_dir / "align_losses.png").exists() and (run_dir / "distill_loss.png").exists()
     steps, _ = S.metrics_frames(run_dir)
     assert steps.groupby("stage").size().to_dict() == {1: 3, 2: 3, 3: 3}  # 192 tokens / (4 x 16)
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one(tmp_path):
+    """Data-parallel (2 CPU processes, gloo) with half the per-process batch follows the
+    single-process curve: the layer-local stages average gradients by hand, stage 3 via DDP."""
+    import os
+    import subprocess
+    import sys
+
+    teacher_dir, corpus = _tiny_teacher_folder(tmp_path)
+    common = ["-m", "linearize.stages", "--arch", "gla", "--set", f"teacher={teacher_dir}", "--set",
+              f"corpus={corpus}", "--set", "seq_len=16", "--set", "val_fraction=0.2", "--set", "val_blocks=2",
+              "--set", "measure_teacher_throughput=false"] + [
+              x for s in (1, 2, 3) for x in ("--set", f"stage{s}_tokens=384")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *common, "--root", str(tmp_path / "one"), "--set", "batch_size=4"],
+                   check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+                    "--root", str(tmp_path / "two"), "--set", "batch_size=2"], check=True, env=env, capture_output=True)
+    one, _ = S.metrics_frames(tmp_path / "one" / "gla" / "cpu-quick")
+    two, _ = S.metrics_frames(tmp_path / "two" / "gla" / "cpu-quick")
+    assert list(one["tokens"]) == list(two["tokens"]) and len(one) == 3 * 6
+    assert list(two["loss"]) == pytest.approx(list(one["loss"]), rel=1e-4)

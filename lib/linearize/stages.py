@@ -376,8 +376,11 @@ def make_accelerator(params: dict):
     themselves through ``torch.autocast`` (see ``autocast_for``), because accelerate fixes its
     precision once per process and a notebook may switch bf16 between calls."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator()
+    # Under DDP, a trainable parameter that gets no gradient in stage 3 (a mixer weight some
+    # configuration leaves unused) would otherwise stop the run at the next step.
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def autocast_for(accelerator, params: dict):
@@ -684,3 +687,44 @@ def metrics_frames(run_dir: str | os.PathLike):
     steps = pd.DataFrame([r for r in records if r.get("event") == "step"])
     evals = pd.DataFrame([r for r in records if r.get("event") == "eval"])
     return steps, evals
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: python -m linearize.stages / accelerate launch -m linearize.stages
+# ---------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    import argparse
+
+    import yaml
+
+    from . import params as P
+
+    parser = argparse.ArgumentParser(
+        prog="python -m linearize.stages",
+        description="Run training stages for one student (the notebooks call the same run_pipeline). "
+                    "Works unchanged under `accelerate launch -m linearize.stages ...`.")
+    parser.add_argument("--arch", required=True, help="student mixer (linearize.mixers.available())")
+    parser.add_argument("--preset", default=P.DEFAULT_PRESET, help=f"one of {', '.join(P.presets())}")
+    parser.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (default 1,2,3)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter; VALUE is read as YAML (e.g. --set seq_len=256)")
+    parser.add_argument("--root", default=None, help="outputs root (default outputs/)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    params = P.resolve(args.arch, args.preset, overrides)
+    stages = tuple(int(s) for s in args.stages.split(",") if s.strip())
+    out = run_pipeline(params, stages=stages, root=args.root)
+    if out["run"].is_main:
+        for record in out["run"].metrics():
+            if record.get("event") in ("eval", "throughput"):
+                print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
