@@ -1,0 +1,565 @@
+"""The study's results, read back from ``outputs/``: runs, paper-format tables, curves, the
+attention explorer over the saved students, the results page and the HTML export.
+
+Everything here reads what the other steps wrote and trains nothing:
+
+* run folders ``outputs/<arch>/<run_name>/`` of :mod:`linearize.stages` (``params.yaml``,
+  ``metrics.jsonl`` with "step" and "eval" events, ``stageN/done.json``) and the zero-shot
+  results that :func:`linearize.evaluate.save_results` put beside them (``eval_*.json``);
+* the teacher's folder ``outputs/teacher/`` (``teacher.json`` from notebook 00, ``eval_*.json``);
+* the benchmark CSV ``outputs/bench/bench.csv`` of :mod:`linearize.bench`.
+
+A run's variant (the paper's Table 2 / Table 3 grid, ``linearize.runner.VARIANTS``) is read
+from its stored parameters (``qkv_copy``, ``matrix_mixing``, ``h2h``), not from its folder
+name, so a renamed folder is still placed in the right row. A cell with no measurement is
+NaN in the frames and '-' on the page: numbers are never filled in.
+
+``notebooks/05_study.ipynb`` is a thin layer over this module; ``export_html`` turns its
+executed copy into a page that needs no kernel.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .evaluate import AVG, COLUMNS, PAPER_ROWS, table_row
+
+# Folders of outputs/ that hold no student runs.
+NON_RUN_DIRS = {"teacher", "bench", "study", "teacher_eval", "bench_mixers"}
+STAGE_EVALS = ("conversion", "stage1", "stage2", "stage3")
+# The paper's names of the students (Table 2 rows read "Llama-<name>").
+PAPER_NAMES = {
+    "softmax": "Llama", "llama": "Llama", "xlstm": "xLSTM", "gla": "GLA", "hgrn2": "HGRN2",
+    "retnet": "RetNet", "mamba2": "Mamba2", "metala": "MetaLA", "deltanet": "DeltaNet",
+    "rebased": "ReBased", "hedgehog": "Hedgehog",
+}
+# How the paper labels each training variant after "Llama-<student>".
+VARIANT_SUFFIX = {
+    "kd": "", "mm": " + MM", "qkv": " + QKV", "qkv-mm": " + QKV + MM",
+    "qkv-mm-h2h": " + QKV + MM + H2H", "mm-h2h": " + MM + H2H (no QKV)", "h2h": " + H2H (no QKV)",
+    "qkv-h2h": " + QKV + H2H",
+}
+TABLE2_VARIANTS = ("kd", "mm")  # students without and with matrix mixing (no Q/K/V copy)
+TABLE3_VARIANTS = ("qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h")  # the ablations
+TASK_COLUMNS = list(COLUMNS.values())
+MISSING = "-"
+
+
+class StudyError(ValueError):
+    """An outputs folder or a request the study cannot read (names the fix)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------
+def variant_of(params: Mapping) -> str:
+    """The variant name of ``runner.VARIANTS`` that a run's parameters describe: the parts
+    "qkv", "mm", "h2h" that are switched on, joined by '-', or "kd" (stage 3 alone)."""
+    parts = [name for key, name in (("qkv_copy", "qkv"), ("matrix_mixing", "mm"), ("h2h", "h2h"))
+             if params.get(key)]
+    return "-".join(parts) or "kd"
+
+
+def pick_results(folder: str | os.PathLike) -> tuple[dict | None, Path | None]:
+    """The zero-shot results of a folder (``eval_*.json``): the one over the most documents
+    (``full`` before any ``limitN``, a larger N before a smaller), offline before online."""
+    best, best_key, best_path = None, None, None
+    for path in sorted(Path(folder).glob("eval_*.json")):
+        try:
+            res = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise StudyError(f"{path} is not valid JSON ({err}); delete it and rerun notebook 03.") from err
+        limit = res.get("limit")
+        key = (math.inf if limit is None else float(limit), not res.get("online", False))
+        if best_key is None or key > best_key:
+            best, best_key, best_path = res, key, path
+    return best, best_path
+
+
+@dataclass
+class StudyRun:
+    """One student run folder and what it produced."""
+
+    arch: str
+    variant: str
+    preset: str
+    dir: Path
+    params: dict
+    evals: dict = field(default_factory=dict)  # after -> the "eval" record of metrics.jsonl
+    stages_done: list = field(default_factory=list)
+    results: dict | None = None  # zero-shot results (evaluate_tasks), if evaluated
+    results_path: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch}/{self.dir.name}"
+
+    @property
+    def paper_label(self) -> str:
+        name = PAPER_NAMES.get(self.arch, self.arch)
+        return f"Llama-{name}{VARIANT_SUFFIX.get(self.variant, ' + ' + self.variant)}"
+
+    @property
+    def finished(self) -> bool:
+        """All stages the run asked for have a done.json."""
+        wanted = [s for s, key in ((1, "matrix_mixing"), (2, "h2h"), (3, "distill")) if self.params.get(key)]
+        return all(s in self.stages_done for s in wanted)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def load_run(folder: str | os.PathLike) -> StudyRun:
+    folder = Path(folder)
+    params_path = folder / "params.yaml"
+    if not params_path.exists():
+        raise StudyError(f"{folder} is not a run folder: it has no params.yaml (written by linearize.stages).")
+    params = yaml.safe_load(params_path.read_text())
+    evals = {r["after"]: r for r in _read_metrics(folder / "metrics.jsonl") if r.get("event") == "eval"}
+    done = sorted(int(p.parent.name[5:]) for p in folder.glob("stage[0-9]/done.json"))
+    results, results_path = pick_results(folder)
+    return StudyRun(arch=params.get("arch", folder.parent.name), variant=variant_of(params),
+                    preset=str(params.get("preset", "?")), dir=folder, params=params, evals=evals,
+                    stages_done=done, results=results, results_path=results_path)
+
+
+def find_runs(outputs: str | os.PathLike = "outputs", students=None) -> list[StudyRun]:
+    """Every run folder ``outputs/<arch>/<run_name>/`` (one with params.yaml), sorted by
+    student then variant. ``students``: None for all, else student names ("gla") or run
+    labels ("gla/cpu-quick-kd"), as a list or a comma-separated string."""
+    outputs = Path(outputs)
+    if not outputs.is_dir():
+        raise StudyError(f"outputs folder {outputs} does not exist: run the study first (make study) "
+                         "or pass the folder that holds the runs.")
+    runs = [load_run(p.parent) for p in sorted(outputs.glob("*/*/params.yaml"))
+            if p.parent.parent.name not in NON_RUN_DIRS]
+    if students not in (None, "", "all"):
+        wanted = [s.strip() for s in students.split(",")] if isinstance(students, str) else list(students)
+        known = {r.arch for r in runs} | {r.label for r in runs}
+        unknown = [s for s in wanted if s not in known]
+        if unknown:
+            raise StudyError(f"no runs for {unknown} under {outputs}; found: {sorted(known)}")
+        runs = [r for r in runs if r.arch in wanted or r.label in wanted]
+    order = {v: i for i, v in enumerate((*TABLE2_VARIANTS, *TABLE3_VARIANTS))}
+    return sorted(runs, key=lambda r: (r.arch, r.preset, order.get(r.variant, 99), r.dir.name))
+
+
+def runs_frame(runs: list[StudyRun]):
+    """One line per run: where it is, which variant, which stages finished, evaluated or not."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "run": r.label, "student": r.arch, "variant": r.variant, "preset": r.preset,
+        "stages done": ",".join(map(str, r.stages_done)) or MISSING, "finished": r.finished,
+        "zero-shot": r.results_path.name if r.results_path else MISSING,
+    } for r in runs], columns=["run", "student", "variant", "preset", "stages done", "finished", "zero-shot"])
+
+
+# ---------------------------------------------------------------------------------------
+# The teacher
+# ---------------------------------------------------------------------------------------
+def teacher_name(runs: list[StudyRun], outputs: str | os.PathLike | None = None) -> str | None:
+    """The teacher the runs were distilled from (the most common one), else notebook 00's."""
+    names = Counter(str(r.params.get("teacher")) for r in runs if r.params.get("teacher"))
+    if names:
+        return names.most_common(1)[0][0]
+    summary = teacher_summary(outputs) if outputs is not None else None
+    return summary.get("teacher") if summary else None
+
+
+def teacher_summary(outputs: str | os.PathLike) -> dict | None:
+    path = Path(outputs) / "teacher" / "teacher.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def teacher_results(outputs: str | os.PathLike) -> tuple[dict | None, Path | None]:
+    return pick_results(Path(outputs) / "teacher")
+
+
+# ---------------------------------------------------------------------------------------
+# Paper-format tables
+# ---------------------------------------------------------------------------------------
+def paper_average(label: str) -> float:
+    """The paper's Avg. for a row label like "Llama-GLA + MM" (NaN when the paper has none)."""
+    for key, row in PAPER_ROWS.items():
+        if key.split(": ", 1)[-1] == label:
+            return row.get(AVG, math.nan)
+    return math.nan
+
+
+def _docs(results: dict | None) -> str:
+    if results is None:
+        return MISSING
+    return "all" if results.get("limit") is None else str(results["limit"])
+
+
+def _stage3(run: StudyRun, key: str) -> float:
+    return float(run.evals.get("stage3", {}).get(key, math.nan))
+
+
+def paper_table(runs: list[StudyRun], variants, outputs: str | os.PathLike | None = None, metric: str = "acc"):
+    """Rows like the paper's tables: the teacher, then per student each of ``variants``.
+
+    A row is shown when we have that run or the paper has that row (for a student we ran), so
+    the paper's number stands next to ours or next to '-'. Columns: the six tasks and Avg. in
+    percent (ours; Avg. only over all six), ``paper Avg.``, validation perplexity and per-token
+    KL to the teacher after stage 3, the documents per task, and the run folder. Several
+    presets of one student and variant give one row each."""
+    import pandas as pd
+
+    columns = ["run", *TASK_COLUMNS, AVG, "paper Avg.", "val ppl", "KL", "docs/task"]
+    rows: dict[str, dict] = {}
+    if outputs is not None:
+        res, path = teacher_results(outputs)
+        if res is not None or runs:
+            ppl = [r.evals[a]["teacher_perplexity"] for r in runs for a in r.evals if "teacher_perplexity" in r.evals[a]]
+            label = f"teacher ({res['model']})" if res else "teacher"
+            rows[label] = {"run": "teacher", **(table_row(res, metric) if res else {}),
+                           "paper Avg.": paper_average("teacher"), "val ppl": ppl[0] if ppl else math.nan,
+                           "docs/task": _docs(res)}
+    presets = {r.preset for r in runs}
+    for arch in dict.fromkeys(r.arch for r in runs):
+        for variant in variants:
+            mine = [r for r in runs if r.arch == arch and r.variant == variant]
+            label = f"Llama-{PAPER_NAMES.get(arch, arch)}{VARIANT_SUFFIX[variant]}"
+            paper = paper_average(label)
+            if not mine and math.isnan(paper):
+                continue
+            for run in mine or [None]:
+                row = {"run": run.label if run else MISSING, "paper Avg.": paper}
+                if run is not None:
+                    if run.results is not None:
+                        row.update(table_row(run.results, metric))
+                    row.update({"val ppl": _stage3(run, "perplexity"), "KL": _stage3(run, "kl"),
+                                "docs/task": _docs(run.results)})
+                key = label if run is None or len(presets) == 1 else f"{label} [{run.preset}]"
+                rows[key] = row
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=columns) if rows else pd.DataFrame(columns=columns)
+    frame.index.name = "model"
+    for col in columns:
+        if col not in ("run", "docs/task"):
+            frame[col] = frame[col].astype(float)
+    frame[["run", "docs/task"]] = frame[["run", "docs/task"]].fillna(MISSING)
+    return frame
+
+
+def table2(runs, outputs=None, metric="acc"):
+    """The paper's Table 2: students trained without (``kd``) and with matrix mixing (``mm``)."""
+    return paper_table(runs, TABLE2_VARIANTS, outputs, metric)
+
+
+def table3(runs, outputs=None, metric="acc"):
+    """The paper's Table 3: Q/K/V copy, matrix mixing and hidden-to-hidden ablations."""
+    return paper_table(runs, TABLE3_VARIANTS, outputs, metric)
+
+
+def validation_table(runs: list[StudyRun]):
+    """Validation perplexity and per-token KL(teacher || student) after conversion and after
+    each stage, one row per run (a stage the variant skips is '-')."""
+    import pandas as pd
+
+    rows = {}
+    for r in runs:
+        row = {}
+        for metric, name in (("perplexity", "ppl"), ("kl", "KL")):
+            for after in STAGE_EVALS:
+                row[f"{name} {after}"] = float(r.evals.get(after, {}).get(metric, math.nan))
+        rows[r.label] = row
+    cols = [f"{n} {a}" for n in ("ppl", "KL") for a in STAGE_EVALS]
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=cols) if rows else pd.DataFrame(columns=cols)
+    frame.index.name = "run"
+    return frame.astype(float)
+
+
+def show(frame, decimals: int = 2):
+    """The frame for display: numbers rounded, missing cells '-'."""
+    def fmt(v):
+        if isinstance(v, float):
+            return MISSING if math.isnan(v) else f"{v:.{decimals}f}"
+        return MISSING if v is None else str(v)
+
+    return frame.apply(lambda col: col.map(fmt))
+
+
+def markdown_table(frame, decimals: int = 2) -> str:
+    """A GitHub-markdown table of a frame (index first), missing cells '-'."""
+    shown = show(frame, decimals)
+    header = [frame.index.name or "", *map(str, shown.columns)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(shown.columns)) + "|"]
+    for label, row in shown.iterrows():
+        cells = [str(label).replace("|", "\\|"), *(str(v).replace("|", "\\|") for v in row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Curves
+# ---------------------------------------------------------------------------------------
+def steps_frame(runs: list[StudyRun]):
+    """Every logged training step of every run: run, student, variant, stage, tokens, loss."""
+    import pandas as pd
+
+    records = []
+    for r in runs:
+        for m in _read_metrics(r.dir / "metrics.jsonl"):
+            if m.get("event") == "step":
+                records.append({"run": r.label, "student": r.arch, "variant": r.variant, "stage": m["stage"],
+                                "step": m["step"], "tokens": m["tokens"], "loss": m["loss"]})
+    return pd.DataFrame(records, columns=["run", "student", "variant", "stage", "step", "tokens", "loss"])
+
+
+def _legend_outside(fig, ax):
+    handles, labels = ax.get_legend_handles_labels()
+    for a in fig.axes:
+        if a.get_legend():
+            a.get_legend().remove()
+    if handles:
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+
+
+def plot_training_curves(runs: list[StudyRun], path: str | os.PathLike) -> Path | None:
+    """Loss against tokens seen, one panel per stage, one line per run (log y when the losses span
+    more than a decade); PNG at ``path``.
+    None when no run logged a step."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from .stages import STAGE_NAMES
+
+    df = steps_frame(runs)
+    if df.empty:
+        return None
+    stages = sorted(df["stage"].unique())
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.2 * len(stages), 3.8), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        part = df[df["stage"] == stage]
+        sns.lineplot(data=part, x="tokens", y="loss", hue="run", ax=ax, hue_order=[r.label for r in runs])
+        _log_if_wide(ax, part["loss"].tolist())
+        ax.set_title(f"stage {stage}: {STAGE_NAMES.get(int(stage), '')}", fontsize=10)
+        ax.set_xlabel("tokens seen in this stage")
+    _legend_outside(fig, axes[0][0])
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_validation(runs: list[StudyRun], path: str | os.PathLike) -> Path | None:
+    """Validation perplexity and KL after conversion and each stage, one line per run."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    records = [{"run": r.label, "after": a, "perplexity": r.evals[a].get("perplexity"), "KL": r.evals[a].get("kl")}
+               for r in runs for a in STAGE_EVALS if a in r.evals]
+    if not records:
+        return None
+    df = pd.DataFrame(records)
+    df["after"] = pd.Categorical(df["after"], categories=list(STAGE_EVALS), ordered=True)
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, col in zip(axes, ("perplexity", "KL")):
+        sns.pointplot(data=df, x="after", y=col, hue="run", ax=ax, order=list(STAGE_EVALS), markers="o")
+        _log_if_wide(ax, df[col].tolist())
+        ax.set_xlabel("")
+    teacher_ppl = [r.evals[a]["teacher_perplexity"] for r in runs for a in r.evals if "teacher_perplexity" in r.evals[a]]
+    if teacher_ppl:
+        axes[0].axhline(teacher_ppl[0], color="black", ls="--", lw=1, label="teacher")
+    axes[0].set_title("validation perplexity", fontsize=10)
+    axes[1].set_title("per-token KL(teacher || student)", fontsize=10)
+    _legend_outside(fig, axes[0])
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def bench_figures(outputs: str | os.PathLike, figures_dir: str | os.PathLike) -> list[Path]:
+    """Speed and memory against context (seaborn, log-2 x) from ``outputs/bench/bench.csv``,
+    drawn by ``linearize.bench.plot``; [] when there is no benchmark yet."""
+    from . import bench
+
+    csv = Path(outputs) / "bench" / "bench.csv"
+    if not csv.exists():
+        return []
+    rows = [r for r in bench.read_csv(csv) if not r.get("error")]
+    if not rows:
+        return []
+    return bench.plot(rows, figures_dir)
+
+
+def bench_table(outputs: str | os.PathLike):
+    """The benchmark rows (model, context, speeds, memory) as a frame; None without a CSV."""
+    import pandas as pd
+
+    from . import bench
+
+    csv = Path(outputs) / "bench" / "bench.csv"
+    if not csv.exists():
+        return None
+    cols = ["model", "context", "prefill_tok_s", "decode_tok_s", "peak_rss_mib", "state_mib", "roofline_tok_s",
+            "dtype", "error"]
+    df = pd.DataFrame(bench.read_csv(csv))
+    return df[[c for c in cols if c in df.columns]]
+
+
+def _log_if_wide(ax, values) -> None:
+    """Log y only when the values span more than a decade: a short tiny-run curve on a log axis
+    gets unreadable tick labels and shows nothing a linear axis does not."""
+    values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    if values and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+
+
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Attention explorer over the saved students
+# ---------------------------------------------------------------------------------------
+class RunStudents(Mapping):
+    """{run label: student} that loads a student from its run folder when first asked for
+    (``evaluate.load_model``) and keeps only the ``keep`` most recent in memory: 60 students
+    of a full grid would not fit at once, and the explorer caches the maps it has drawn."""
+
+    def __init__(self, runs: list[StudyRun], keep: int = 2):
+        self.dirs = {r.label: r.dir for r in runs}
+        self.keep = max(1, keep)
+        self._loaded: OrderedDict = OrderedDict()
+
+    def __getitem__(self, label):
+        if label not in self.dirs:
+            raise KeyError(f"no run {label!r}; runs: {list(self.dirs)}")
+        if label not in self._loaded:
+            from .evaluate import load_model
+
+            model, _, _ = load_model(self.dirs[label])
+            self._loaded[label] = model
+            while len(self._loaded) > self.keep:
+                self._loaded.popitem(last=False)
+        self._loaded.move_to_end(label)
+        return self._loaded[label]
+
+    def __iter__(self):
+        return iter(self.dirs)
+
+    def __len__(self):
+        return len(self.dirs)
+
+
+def build_explorer(runs: list[StudyRun], texts: list[str], max_tokens: int = 48, keep: int = 2,
+                   outputs: str | os.PathLike | None = None):
+    """``viz.AttentionExplorer`` over the teacher and the saved students of ``runs`` (those
+    distilled from the most common teacher). Students load lazily (``RunStudents``)."""
+    from .teacher import load_teacher
+    from .viz import AttentionExplorer
+
+    name = teacher_name(runs, outputs)
+    chosen = [r for r in runs if str(r.params.get("teacher")) == name]
+    if not chosen:
+        raise StudyError("the explorer needs at least one student run (outputs/<arch>/<run>/params.yaml).")
+    teacher, tok = load_teacher(name)
+    explorer = AttentionExplorer(teacher, tok, {r.label: None for r in chosen}, list(texts), max_tokens=max_tokens)
+    # AttentionExplorer copies its students into a dict; hand it the lazy mapping afterwards so
+    # that students are loaded only when the widget shows them.
+    explorer.students = RunStudents(chosen, keep=keep)
+    return explorer
+
+
+def save_explorer_view(explorer, figures_dir: str | os.PathLike, student: str | None = None, layer: int = 0,
+                       head: int = 0, example: int = 0) -> list[Path]:
+    """The explorer's static view (by default the widget's first view: first student, layer 0,
+    head 0, example 0) as two PNGs: maps side by side and distance per layer."""
+    student = student or next(iter(explorer.students))
+    maps, distances = explorer.figure(student, layer, head, example)
+    figures_dir = Path(figures_dir)
+    return [_save(maps, figures_dir / "explorer_maps.png"), _save(distances, figures_dir / "explorer_distance.png")]
+
+
+# ---------------------------------------------------------------------------------------
+# Results page and HTML export
+# ---------------------------------------------------------------------------------------
+def _link(page: Path, target: Path) -> str:
+    return Path(os.path.relpath(Path(target).resolve(), page.resolve().parent)).as_posix()
+
+
+def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs: list[StudyRun],
+                       figures: Mapping[str, Path | list[Path] | None], metric: str = "acc") -> Path:
+    """Write the markdown results page: the tables (built here from ``outputs``) and links to
+    the figures (``figures``: section title -> PNG path(s), None for a missing one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    teacher_res, teacher_path = teacher_results(outputs)
+    paper_teacher = next(row for key, row in PAPER_ROWS.items() if key.endswith(": teacher"))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        "# Results",
+        "",
+        f"Generated by `notebooks/05_study.ipynb` (`linearize.study`) from `{outputs}` on {when}; "
+        "do not edit by hand - rerun the study to refresh it.",
+        "",
+        f"Teacher: `{teacher_name(runs, outputs) or 'unknown'}`. Runs: {len(runs)} "
+        f"({', '.join(f'`{r.label}`' for r in runs) or 'none yet'}). Zero-shot accuracy in percent "
+        f"({'acc_norm where defined' if metric == 'acc_norm' else 'unnormalised acc'}), over the first "
+        "`docs/task` documents of each task; Avg. only when all six tasks were run. `paper Avg.` is the "
+        "source paper's (SmolLM-360M teacher, 1B FineWeb tokens; its LAMBADA mixes standard and OpenAI, "
+        "ours is OpenAI only), so compare rankings, not absolute numbers. `-` marks a cell we have not "
+        "measured.",
+        "",
+        "The paper's teacher per task: " + ", ".join(f"{k} {v:.2f}" for k, v in paper_teacher.items()) + ".",
+        "",
+        "## Table 2: students without and with matrix mixing",
+        "",
+        markdown_table(table2(runs, outputs, metric)),
+        "",
+        "## Table 3: Q/K/V copy, matrix mixing and hidden-to-hidden ablations",
+        "",
+        markdown_table(table3(runs, outputs, metric)),
+        "",
+        "## Validation perplexity and per-token KL to the teacher",
+        "",
+        markdown_table(validation_table(runs)),
+        "",
+    ]
+    for title, target in figures.items():
+        targets = [t for t in (target if isinstance(target, (list, tuple)) else [target]) if t]
+        lines += [f"## {title}", ""]
+        if not targets:
+            lines += ["Not available yet (its step has not produced output).", ""]
+            continue
+        lines += [f"![{title}]({_link(path, t)})" for t in targets] + [""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def export_html(executed_ipynb: str | os.PathLike, html_path: str | os.PathLike | None = None) -> Path:
+    """The executed notebook as a standalone HTML page (nbconvert; images embedded, no code
+    input hidden) that reads without a kernel; beside the notebook by default."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    executed_ipynb = Path(executed_ipynb)
+    if not executed_ipynb.exists():
+        raise StudyError(f"{executed_ipynb} does not exist: execute the notebook first (papermill).")
+    html_path = Path(html_path) if html_path else executed_ipynb.with_suffix(".html")
+    nb = nbformat.read(executed_ipynb, as_version=4)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    html_path.write_text(body, encoding="utf-8")
+    return html_path

@@ -1,0 +1,155 @@
+"""Write notebooks/05_study.ipynb (run: python notebooks/_build_study.py).
+
+Generated so that its code stays reviewable here; edit this file and re-run it rather than
+editing the .ipynb by hand. The notebook is thin over ``linearize.study``: it reads outputs/
+only (it trains nothing), and loads the saved students and the teacher to draw their maps.
+"""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+INTRO = """# 05 · The study: what the students kept of their teacher
+
+Reads `outputs/` only: the run folders of notebooks 01-02 (`outputs/<student>/<preset>-<variant>/`),
+the zero-shot results of notebook 03 beside them, the teacher's folder and the benchmark CSV of
+notebook 04. It shows the paper-format tables (our numbers next to the source paper's), the
+validation perplexity and KL after every stage, the training curves, the speed and memory curves,
+and an attention explorer (teacher vs student maps per layer and head). It writes the results
+page (`results_page`, markdown with the tables and the figures saved in `figures_dir`).
+A cell we have not measured shows `-`; nothing is filled in."""
+
+PARAMETERS = """
+outputs = "outputs"               # the study's outputs folder
+students = None                   # None: every run found; or "gla,xlstm" / run labels "gla/cpu-quick-kd"
+explorer_texts = [
+    "The capital of France is Paris. It has been the capital since the Middle Ages, and it is famous for",
+    "Mr. President, Mr. Speaker, members of Congress: tonight I report to you on the state of our Union.",
+    "To compute the sum of a list in Python, call sum(values); to sort it, call sorted(values).",
+]
+max_tokens = 48                   # tokens per example in the explorer (maps are T x T)
+figures_dir = "docs/figures"      # PNGs for the results page
+results_page = "docs/results.md"  # the generated results page
+metric = "acc"                    # "acc" (the paper's) or "acc_norm"
+explorer_keep = 2                 # students held in memory at once by the explorer
+"""
+
+SETUP = """
+from pathlib import Path
+from IPython.display import Image, Markdown, display
+from linearize import study
+
+figures = Path(figures_dir)
+runs = study.find_runs(outputs, students)
+page_figures = {}
+print(f"{len(runs)} run(s) under {outputs}; teacher: {study.teacher_name(runs, outputs)}")
+study.runs_frame(runs)
+"""
+
+TABLE2 = """
+study.show(study.table2(runs, outputs, metric))
+"""
+
+TABLE3 = """
+study.show(study.table3(runs, outputs, metric))
+"""
+
+VALIDATION = """
+display(study.show(study.validation_table(runs)))
+png = page_figures["Validation perplexity and KL after each stage"] = study.plot_validation(runs, figures / "validation.png")
+display(Image(filename=str(png))) if png else print("no validation logged yet")
+"""
+
+CURVES = """
+png = page_figures["Training curves"] = study.plot_training_curves(runs, figures / "training_curves.png")
+display(Image(filename=str(png))) if png else print("no training steps logged yet")
+"""
+
+BENCH = """
+pngs = page_figures["Speed and memory against context"] = study.bench_figures(outputs, figures)
+if pngs:
+    display(study.bench_table(outputs))
+    for png in pngs:
+        display(Image(filename=str(png)))
+else:
+    print(f"no benchmark yet: {Path(outputs) / 'bench' / 'bench.csv'} is missing (notebooks/04_benchmark.ipynb)")
+"""
+
+EXPLORER_STATIC = """
+explorer = study.build_explorer(runs, explorer_texts, max_tokens, keep=explorer_keep, outputs=outputs) if runs else None
+if explorer is not None:
+    pngs = page_figures["Attention alignment (explorer's first view)"] = study.save_explorer_view(explorer, figures)
+    for png in pngs:
+        display(Image(filename=str(png)))
+else:
+    page_figures["Attention alignment (explorer's first view)"] = None
+    print("no student runs to explore yet")
+"""
+
+EXPLORER_WIDGET = """
+explorer.widget() if explorer is not None else None
+"""
+
+PAGE = """
+page = study.write_results_page(results_page, outputs, runs, page_figures, metric)
+print(f"wrote {page}")
+display(Markdown(f"[{page}]({page})"))
+"""
+
+
+def build() -> nbformat.NotebookNode:
+    return new_notebook(
+        cells=[
+            new_markdown_cell(INTRO),
+            new_code_cell(PARAMETERS.strip(), metadata={"tags": ["parameters"]}),
+            new_code_cell(SETUP.strip()),
+            new_markdown_cell(
+                "## Table 2: students without and with matrix mixing\n"
+                "Stage 3 (end-to-end distillation) alone (`kd`) or after stage 1 (`mm`), Q/K/V not copied. "
+                "Accuracy in percent; `paper Avg.` is the source paper's (SmolLM-360M teacher, 1B FineWeb "
+                "tokens), so compare rankings rather than absolute numbers. `val ppl` and `KL` are measured "
+                "after stage 3 on the held-out split."
+            ),
+            new_code_cell(TABLE2.strip()),
+            new_markdown_cell(
+                "## Table 3: Q/K/V copy, matrix mixing and hidden-to-hidden ablations\n"
+                "`qkv` copies the teacher's projections, `mm` adds stage 1, `h2h` stage 2; the paper "
+                "reports these for xLSTM and GLA."
+            ),
+            new_code_cell(TABLE3.strip()),
+            new_markdown_cell(
+                "## Validation perplexity and per-token KL after conversion and each stage\n"
+                "A stage the variant skips shows `-`; the dashed line is the teacher's perplexity."
+            ),
+            new_code_cell(VALIDATION.strip()),
+            new_markdown_cell("## Training curves\nLoss against the tokens seen in each stage, one line per run."),
+            new_code_cell(CURVES.strip()),
+            new_markdown_cell(
+                "## Speed and memory against context (benchmark)\n"
+                "From `outputs/bench/bench.csv`: decode and prefill tokens/s, cache/state size and peak "
+                "memory, log-2 context axis."
+            ),
+            new_code_cell(BENCH.strip()),
+            new_markdown_cell(
+                "## Attention explorer\n"
+                "Each student layer sees the teacher's input to that layer (as in stage 1), so a map shows "
+                "how well that mixer alone imitates the teacher's attention head. The bars give the "
+                "matrix-mixing distance per layer (what stage 1 minimises). The static view below is the "
+                "widget's first view, so the exported HTML shows it without a kernel."
+            ),
+            new_code_cell(EXPLORER_STATIC.strip()),
+            new_markdown_cell("Interactive (needs a running kernel): pick student, example, layer and head."),
+            new_code_cell(EXPLORER_WIDGET.strip()),
+            new_markdown_cell("## Results page\nGenerated from the outputs above, not typed by hand."),
+            new_code_cell(PAGE.strip()),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+
+
+if __name__ == "__main__":
+    path = HERE / "05_study.ipynb"
+    nbformat.write(build(), path)
+    print(f"wrote {path}")
