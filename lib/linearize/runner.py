@@ -105,7 +105,8 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
                 Step("02_distill.ipynb", folder / "02_distill.ipynb",
                      {k: v for k, v in train.items() if k not in ("matrix_mixing", "h2h")}),
                 Step("03_evaluate.ipynb", folder / "03_evaluate.ipynb",
-                     dict(run_dir=str(folder), limit=limit, output_dir=str(folder))),
+                     # the teacher's row comes from the teacher step above, evaluated once
+                     dict(run_dir=str(folder), limit=limit, compare_teacher=False)),
             ]
     bench = OUTPUTS / "bench"
     steps.append(Step("04_benchmark.ipynb", bench / "04_benchmark.ipynb",
