@@ -94,7 +94,7 @@ def _check_csv(path, models, teacher_dir, chunk):
         reader = csv.DictReader(fh)
         assert reader.fieldnames == bench.CSV_COLUMNS
         rows = list(reader)
-    assert [(r["model"], int(r["context"])) for r in rows] == [(m, t) for m in models for t in LENGTHS]
+    assert [(r["model"], int(r["context"])) for r in rows] == [(m, t) for t in LENGTHS for m in models]
     config = _tiny_config(teacher_dir)
     for r in rows:
         assert r["error"] == ""

@@ -437,7 +437,7 @@ def measure_point(
 
 
 # ---------------------------------------------------------------------------------------
-# Orchestration (parent process: imports no torch)
+# Orchestration (the parent process holds no model; every point runs in a child)
 # ---------------------------------------------------------------------------------------
 def _child(args: list[str], tag: str, threads: int, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "linearize.bench", *args]
@@ -521,29 +521,31 @@ def run(
         f"({bw['threads']} threads, {bw['device']}, median of {bw['repeats']})")
     limit = teacher_limit(teacher) if TEACHER in models else None
     rows: list[dict] = []
-    for model in models:
-        extra = [t for t in student_lengths if t not in lengths] if model != TEACHER else []
-        for context in [*lengths, *extra]:
-            if model == TEACHER and limit is not None and context + steps + 2 > limit:
-                log(f"skip teacher at {context}: beyond its context limit of {limit}")
-                continue
-            t0 = time.perf_counter()
-            try:
-                if isolate:
-                    row = point_in_child(model, context, teacher, dtype, threads, steps, prefill_chunk, device, timeout)
-                else:
-                    row = measure_point(model, context, teacher, dtype, threads, steps, prefill_chunk, device)
-                add_roofline(row, bw["read_gbs"])
-                log(f"{model:>10} T={context:<6} prefill {row['prefill_tok_s']:8.1f} tok/s  decode "
-                    f"{row['decode_tok_s']:6.2f} tok/s  state {row['state_mib']:8.2f} MiB  peak "
-                    f"{row['peak_rss_mib']:7.0f} MiB  ({time.perf_counter() - t0:.0f} s)")
-            except BenchError as err:
-                log(f"{model:>10} T={context:<6} FAILED: {err}")
-                row = {"model": model, "context": context, "dtype": dtype, "threads": threads,
-                       "device": device, "teacher": teacher or "embedded", "error": str(err).splitlines()[0]}
-            rows.append(row)
-            if out:
-                write_csv(rows, out)  # after every point: a long run keeps what it measured
+    # Length-major order: a long run that is stopped early still has every model at the
+    # shorter lengths. Students also run at ``student_lengths``, after the shared ones.
+    extra = [t for t in student_lengths if t not in lengths]
+    points = [(m, t) for t in lengths for m in models] + [(m, t) for t in extra for m in models if m != TEACHER]
+    for model, context in points:
+        if model == TEACHER and limit is not None and context + steps + 2 > limit:
+            log(f"skip teacher at {context}: beyond its context limit of {limit}")
+            continue
+        t0 = time.perf_counter()
+        try:
+            if isolate:
+                row = point_in_child(model, context, teacher, dtype, threads, steps, prefill_chunk, device, timeout)
+            else:
+                row = measure_point(model, context, teacher, dtype, threads, steps, prefill_chunk, device)
+            add_roofline(row, bw["read_gbs"])
+            log(f"{model:>10} T={context:<6} prefill {row['prefill_tok_s']:8.1f} tok/s  decode "
+                f"{row['decode_tok_s']:6.2f} tok/s  state {row['state_mib']:8.2f} MiB  peak "
+                f"{row['peak_rss_mib']:7.0f} MiB  ({time.perf_counter() - t0:.0f} s)")
+        except BenchError as err:
+            log(f"{model:>10} T={context:<6} FAILED: {err}")
+            row = {"model": model, "context": context, "dtype": dtype, "threads": threads,
+                   "device": device, "teacher": teacher or "embedded", "error": str(err).splitlines()[0]}
+        rows.append(row)
+        if out:
+            write_csv(rows, out)  # after every point: a long run keeps what it measured
     return rows
 
 
