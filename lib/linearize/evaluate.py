@@ -19,7 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ PAPER_ROWS: dict[str, dict[str, float]] = {
 
 
 @contextlib.contextmanager
-def _single_process_bootstrap() -> Iterable[None]:
+def _single_process_bootstrap() -> Iterator[None]:
     """lm-eval bootstraps the perplexity's standard error in a multiprocessing pool of
     cpu_count() workers (forking a process that holds the model); in-process is quick enough
     for our iteration count and safe under pytest and Jupyter."""
@@ -108,7 +108,7 @@ def evaluate_tasks(
     "limit", "online", "wall_time_s", ...}``; fractions in [0, 1] (tables show percent).
     With ``output_dir`` the dict is also written there as ``eval_<full|limitN>[_online].json``.
     ``per_doc=True`` also keeps each document's scores (``tasks[name]["per_doc"]``: lists in
-    document order), e.g. to recompute a metric over a subset.
+    document order of acc, acc_norm, loglikelihood), e.g. to recompute a metric on a subset.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -123,20 +123,22 @@ def evaluate_tasks(
     device = str(next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
     start = time.perf_counter()
-    with _single_process_bootstrap():
-        out = simple_evaluate(
-            model=lm,
-            tasks=list(task_objs.values()),
-            num_fewshot=0,
-            limit=limit,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=per_doc,
-            task_manager=manager,
-        )
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+        with _single_process_bootstrap():
+            out = simple_evaluate(
+                model=lm,
+                tasks=list(task_objs.values()),
+                num_fewshot=0,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=per_doc,
+                task_manager=manager,
+            )
+    finally:
+        model.train(was_training)
     wall = time.perf_counter() - start
-    model.train(was_training)
 
     per_task = {}
     for name in names:
@@ -149,8 +151,11 @@ def evaluate_tasks(
         metrics["n_docs_total"] = int(counts.get("original", 0))
         if per_doc:
             samples = sorted(out["samples"][key], key=lambda s: s["doc_id"])
+            # lm-eval's per-document "perplexity" item is the continuation's log-likelihood
+            # (the aggregation turns the mean into a perplexity): stored under its real name.
+            fields = {"acc": "acc", "acc_norm": "acc_norm", "perplexity": "loglikelihood"}
             metrics["per_doc"] = {"doc_id": [s["doc_id"] for s in samples]} | {
-                m: [float(s[m]) for s in samples] for m in ("acc", "acc_norm", "perplexity")
+                ours: [float(s[m]) for s in samples] for m, ours in fields.items()
                 if samples and m in samples[0]}
         per_task[name] = metrics
 
