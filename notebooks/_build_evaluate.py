@@ -33,7 +33,7 @@ show_paper = True       # append the paper's rows
 kl_blocks = 8           # validation blocks for perplexity / KL (0: skip)
 seq_len = 256
 corpus = "embedded"
-output_dir = None       # where a teacher-only evaluation is saved (None: outputs/eval/<teacher>)
+output_dir = None       # the teacher's results folder, written or reused (None: outputs/teacher)
 '''
 
 SETUP = '''
@@ -46,13 +46,13 @@ from linearize.teacher import load_teacher
 
 teacher_model, teacher_tok = load_teacher(teacher)
 teacher_label = f"teacher: {teacher or 'smollm2-135m-instruct'}"
-teacher_dir = OUTPUTS / "eval" / str(teacher or "smollm2-135m-instruct").replace("/", "--")
+teacher_dir = Path(output_dir) if output_dir else OUTPUTS / "teacher"
 if run_dir:
     model, tok, label = E.load_model(run_dir)
     out = Path(run_dir)
 else:
     model, tok, label = teacher_model, teacher_tok, teacher_label
-    out = Path(output_dir) if output_dir else teacher_dir
+    out = teacher_dir
 print(label, "->", out)
 '''
 
@@ -67,7 +67,7 @@ rows = {label: results}
 if run_dir and compare_teacher:
     saved = E.results_path(teacher_dir, limit, online)
     prior = E.load_results(saved) if saved.exists() else None
-    if prior is None or not set(tasks) <= set(prior["tasks"]):
+    if prior is None or prior["model"] != teacher_label or not set(tasks) <= set(prior["tasks"]):
         prior = E.evaluate_tasks(teacher_model, teacher_tok, tasks=tasks, limit=limit,
                                  batch_size=batch_size, online=online, output_dir=teacher_dir,
                                  label=teacher_label)

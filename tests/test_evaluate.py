@@ -196,6 +196,6 @@ def test_evaluate_notebook_on_a_saved_student(teacher, tmp_path, monkeypatch):
     assert table[0] == "model,Lamb.,WinoG.,Arc-E,Arc-C,PIQA,HellaS.,Avg."
     assert table[1].startswith("student,") and table[2].startswith("teacher: ")
     assert any(line.startswith('"paper, SmolLM-360M teacher: teacher"') for line in table)
-    assert (tmp_path / "outputs" / "eval" / "smollm2-135m-instruct" / "eval_limit2.json").exists()
+    assert (tmp_path / "outputs" / "teacher" / "eval_limit2.json").exists()
     kl = json.loads((tmp_path / "student" / "eval_perplexity_kl.json").read_text())
     assert kl["kl"] > 0 and kl["n_blocks"] == 1
