@@ -46,6 +46,9 @@ def run_step(step: Step, force: bool = False) -> str:
         str(NOTEBOOKS / step.notebook), str(step.output), parameters=step.parameters,
         cwd=str(ROOT), progress_bar=False, log_output=False,
     )
+    if step.notebook == "05_study.ipynb":  # the study as a page that reads without a kernel
+        from .study import export_html
+        export_html(step.output, step.output.with_suffix(".html"))
     seconds = time.perf_counter() - start
     step.marker.write_text(json.dumps({"seconds": seconds, "parameters": step.parameters}))
     return f"done in {seconds:.0f} s"
