@@ -20,7 +20,10 @@ of the weights and of the cache/state. A physical reference: a decode step must 
 weight and the whole cache/state once, so `bytes_per_step / bandwidth` (bandwidth measured in
 the same run) bounds its speed; `fraction` is how close each model gets.
 
-Timings on a shared machine are noisy: note what else was running."""
+Timings on a shared machine are noisy: note what else was running. On 2 CPU cores the
+default set takes about an hour, most of it the students' pure-PyTorch chunked prefill at
+8192 and 16384 tokens; `reuse_csv=True` only redraws an existing CSV. The same run from a
+shell: `python -m linearize.bench run --models ... --lengths ... --student-lengths 16384`."""
 
 PARAMETERS = """
 models = "teacher,gla,deltanet,xlstm,mamba2"   # "teacher" and/or students (linearize.mixers.available())
