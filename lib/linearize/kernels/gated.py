@@ -12,8 +12,10 @@ scale q themselves. The three forms:
                      ``_weights``), then a sequential pass over the chunk states.
 * ``gla_recurrent``  token by token (``gla_step``) on the state S [B, H, K, V].
 * ``gla_matrix``     A[i, j] = sum_d q_id k_jd exp(sum_{j<l<=i} g_ld) for j <= i, else 0.
-Decays are only ever formed as exp(sum of log decays over a segment): never as a ratio of
-cumulative products, so nothing overflows however long the sequence.
+Decays are only ever formed as exp(log-space segment sum), masked to j <= i before exp: never
+as a ratio of cumulative products, so nothing overflows however long the sequence. Across
+blocks the segment sums are plain sums of log decays; inside a block of <= 16 steps (per-channel
+decay) a difference of in-block prefix sums, whose rounding is ~16 ulp of the block's total.
 
 ``normalize=True`` (in ``gated_attention``) adds the linear-attention normaliser
 o_i = sum_j A_ij v_j / (sum_j A_ij + eps) by running the same kernel on [v, 1]: the last
@@ -64,7 +66,7 @@ def _check(q, k, v, g):
 
 
 def _exact_weights(q, k, g):
-    """W[i, j] = sum_d q_id k_jd exp(sum_{j<l<=i} g_ld), j <= i, from full segment sums.
+    """W[i, j] = sum_d q_id k_jd exp(sum_{j<l<=i} g_ld), j <= i, for one short block.
 
     q, k [..., T, K], g [..., T, K|1] or None. Memory T*T*K for per-channel decay, so it is
     only used on short blocks (see ``_weights``)."""
@@ -72,10 +74,15 @@ def _exact_weights(q, k, g):
     if g is None:
         w = q @ k.transpose(-1, -2)
         return w.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), 0.0)
-    seg = segsum(g)
     if g.shape[-1] == 1:  # scalar decay: a [T, T] factor
-        return (q @ k.transpose(-1, -2)) * seg[..., 0].exp()
-    return torch.einsum("...id,...jd,...ijd->...ij", q, k, seg.exp())
+        return (q @ k.transpose(-1, -2)) * segsum(g)[..., 0].exp()
+    # per channel: [T, T, K] factors. Here (blocks of <= 16 steps inside the chunked form) the
+    # segment sum is b_i - b_j of in-block prefix sums of log decays, masked to j <= i before
+    # exp: 2x faster than the masked cumsum, the exponent is <= 0 up to rounding of |b_i|
+    b = g.cumsum(-2)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril().unsqueeze(-1)
+    seg = (b.unsqueeze(-2) - b.unsqueeze(-3)).masked_fill(~causal, float("-inf"))
+    return ((q.unsqueeze(-2) * k.unsqueeze(-3)) * seg.exp()).sum(-1)
 
 
 SUB_CHUNK = 16  # smallest block for per-channel decay: exact segment sums cost T * 16 * K
