@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
@@ -68,11 +69,19 @@ def variant_of(params: Mapping) -> str:
     return "-".join(parts) or "kd"
 
 
+# Names evaluate.save_results gives (evaluate.RESULTS_FILE); other eval_* files in a run folder
+# (notebook 03's eval_perplexity_kl.json, eval_table.csv) are not zero-shot results.
+RESULTS_NAME = re.compile(r"eval_(full|limit\d+)(_online)?\.json")
+
+
 def pick_results(folder: str | os.PathLike) -> tuple[dict | None, Path | None]:
-    """The zero-shot results of a folder (``eval_*.json``): the one over the most documents
-    (``full`` before any ``limitN``, a larger N before a smaller), offline before online."""
+    """The zero-shot results of a folder (``eval_<full|limitN>[_online].json``): the one over
+    the most documents (``full`` before any ``limitN``, a larger N before a smaller), offline
+    before online."""
     best, best_key, best_path = None, None, None
     for path in sorted(Path(folder).glob("eval_*.json")):
+        if not RESULTS_NAME.fullmatch(path.name):
+            continue
         try:
             res = json.loads(path.read_text())
         except json.JSONDecodeError as err:
@@ -225,7 +234,8 @@ def paper_table(runs: list[StudyRun], variants, outputs: str | os.PathLike | Non
         res, path = teacher_results(outputs)
         if res is not None or runs:
             ppl = [r.evals[a]["teacher_perplexity"] for r in runs for a in r.evals if "teacher_perplexity" in r.evals[a]]
-            label = f"teacher ({res['model']})" if res else "teacher"
+            name = str(res["model"]).removeprefix("teacher: ") if res else None
+            label = f"teacher ({name})" if name else "teacher"
             rows[label] = {"run": "teacher", **(table_row(res, metric) if res else {}),
                            "paper Avg.": paper_average("teacher"), "val ppl": ppl[0] if ppl else math.nan,
                            "docs/task": _docs(res)}
@@ -551,12 +561,12 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
 def export_html(executed_ipynb: str | os.PathLike, html_path: str | os.PathLike | None = None) -> Path:
     """The executed notebook as a standalone HTML page (nbconvert; images embedded, no code
     input hidden) that reads without a kernel; beside the notebook by default."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
     executed_ipynb = Path(executed_ipynb)
     if not executed_ipynb.exists():
         raise StudyError(f"{executed_ipynb} does not exist: execute the notebook first (papermill).")
+    import nbformat
+    from nbconvert import HTMLExporter
+
     html_path = Path(html_path) if html_path else executed_ipynb.with_suffix(".html")
     nb = nbformat.read(executed_ipynb, as_version=4)
     body, _ = HTMLExporter().from_notebook_node(nb)
