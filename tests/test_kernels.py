@@ -5,10 +5,7 @@ lengths that are and are not multiples of the chunk size.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,23 +13,11 @@ import torch.nn.functional as F
 
 from linearize import kernels as K
 
+from fla_naive import fla_naive  # noqa: E402  (tests/fla_naive.py)
+
 LENGTHS = [1, 17, 64, 100]
 CHUNK = 16  # small chunks so 17, 64 and 100 cross several chunk boundaries
 B, H, D, DV = 2, 3, 8, 5
-FLA_OPS = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "fla" / "ops"
-
-
-def fla_naive(family: str):
-    """Load fla/ops/<family>/naive.py by path (importing fla.ops would need triton/a GPU)."""
-    path = FLA_OPS / family / "naive.py"
-    if not path.exists():
-        pytest.skip(f"FLA reference {path} not installed (pip install flash-linear-attention)")
-    spec = importlib.util.spec_from_file_location(f"fla_naive_{family}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def rand(*shape):
     return torch.randn(*shape, dtype=torch.float64)
 

@@ -10,6 +10,8 @@ import torch
 from linearize import mixers
 from linearize.mixers import MixerConfig
 
+from fla_naive import fla_naive
+
 NAMES = mixers.available()
 LENGTHS = [1, 17, 64, 100]
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, CHUNK = 32, 4, 2, 8, 16
@@ -195,6 +197,17 @@ def test_mamba2_skip_sits_on_the_diagonal():
     with torch.no_grad():
         m.D.add_(1.5)
     close(m.mixing_matrix(x) - a, 1.5 * torch.eye(12, dtype=torch.float64).expand_as(a))
+
+
+def test_rebased_matches_fla_naive_parallel_rebased():
+    """Our d(d+1)/2 triangle features give exactly FLA's (s q~.k~)^2 normalised kernel."""
+    fla = fla_naive("rebased")
+    m = make("rebased")
+    x = torch.randn(2, 40, HIDDEN, dtype=torch.float64)
+    q, k, v = m.heads(m.q_proj(x)), m.heads(m.k_proj(x), kv=True), m.heads(m.v_proj(x), kv=True)
+    aff = lambda t: torch.nn.functional.layer_norm(t, t.shape[-1:]) * m.gamma + m.beta  # noqa: E731
+    ref = fla.naive_parallel_rebased(aff(q), aff(k), v, use_norm=True)  # float32 inside
+    close(m.core(x).o, ref.double(), tol=1e-4)
 
 
 def test_forcing_fla_on_cpu_is_a_clear_error():

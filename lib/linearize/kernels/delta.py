@@ -39,10 +39,11 @@ def delta_chunk(q, k, v, beta, initial_state=None, chunk_size: int = 64):
     qk = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0.0)
     s = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(q.dtype)
     outs = []
+    u, w, qs, ks, qk = (x.unbind(2) for x in (u, w, qc, kc, qk))  # see gla_chunk: no per-chunk indexing
     for i in range(n):
-        v_new = u[:, :, i] - w[:, :, i] @ s  # values corrected by what the state already predicts
-        outs.append(qc[:, :, i] @ s + qk[:, :, i] @ v_new)
-        s = s + kc[:, :, i].transpose(-1, -2) @ v_new
+        v_new = u[i] - w[i] @ s  # values corrected by what the state already predicts
+        outs.append(qs[i] @ s + qk[i] @ v_new)
+        s = s + ks[i].transpose(-1, -2) @ v_new
     return torch.stack(outs, dim=2).reshape(b, h, n * c, dv)[:, :, :t], s
 
 

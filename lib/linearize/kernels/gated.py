@@ -136,11 +136,15 @@ def gla_chunk(q, k, v, g=None, initial_state=None, chunk_size: int = 64):
         k_out = kc * _suffix(gc).exp()  # decay from j (exclusive) to the chunk end
         chunk_decay = gc.sum(-2).exp()  # [B,H,N,Kg]
     s = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(q.dtype)
+    # unbind once: indexing chunk i inside the loop would make backward fill a full-size zero
+    # gradient per chunk (quadratic in the number of chunks)
+    o_intra, q_in, k_out, vs = (x.unbind(2) for x in (o_intra, q_in, k_out, vc))
+    decays = None if chunk_decay is None else chunk_decay.unsqueeze(-1).unbind(2)
     outs = []
     for i in range(n):
-        outs.append(o_intra[:, :, i] + q_in[:, :, i] @ s)
-        upd = k_out[:, :, i].transpose(-1, -2) @ vc[:, :, i]
-        s = upd + (s if chunk_decay is None else chunk_decay[:, :, i].unsqueeze(-1) * s)
+        outs.append(o_intra[i] + q_in[i] @ s)
+        upd = k_out[i].transpose(-1, -2) @ vs[i]
+        s = upd + (s if decays is None else decays[i] * s)
     o = torch.stack(outs, dim=2).reshape(b, h, n * c, dv)[:, :, :t]
     return o, s
 

@@ -78,15 +78,18 @@ def mlstm_chunk(q, k, v, lf, ig, initial_state=None, chunk_size: int = 64):
     c0, n0, m = _zero_state(q, dv) if initial_state is None else initial_state
     s = torch.cat([c0, n0.unsqueeze(-1)], dim=-1).to(q.dtype)  # [B,H,K,V+1]
     outs = []
+    # unbind once: per-chunk indexing in the loop would make backward quadratic (see gla_chunk)
+    b_in, log_d, qk, vc, qc, kc, total, log_w_end = (
+        x.unbind(2) for x in (b_in, log_d, qk, vc, qc, kc, total, log_w_end))
     for i in range(nc):
-        log_inter = b_in[:, :, i] + m.unsqueeze(-1)  # [B,H,C]: weight of the carried state
-        m_row = torch.maximum(log_inter, log_d[:, :, i].amax(-1))
-        w = qk[:, :, i] * (log_d[:, :, i] - m_row.unsqueeze(-1)).exp()
-        out = w @ vc[:, :, i] + (log_inter - m_row).exp().unsqueeze(-1) * (qc[:, :, i] @ s)
+        log_inter = b_in[i] + m.unsqueeze(-1)  # [B,H,C]: weight of the carried state
+        m_row = torch.maximum(log_inter, log_d[i].amax(-1))
+        w = qk[i] * (log_d[i] - m_row.unsqueeze(-1)).exp()
+        out = w @ vc[i] + (log_inter - m_row).exp().unsqueeze(-1) * (qc[i] @ s)
         outs.append(_normalise(out[..., :dv], out[..., dv], m_row))
-        m_new = torch.maximum(total[:, :, i] + m, log_w_end[:, :, i].amax(-1))
-        kw = kc[:, :, i] * (log_w_end[:, :, i] - m_new.unsqueeze(-1)).exp().unsqueeze(-1)
-        s = (total[:, :, i] + m - m_new).exp()[..., None, None] * s + kw.transpose(-1, -2) @ vc[:, :, i]
+        m_new = torch.maximum(total[i] + m, log_w_end[i].amax(-1))
+        kw = kc[i] * (log_w_end[i] - m_new.unsqueeze(-1)).exp().unsqueeze(-1)
+        s = (total[i] + m - m_new).exp()[..., None, None] * s + kw.transpose(-1, -2) @ vc[i]
         m = m_new
     o = torch.stack(outs, dim=2).reshape(b, h, nc * cs, dv)[:, :, :t]
     return o, (s[..., :dv], s[..., dv], m)

@@ -34,14 +34,15 @@ class ReBased(LinearMixer):
         self.llama_projections()
         self.gamma = nn.Parameter(torch.ones(d))
         self.beta = nn.Parameter(torch.zeros(d))
-        iu = torch.triu_indices(d, d)
-        self.register_buffer("iu", iu, persistent=False)
-        self.register_buffer("fw", torch.where(iu[0] == iu[1], 1.0, math.sqrt(2.0)), persistent=False)
-        self.key_dim = iu.shape[1]
+        self.key_dim = d * (d + 1) // 2
 
     def feature_map(self, x):
         x = F.layer_norm(x, x.shape[-1:]) * self.gamma.to(x.dtype) + self.beta.to(x.dtype)
-        return x[..., self.iu[0]] * x[..., self.iu[1]] * self.fw.to(x.dtype)
+        # rows of the upper triangle of x x^T: x_i * [x_i, sqrt2 x_{i+1}, ..., sqrt2 x_{d-1}].
+        # Slices and a cat, not a gather: a gather's backward (index_put) was 30% of the time.
+        y = x * math.sqrt(2.0)
+        return torch.cat([x[..., i:i + 1] * torch.cat([x[..., i:i + 1], y[..., i + 1:]], -1)
+                          for i in range(x.shape[-1])], dim=-1)
 
     def features(self, x, position_embeddings, state, new_state):
         q, k = self.heads(self.q_proj(x)), self.heads(self.k_proj(x), kv=True)
