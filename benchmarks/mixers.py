@@ -134,6 +134,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--mixers", nargs="+", default=available())
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--cell", nargs=3, metavar=("MIXER", "T", "VARIANT"), help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     args = ap.parse_args()
@@ -147,15 +148,15 @@ def main():
     print(f"# mixers forward+backward on CPU: B=1, H={HEADS} (KV {KV_HEADS}), head_dim={HEAD_DIM}, "
           f"hidden={HIDDEN}, float32, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("# tok/s = T / fastest pass; MB = peak RSS growth during the passes (fresh process per cell)\n")
-    head = f"| mixer | T | " + " | ".join(f"{v} tok/s | {v} MB" for v in VARIANTS) + " |"
+    head = "| mixer | T | " + " | ".join(f"{v} tok/s | {v} MB" for v in args.variants) + " |"
     print(head)
-    print("|" + "---|" * (2 + 2 * len(VARIANTS)))
+    print("|" + "---|" * (2 + 2 * len(args.variants)))
     results = []
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     for name in args.mixers:
         for t in args.lengths:
             row = [name, str(t)]
-            for variant in VARIANTS:
+            for variant in args.variants:
                 proc = subprocess.run([sys.executable, __file__, "--cell", name, str(t), variant],
                                       capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
