@@ -92,7 +92,9 @@ class ShortConv(nn.Module):
             y = F.silu(y)
         elif self.activation is not None:
             raise ValueError(f"unknown short-conv activation {self.activation!r}")
-        new_cache = xx[..., xx.shape[-1] - (self.width - 1):]
+        # clone: a slice would keep the whole [B, C, T + width - 1] input alive as the state
+        # (after a T-token prefill, T times the state's real size; found by linearize.bench)
+        new_cache = xx[..., xx.shape[-1] - (self.width - 1):].clone()
         return y.transpose(1, 2), new_cache
 
 
