@@ -13,6 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 PYTEST_ARGS ?=
+STUDY_ARGS ?=
 
 .PHONY: env study teacher test test-fast test-slow lock clean-env
 
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml requirements/cpu-lock.txt
 
 # The main job on the embedded defaults.
 study: env
-	$(PY) -m linearize.runner
+	$(PY) -m linearize.runner $(STUDY_ARGS)
 
 teacher: env
 	mkdir -p outputs/teacher
