@@ -63,9 +63,12 @@ def test_weight_bytes_counts_tied_weights_once(tiny_llama):
     assert bench.tensor_bytes({"a": x, "b": [x[2:5], x.view(2, 5)]}) == 80
 
 
-def test_teacher_beyond_its_context_limit_is_refused(tiny_teacher_dir):
+def test_teacher_at_its_context_limit_runs_beyond_is_refused(tiny_teacher_dir):
+    # a prompt that fills the window (64) is measured; decode steps run just past it
+    row = bench.measure_point(bench.TEACHER, 64, teacher=str(tiny_teacher_dir), steps=STEPS, threads=1)
+    assert row["state_mib"] * 2**20 == bench.kv_cache_bytes(_tiny_config(tiny_teacher_dir), 64, 1, 4)
     with pytest.raises(bench.BenchError, match="context limit is 64"):
-        bench.measure_point(bench.TEACHER, 62, teacher=str(tiny_teacher_dir), steps=STEPS)
+        bench.measure_point(bench.TEACHER, 65, teacher=str(tiny_teacher_dir), steps=STEPS)
 
 
 def test_check_targets_on_hand_made_rows():
