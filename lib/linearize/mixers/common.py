@@ -87,7 +87,12 @@ class ShortConv(nn.Module):
         if cache is None:
             cache = self.init_state(b, x.device, x.dtype)
         xx = torch.cat([cache.to(x.dtype), xt], dim=-1)
-        y = F.conv1d(xx, self.weight.to(x.dtype), groups=c)
+        if t == 1:
+            # a decode step: the window times the filter. F.conv1d's per-call set-up cost
+            # (mkldnn) was about half of a deltanet/mamba2 decode step on the CPU.
+            y = (xx * self.weight[:, 0].to(x.dtype)).sum(-1, keepdim=True)
+        else:
+            y = F.conv1d(xx, self.weight.to(x.dtype), groups=c)
         if self.activation == "silu":
             y = F.silu(y)
         elif self.activation is not None:
