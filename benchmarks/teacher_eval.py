@@ -118,7 +118,19 @@ def main(argv=None) -> None:
 
     model, tok, label = load_model(args.teacher)
     merged, walls = None, {}
+    # Resume: tasks already saved by an earlier (interrupted) run with the same limit are kept,
+    # not re-run, so the long full-set evaluation can be finished piecewise.
+    from linearize.evaluate import load_results, results_path
+
+    saved = results_path(args.results_dir, args.limit, False)
+    if saved.exists():
+        merged = load_results(saved)
+        walls = {k: v for k, v in merged.get("wall_time_per_task_s", {}).items() if k in merged["tasks"]}
+        started = merged.get("started", started)
     for name in names:
+        if name in walls:
+            print(f"{name}: kept from {saved}", flush=True)
+            continue
         t0 = time.perf_counter()
         res = evaluate_tasks(model, tok, tasks=[name], limit=args.limit, batch_size=args.batch_size,
                              label=label, per_doc=True)
@@ -130,7 +142,8 @@ def main(argv=None) -> None:
             merged["lm_eval_results"].update(res["lm_eval_results"])
         merged["wall_time_s"] = round(sum(walls.values()), 1)
         merged["wall_time_per_task_s"] = {k: round(v, 1) for k, v in walls.items()}
-        done = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if len(walls) == len(names) else None
+        done = (datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+                if all(n in walls for n in names) else None)
         merged.update(command=command, started=started, finished=done)
         save_results(merged, args.results_dir)
         args.out.parent.mkdir(parents=True, exist_ok=True)
