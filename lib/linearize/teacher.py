@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -205,10 +204,3 @@ def iter_layers(
         if i in wanted:
             yield LayerTrace(i, hidden, out, attn_map, pe)
         hidden = out
-
-
-def timed_load(name=None) -> tuple[float, object, object]:
-    """Load and report seconds (used by the teacher notebook and the set-up report)."""
-    start = time.perf_counter()
-    model, tok = load_teacher(name)
-    return time.perf_counter() - start, model, tok
