@@ -56,6 +56,11 @@ TABLE3 = """
 study.show(study.table3(runs, outputs, metric))
 """
 
+FIT = """
+fit_table = study.table_fit(runs, outputs, metric)
+study.show(fit_table) if len(fit_table) > 1 else print("no readout-fit runs (grid 'fit' of the runner)")
+"""
+
 VALIDATION = """
 display(study.show(study.validation_table(runs)))
 png = page_figures["Validation perplexity and KL after each stage"] = study.plot_validation(runs, figures / "validation.png")
@@ -119,6 +124,13 @@ def build() -> nbformat.NotebookNode:
                 "reports these for xLSTM and GLA."
             ),
             new_code_cell(TABLE3.strip()),
+            new_markdown_cell(
+                "## Beyond the paper: closed-form readout fit after conversion\n"
+                "`fit` solves every layer's o_proj by ridge least squares to the teacher's attention output "
+                "before any training (`linearize.calibrate`); the paper's best recipe stands beside it. "
+                "Runs come from `python -m linearize.runner --grid fit`."
+            ),
+            new_code_cell(FIT.strip()),
             new_markdown_cell(
                 "## Validation perplexity and per-token KL after conversion and each stage\n"
                 "A stage the variant skips shows `-`; the dashed line is the teacher's perplexity."

@@ -162,6 +162,24 @@ def test_resume_refuses_changed_parameters(teacher, blocks, tmp_path):
         _train(1, teacher, blocks, {**params, "stage1_lr": 1e-4}, tmp_path)
 
 
+def test_readout_fit_runs_after_conversion_and_enters_the_identity_only_when_on(teacher, blocks, tmp_path):
+    off = _params("deltanet", qkv_copy=True)
+    on = _params("deltanet", qkv_copy=True, readout_fit_tokens=8 * SEQ, run_name="fit")
+    assert "readout_fit_tokens" not in S.stage_identity(off, 1, "conversion")  # older run folders still match
+    assert S.stage_identity(on, 1, "conversion")["readout_fit_tokens"] == 8 * SEQ
+    plain = S.load_student(S.Run(off, root=tmp_path), teacher, off, 1)[0]
+    run = S.Run(on, root=tmp_path)
+    fitted, start = S.load_student(run, teacher, on, 1, blocks)
+    assert start == "conversion"
+    [event] = [m for m in run.metrics() if m.get("event") == "readout_fit"]
+    assert event["tokens"] == 8 * SEQ and len(event["rel_error_after"]) == 2
+    assert all(a <= b for a, b in zip(event["rel_error_after"], event["rel_error_before"]))
+    changed = [n for n, p in fitted.state_dict().items() if not torch.equal(p, plain.state_dict()[n])]
+    assert changed and all(n.endswith("self_attn.o_proj.weight") for n in changed)
+    with pytest.raises(ValueError, match="needs the training blocks"):
+        S.load_student(S.Run({**on, "run_name": "fit2"}, root=tmp_path), teacher, on, 1)
+
+
 # --- failures --------------------------------------------------------------------------------
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher, blocks, tmp_path, monkeypatch):
     params = _params()

@@ -332,7 +332,7 @@ def load_model(source: str | os.PathLike | None = None):
 def _load_run_student(run_dir: Path):
     import yaml
 
-    from .stages import Run, load_student
+    from .stages import Run, latest_stage, load_student
     from .teacher import load_teacher
 
     params = yaml.safe_load((run_dir / "params.yaml").read_text())
@@ -342,6 +342,12 @@ def _load_run_student(run_dir: Path):
     if run.dir.resolve() != run_dir.resolve():
         raise ValueError(f"{run_dir} does not match its params.yaml (arch {params['arch']!r}, "
                          f"run_name {params['run_name']!r}): expected it at {run.dir}")
-    student, start = load_student(run, teacher, params, before=4)
+    train_blocks = None
+    if params.get("readout_fit_tokens") and latest_stage(run, 4) is None:
+        # a conversion-only run with the readout fit: refit it, on the same blocks as training
+        from .data import token_blocks
+
+        train_blocks = token_blocks(tok, params["corpus"], params["seq_len"], "train", params["val_fraction"])
+    student, start = load_student(run, teacher, params, before=4, train_blocks=train_blocks)
     del teacher
     return student.eval(), tok, f"{params['arch']}/{params['run_name']} ({start})"

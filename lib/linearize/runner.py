@@ -54,6 +54,10 @@ def run_step(step: Step, force: bool = False) -> str:
     return f"done in {seconds:.0f} s"
 
 
+# Tokens of the closed-form readout fit in the "-fit" variants: 64 blocks of 128 = 8192 tokens,
+# 14x the 576 features each layer's o_proj reads (see benchmarks/conversion_gap.py).
+READOUT_FIT_TOKENS = 8192
+
 # Training variants of one student (the paper's Table 2 and Table 3 grid). Stage 3 (end-to-end
 # distillation) always runs; the name says what comes before it.
 VARIANTS: dict[str, dict] = {
@@ -63,11 +67,16 @@ VARIANTS: dict[str, dict] = {
     "qkv": dict(qkv_copy=True, matrix_mixing=False, h2h=False),  # Table 3
     "qkv-mm": dict(qkv_copy=True, matrix_mixing=True, h2h=False),  # Table 3
     "qkv-mm-h2h": dict(qkv_copy=True, matrix_mixing=True, h2h=True),  # Table 3: the paper's best
+    # beyond the paper: the closed-form o_proj fit right after conversion (linearize.calibrate)
+    "qkv-fit": dict(qkv_copy=True, matrix_mixing=False, h2h=False, overrides={"readout_fit_tokens": READOUT_FIT_TOKENS}),
+    "qkv-fit-mm-h2h": dict(qkv_copy=True, matrix_mixing=True, h2h=True,
+                           overrides={"readout_fit_tokens": READOUT_FIT_TOKENS}),
 }
 GRIDS = {
     "default": ["qkv-mm-h2h"],
     "table2": ["kd", "mm"],
     "table3": ["qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h"],
+    "fit": ["qkv-mm-h2h", "qkv-fit", "qkv-fit-mm-h2h"],
     "all": list(VARIANTS),
 }
 DEFAULT_STUDENTS = ["gla", "xlstm", "deltanet"]  # one per kernel family

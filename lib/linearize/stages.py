@@ -160,8 +160,16 @@ class Run:
         return json.loads(path.read_text()) if path.exists() else None
 
 
+# Keys that change what a run computes only when switched on: they enter a stage's identity
+# only then, so run folders written before the key existed keep matching with it off.
+_OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge")}
+
+
 def stage_identity(params: dict, stage: int, start: str) -> dict:
     ident = {k: params[k] for k in _COMMON_KEYS + _STAGE_KEYS[stage]}
+    for switch, keys in _OPTIONAL_KEYS.items():
+        if params.get(switch):
+            ident.update({k: params[k] for k in keys})
     ident["start"] = start
     return _jsonable(ident)
 
@@ -191,12 +199,39 @@ def latest_stage(run: Run, before: int) -> int | None:
     return None
 
 
-def load_student(run: Run, teacher, params: dict, before: int):
+def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor, run: Run | None = None) -> None:
+    """The optional closed-form o_proj fit of a fresh conversion (``readout_fit_tokens`` > 0),
+    on the first training blocks (fixed, so every process and every resume fits the same)."""
+    from .calibrate import fit_readouts
+
+    tokens = params.get("readout_fit_tokens") or 0
+    if tokens <= 0:
+        return
+    n = -(-tokens // train_blocks.shape[1])
+    if n > len(train_blocks):
+        raise ValueError(f"readout_fit_tokens={tokens} asks for {n} blocks; the corpus has {len(train_blocks)}.")
+    t = time.perf_counter()
+    device = next(teacher.parameters()).device
+    student.to(device)
+    fits = fit_readouts(student, teacher, train_blocks[:n], ridge=params["readout_fit_ridge"],
+                        batch_size=params["batch_size"])
+    if run is not None:
+        run.log({"event": "readout_fit", "tokens": fits[0].tokens, "wall_s": time.perf_counter() - t,
+                 "rel_error_before": [f.rel_error_before for f in fits],
+                 "rel_error_after": [f.rel_error_after for f in fits]})
+
+
+def load_student(run: Run, teacher, params: dict, before: int, train_blocks: torch.Tensor | None = None):
     """The student a stage starts from: the last finished earlier stage's weights, else a fresh
-    conversion. Returns ``(student, start)`` with start = "stageN" or "conversion"."""
+    conversion (with the readout fit when asked for; it needs ``train_blocks``). Returns
+    ``(student, start)`` with start = "stageN" or "conversion"."""
     student = convert_student(teacher, params)
     stage = latest_stage(run, before)
     if stage is None:
+        if params.get("readout_fit_tokens"):
+            if train_blocks is None:
+                raise ValueError("readout_fit_tokens > 0 needs the training blocks to fit on.")
+            fit_readout(student, teacher, params, train_blocks, run)
         return student, "conversion"
     state = torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(state)
@@ -627,7 +662,7 @@ def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, r
                               max_blocks=params["val_blocks"])
     todo = enabled_stages(params, stages)
     first = todo[0] if todo else max(stages) + 1
-    student, start = load_student(run, teacher, params, first)
+    student, start = load_student(run, teacher, params, first, train_blocks)
     student = student.to(accelerator.device)
     evals = run.evals()
     if start == "conversion" and "conversion" not in evals:

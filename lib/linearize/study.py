@@ -48,9 +48,12 @@ VARIANT_SUFFIX = {
     "kd": "", "mm": " + MM", "qkv": " + QKV", "qkv-mm": " + QKV + MM",
     "qkv-mm-h2h": " + QKV + MM + H2H", "mm-h2h": " + MM + H2H (no QKV)", "h2h": " + H2H (no QKV)",
     "qkv-h2h": " + QKV + H2H",
+    # beyond the paper: closed-form o_proj fit after conversion (linearize.calibrate)
+    "qkv-fit": " + QKV + fit", "qkv-fit-mm-h2h": " + QKV + fit + MM + H2H",
 }
 TABLE2_VARIANTS = ("kd", "mm")  # students without and with matrix mixing (no Q/K/V copy)
 TABLE3_VARIANTS = ("qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h")  # the ablations
+FIT_VARIANTS = ("qkv-mm-h2h", "qkv-fit", "qkv-fit-mm-h2h")  # the paper's best recipe beside the readout fit
 TASK_COLUMNS = list(COLUMNS.values())
 MISSING = "-"
 
@@ -64,9 +67,11 @@ class StudyError(ValueError):
 # ---------------------------------------------------------------------------------------
 def variant_of(params: Mapping) -> str:
     """The variant name of ``runner.VARIANTS`` that a run's parameters describe: the parts
-    "qkv", "mm", "h2h" that are switched on, joined by '-', or "kd" (stage 3 alone)."""
-    parts = [name for key, name in (("qkv_copy", "qkv"), ("matrix_mixing", "mm"), ("h2h", "h2h"))
-             if params.get(key)]
+    "qkv", "fit" (readout fit), "mm", "h2h" that are switched on, joined by '-', or "kd"
+    (stage 3 alone)."""
+    flat = {**(params.get("overrides") or {}), **params}  # a runner step's notebook parameters nest some
+    parts = [name for key, name in (("qkv_copy", "qkv"), ("readout_fit_tokens", "fit"), ("matrix_mixing", "mm"),
+                                    ("h2h", "h2h")) if flat.get(key)]
     return "-".join(parts) or "kd"
 
 
@@ -162,7 +167,7 @@ def find_runs(outputs: str | os.PathLike = "outputs", students=None) -> list[Stu
         if unknown:
             raise StudyError(f"no runs for {unknown} under {outputs}; found: {sorted(known)}")
         runs = [r for r in runs if r.arch in wanted or r.label in wanted]
-    order = {v: i for i, v in enumerate((*TABLE2_VARIANTS, *TABLE3_VARIANTS))}
+    order = {v: i for i, v in enumerate(dict.fromkeys((*TABLE2_VARIANTS, *TABLE3_VARIANTS, *FIT_VARIANTS)))}
     return sorted(runs, key=lambda r: (r.arch, r.preset, order.get(r.variant, 99), r.dir.name))
 
 
@@ -244,7 +249,7 @@ def paper_table(runs: list[StudyRun], variants, outputs: str | os.PathLike | Non
     for arch in dict.fromkeys(r.arch for r in runs):
         for variant in variants:
             mine = [r for r in runs if r.arch == arch and r.variant == variant]
-            label = f"Llama-{PAPER_NAMES.get(arch, arch)}{VARIANT_SUFFIX[variant]}"
+            label = f"Llama-{PAPER_NAMES.get(arch, arch)}{VARIANT_SUFFIX.get(variant, ' + ' + variant)}"
             paper = paper_average(label)
             if not mine and math.isnan(paper):
                 continue
@@ -274,6 +279,13 @@ def table2(runs, outputs=None, metric="acc"):
 def table3(runs, outputs=None, metric="acc"):
     """The paper's Table 3: Q/K/V copy, matrix mixing and hidden-to-hidden ablations."""
     return paper_table(runs, TABLE3_VARIANTS, outputs, metric)
+
+
+def table_fit(runs, outputs=None, metric="acc"):
+    """Beyond the paper: its best recipe (QKV + MM + H2H) beside the same student with the
+    closed-form readout fit after conversion, alone (``qkv-fit``) and before MM + H2H."""
+    fitted = {r.arch for r in runs if "fit" in r.variant.split("-")}
+    return paper_table([r for r in runs if r.arch in fitted], FIT_VARIANTS, outputs, metric)
 
 
 def validation_table(runs: list[StudyRun]):
@@ -546,6 +558,18 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
         "",
         markdown_table(table3(runs, outputs, metric)),
         "",
+    ]
+    if any("fit" in r.variant.split("-") for r in runs):
+        lines += [
+            "## Beyond the paper: closed-form readout fit after conversion",
+            "",
+            "`fit`: every layer's o_proj solved by ridge least squares to the teacher's attention output "
+            "(`linearize.calibrate`), before any training.",
+            "",
+            markdown_table(table_fit(runs, outputs, metric)),
+            "",
+        ]
+    lines += [
         "## Validation perplexity and per-token KL to the teacher",
         "",
         markdown_table(validation_table(runs)),
