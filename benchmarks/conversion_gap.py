@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--readout-fit", type=int, default=0, metavar="N",
                         help="also fit every o_proj on N training blocks (0: off)")
-    parser.add_argument("--ridge", type=float, default=1e-3)
+    parser.add_argument("--ridge", type=float, default=1e-2)
     parser.add_argument("--students", default=",".join(available()))
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*k_proj.*")  # key-free mixers say so once each
@@ -49,6 +49,7 @@ def main():
     for arch in args.students.split(","):
         cells = []
         for qkv in (True, False):
+            torch.manual_seed(0)  # the parts not copied start from the same draw in every run
             student = convert(teacher, arch, qkv_copy=qkv)
             fits = [False, True] if calib is not None else [False]
             for fit in fits:

@@ -81,7 +81,7 @@ def fit_readouts(
     student: nn.Module,
     teacher: nn.Module,
     blocks: torch.Tensor,
-    ridge: float = 1e-3,
+    ridge: float = 1e-2,
     batch_size: int = 4,
     progress: bool = False,
 ) -> list[ReadoutFit]:

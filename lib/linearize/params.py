@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
     # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
     "readout_fit_tokens": 0,
-    "readout_fit_ridge": 1.0e-3,
+    "readout_fit_ridge": 1.0e-2,
     # which stages run
     "matrix_mixing": True,  # stage 1
     "h2h": True,  # stage 2
