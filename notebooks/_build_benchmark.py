@@ -3,12 +3,9 @@
 Generated so that its code stays reviewable here; edit this file and re-run it rather than
 editing the .ipynb by hand. The notebook is thin over ``linearize.bench``.
 """
-from pathlib import Path
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
+from _nbtools import notebook, parameters_cell, write
 
 INTRO = """# 04 · Inference benchmark: speed and memory against context length
 
@@ -77,11 +74,11 @@ for png in bench.plot(rows, out.parent):
 """
 
 
-def build() -> nbformat.NotebookNode:
-    return new_notebook(
-        cells=[
+def build():
+    return notebook(
+        [
             new_markdown_cell(INTRO),
-            new_code_cell(PARAMETERS.strip(), metadata={"tags": ["parameters"]}),
+            parameters_cell(PARAMETERS),
             new_code_cell(RUN.strip()),
             new_markdown_cell("## Table\n`state_mib` is the cache (teacher) or recurrent state (students) after the prefill."),
             new_code_cell(TABLE.strip()),
@@ -93,12 +90,9 @@ def build() -> nbformat.NotebookNode:
             new_code_cell(TARGETS.strip()),
             new_markdown_cell("## Curves (log-2 context axis)"),
             new_code_cell(PLOTS.strip()),
-        ],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        ]
     )
 
 
 if __name__ == "__main__":
-    path = HERE / "04_benchmark.ipynb"
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write(build(), "04_benchmark.ipynb")

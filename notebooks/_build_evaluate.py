@@ -3,12 +3,9 @@
 Generated so that its code stays reviewable here; edit this file and re-run it rather than
 editing the .ipynb by hand.
 """
-from pathlib import Path
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
+from _nbtools import notebook, parameters_cell, write
 
 INTRO = """# 03 · Evaluate: the paper's six tasks, perplexity and KL
 
@@ -97,7 +94,7 @@ if run_dir and kl_blocks:
 def evaluate_notebook():
     cells = [
         new_markdown_cell(INTRO),
-        new_code_cell(PARAMS.strip(), metadata={"tags": ["parameters"]}),
+        parameters_cell(PARAMS),
         new_code_cell(SETUP.strip()),
         new_markdown_cell("## Tasks"),
         new_code_cell(EVALUATE.strip()),
@@ -109,11 +106,8 @@ def evaluate_notebook():
         new_markdown_cell("## Validation perplexity and per-token KL to the teacher"),
         new_code_cell(KL.strip()),
     ]
-    nb = new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    return nb
+    return notebook(cells)
 
 
 if __name__ == "__main__":
-    nbformat.write(evaluate_notebook(), HERE / "03_evaluate.ipynb")
-    print("wrote", HERE / "03_evaluate.ipynb")
+    write(evaluate_notebook(), "03_evaluate.ipynb")

@@ -3,16 +3,9 @@
 The notebooks are generated so that their code stays reviewable here, in one place; edit this
 file and re-run it rather than editing the .ipynb files by hand.
 """
-from pathlib import Path
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
-
-
-def parameters_cell(source: str):
-    return new_code_cell(source.strip(), metadata={"tags": ["parameters"]})
+from _nbtools import notebook, parameters_cell, write
 
 
 COMMON_PARAMS = '''
@@ -103,7 +96,7 @@ stage2_tokens = None
         new_markdown_cell("## Validation: perplexity and per-token KL to the teacher"),
         new_code_cell(EVALS.strip()),
     ]
-    return new_notebook(cells=cells, metadata=_metadata())
+    return notebook(cells)
 
 
 def distill_notebook():
@@ -145,16 +138,9 @@ stage3_train = None         # None: "all"; or "mixers", "no-embeddings"
             "thr[-1] if thr else 'throughput not measured (measure_teacher_throughput off or stage reused)'"
         ),
     ]
-    return new_notebook(cells=cells, metadata=_metadata())
-
-
-def _metadata():
-    return {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-            "language_info": {"name": "python"}}
+    return notebook(cells)
 
 
 if __name__ == "__main__":
     for name, nb in (("01_align.ipynb", align_notebook()), ("02_distill.ipynb", distill_notebook())):
-        nbformat.validate(nb)
-        nbformat.write(nb, HERE / name)
-        print("wrote", HERE / name)
+        write(nb, name)

@@ -4,12 +4,9 @@ Generated so that its code stays reviewable here; edit this file and re-run it r
 editing the .ipynb by hand. The notebook is thin over ``linearize.study``: it reads outputs/
 only (it trains nothing), and loads the saved students and the teacher to draw their maps.
 """
-from pathlib import Path
+from nbformat.v4 import new_code_cell, new_markdown_cell
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-HERE = Path(__file__).resolve().parent
+from _nbtools import notebook, parameters_cell, write
 
 INTRO = """# 05 · The study: what the students kept of their teacher
 
@@ -104,11 +101,11 @@ display(Markdown(f"[{page}]({page})"))
 """
 
 
-def build() -> nbformat.NotebookNode:
-    return new_notebook(
-        cells=[
+def build():
+    return notebook(
+        [
             new_markdown_cell(INTRO),
-            new_code_cell(PARAMETERS.strip(), metadata={"tags": ["parameters"]}),
+            parameters_cell(PARAMETERS),
             new_code_cell(SETUP.strip()),
             new_markdown_cell(
                 "## Table 2: students without and with matrix mixing\n"
@@ -156,12 +153,9 @@ def build() -> nbformat.NotebookNode:
             new_code_cell(EXPLORER_WIDGET.strip()),
             new_markdown_cell("## Results page\nGenerated from the outputs above, not typed by hand."),
             new_code_cell(PAGE.strip()),
-        ],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        ]
     )
 
 
 if __name__ == "__main__":
-    path = HERE / "05_study.ipynb"
-    nbformat.write(build(), path)
-    print(f"wrote {path}")
+    write(build(), "05_study.ipynb")
