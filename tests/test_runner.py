@@ -33,6 +33,40 @@ def test_finished_step_is_skipped_and_missing_output_redone(tmp_path, tiny_noteb
     assert tiny_notebook.read_text().count("ran") == 4
 
 
+def test_step_with_changed_parameters_is_redone(tmp_path, tiny_notebook):
+    step = runner.Step("count.ipynb", tmp_path / "out" / "count.ipynb", {"counter": str(tiny_notebook), "limit": 100})
+    assert runner.run_step(step).startswith("done")
+    assert runner.run_step(step) == "skipped"
+    step.parameters["limit"] = 500  # e.g. another --eval-limit: the old result must not stand
+    assert not step.finished()
+    assert runner.run_step(step).startswith("done")
+    assert tiny_notebook.read_text().count("ran") == 2
+    step.marker.write_text("{not json")  # a damaged marker is not trusted
+    assert not step.finished()
+
+
+def test_paths_inside_the_repository_compare_relative():
+    inside = str(runner.ROOT / "outputs" / "gla")
+    assert runner._portable({"out": inside, "n": [inside]}) == {"out": "outputs/gla", "n": ["outputs/gla"]}
+    assert runner._portable({"out": "/elsewhere/x"}) == {"out": "/elsewhere/x"}
+
+
+def test_study_step_is_redone_after_any_earlier_step_ran(tmp_path, tiny_notebook, monkeypatch):
+    (runner.NOTEBOOKS / "count.ipynb").rename(runner.NOTEBOOKS / "05_study.ipynb")
+    nb = nbformat.read(runner.NOTEBOOKS / "05_study.ipynb", as_version=4)
+    nbformat.write(nb, runner.NOTEBOOKS / "count.ipynb")
+    first = runner.Step("count.ipynb", tmp_path / "a.ipynb", {"counter": str(tiny_notebook), "n": 1})
+    study = runner.Step("05_study.ipynb", tmp_path / "s.ipynb", {"counter": str(tiny_notebook)})
+    steps = [first, study]
+    monkeypatch.setattr(runner, "plan", lambda *a, **k: steps)
+    runner.main([])  # both run
+    runner.main([])  # both skipped
+    assert tiny_notebook.read_text().count("ran") == 2
+    first.parameters["n"] = 2
+    runner.main([])  # the first step runs again, so the study does too
+    assert tiny_notebook.read_text().count("ran") == 4
+
+
 def test_failed_step_leaves_no_marker(tmp_path, tiny_notebook):
     step = runner.Step("count.ipynb", tmp_path / "out" / "count.ipynb", {"counter": str(tmp_path / "no" / "dir")})
     with pytest.raises(Exception):

@@ -1,9 +1,12 @@
 """The study runner behind `make study`: the stage notebooks under papermill, in order.
 
 Each step is a notebook executed into ``outputs/``; a step whose executed notebook and
-``.done`` marker both exist is skipped, so running the command again resumes after the last
-finished step, and a step whose output is missing is redone. Parameters flow one way:
-command line -> notebook parameters cell -> lib -> outputs/.
+``.done`` marker both exist, and whose marker records the same parameters, is skipped, so
+running the command again resumes after the last finished step, and a step whose output is
+missing or whose parameters changed (another eval limit, another benchmark model list) is
+redone. The study notebook (05) reads everything before it, so it is redone whenever a step
+before it ran. Parameters flow one way: command line -> notebook parameters cell -> lib ->
+outputs/.
 """
 from __future__ import annotations
 
@@ -31,7 +34,30 @@ class Step:
         return self.output.with_suffix(".done")
 
     def finished(self) -> bool:
-        return self.output.exists() and self.marker.exists()
+        """Executed, marked done, and with the parameters asked for now."""
+        if not (self.output.exists() and self.marker.exists()):
+            return False
+        try:
+            stored = json.loads(self.marker.read_text()).get("parameters")
+        except (json.JSONDecodeError, AttributeError):
+            return False  # a damaged marker: redo the step rather than trust it
+        return _portable(stored) == _portable(self.parameters)
+
+
+def _portable(value):
+    """Parameters as JSON with paths inside the repository made relative, so a moved or cloned
+    checkout still recognises its finished steps."""
+    value = json.loads(json.dumps(value, default=str))
+    root = str(ROOT) + os.sep
+
+    def fix(v):
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v[len(root):] if isinstance(v, str) and v.startswith(root) else v
+
+    return fix(value)
 
 
 def run_step(step: Step, force: bool = False) -> str:
@@ -148,10 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         students = [s.strip() for s in args.students.split(",") if s.strip()]
     limit = args.eval_limit if args.eval_limit == "preset" else None if args.eval_limit == "none" else int(args.eval_limit)
     total = time.perf_counter()
+    ran = False
     for step in plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, limit):
         print(f"[{step.notebook} -> {step.output.relative_to(ROOT) if step.output.is_relative_to(ROOT) else step.output}]",
               flush=True)
-        print(f"  {run_step(step, args.force)}", flush=True)
+        # the study notebook summarises all outputs: stale as soon as anything before it ran
+        outcome = run_step(step, args.force or (ran and step.notebook == "05_study.ipynb"))
+        ran = ran or outcome != "skipped"
+        print(f"  {outcome}", flush=True)
     print(f"study finished in {time.perf_counter() - total:.0f} s; results under {OUTPUTS}")
     return 0
 
