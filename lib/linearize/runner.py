@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="cpu-quick", help="params preset (cpu-quick, cpu-study, paper)")
     parser.add_argument("--teacher", default=None, help="teacher name, hub id or folder (default: embedded)")
     parser.add_argument("--force", action="store_true", help="redo finished steps")
+    parser.add_argument("--no-bench", action="store_true",
+                        help="leave out the benchmark step (04): speed and memory depend on the students, "
+                             "not on the training variant, so a new grid need not re-measure them")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.students == "all":
@@ -175,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.eval_limit if args.eval_limit == "preset" else None if args.eval_limit == "none" else int(args.eval_limit)
     total = time.perf_counter()
     ran = False
-    for step in plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, limit):
+    steps = plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, limit)
+    if args.no_bench:
+        steps = [s for s in steps if s.notebook != "04_benchmark.ipynb"]
+    for step in steps:
         print(f"[{step.notebook} -> {step.output.relative_to(ROOT) if step.output.is_relative_to(ROOT) else step.output}]",
               flush=True)
         # the study notebook summarises all outputs: stale as soon as anything before it ran
