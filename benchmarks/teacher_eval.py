@@ -5,13 +5,16 @@
     .venv/bin/python benchmarks/teacher_eval.py --report-only     # re-render the saved results
 
 Tasks run one at a time, and the report (docs/teacher_eval.md by default) is rewritten after
-each, so an interrupted run still leaves the finished tasks on record. Raw results go to
+each, so an interrupted run still leaves the finished tasks on record; inside a task, lm-eval's
+request cache (outputs/teacher_eval/requests_*.db) keeps every scored request, so running the
+same command again resumes an interrupted task where it stopped. Raw results go to
 outputs/teacher_eval/ (git-ignored).
 """
 from __future__ import annotations
 
 import argparse
 import platform
+import re
 import shlex
 import sys
 import time
@@ -123,6 +126,11 @@ def main(argv=None) -> None:
     from linearize.evaluate import load_results, results_path
 
     saved = results_path(args.results_dir, args.limit, False)
+    # Within a task: lm-eval's request cache keeps every scored request, so a killed HellaSwag
+    # (40k requests, hours on 2 cores) resumes where it stopped. One cache per model and dtype.
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    cache = args.results_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", f"requests_{label}_{dtype}")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     if saved.exists():
         merged = load_results(saved)
         walls = {k: v for k, v in merged.get("wall_time_per_task_s", {}).items() if k in merged["tasks"]}
@@ -133,7 +141,7 @@ def main(argv=None) -> None:
             continue
         t0 = time.perf_counter()
         res = evaluate_tasks(model, tok, tasks=[name], limit=args.limit, batch_size=args.batch_size,
-                             label=label, per_doc=True)
+                             label=label, per_doc=True, cache=cache)
         walls[name] = time.perf_counter() - t0
         if merged is None:
             merged = res

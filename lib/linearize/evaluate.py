@@ -100,6 +100,7 @@ def evaluate_tasks(
     label: str | None = None,
     bootstrap_iters: int = 1000,
     per_doc: bool = False,
+    cache: str | os.PathLike | None = None,
 ) -> dict:
     """Zero-shot lm-eval on an in-memory causal LM.
 
@@ -109,6 +110,9 @@ def evaluate_tasks(
     With ``output_dir`` the dict is also written there as ``eval_<full|limitN>[_online].json``.
     ``per_doc=True`` also keeps each document's scores (``tasks[name]["per_doc"]``: lists in
     document order of acc, acc_norm, loglikelihood), e.g. to recompute a metric on a subset.
+    ``cache``: a path prefix for lm-eval's request cache (SQLite ``<cache>_rank0.db``). Every
+    scored request is written as it finishes, so a killed run resumes where it stopped. Its keys
+    are the requests only, not the model: give each model (and dtype) its own cache.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -135,6 +139,7 @@ def evaluate_tasks(
                 bootstrap_iters=bootstrap_iters,
                 log_samples=per_doc,
                 task_manager=manager,
+                use_cache=None if cache is None else str(cache),
             )
     finally:
         model.train(was_training)
