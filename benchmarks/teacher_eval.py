@@ -49,7 +49,7 @@ def report(label, merged, walls, args, command, started, finished) -> str:
         f"{merged['dtype']} on {merged['device']}, {args.threads} torch thread(s), "
         f"{platform.processor() or platform.machine()} with {torch.get_num_threads()} thread(s) in use "
         "on a machine shared with other jobs (wall times are indicative).",
-        f"Started {started}, {'finished ' + finished if finished else 'STILL RUNNING / INCOMPLETE'}.",
+        f"Started {started}, {'finished ' + finished if finished else 'INCOMPLETE (run the same command again to resume: finished tasks are kept, an interrupted task continues from its request cache)'}.",
         "",
         "## Table (percent, unnormalised accuracy as in the paper)",
         "",
