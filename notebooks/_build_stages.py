@@ -116,7 +116,9 @@ kd_temperature = None
 stage3_train = None         # None: "all"; or "mixers", "no-embeddings"
 '''),
         new_code_cell(SETUP.format(extra="stage3_tokens=stage3_tokens, kd_alpha=kd_alpha, "
-                                         "kd_temperature=kd_temperature, stage3_train=stage3_train").strip()),
+                                         "kd_temperature=kd_temperature, stage3_train=stage3_train").strip()
+                      + "\n# record which alignment stages this run really had (the study names variants by them)\n"
+                        "params = S.with_alignment_record(params, output_root)"),
         new_markdown_cell("## Train"),
         new_code_cell("start = time.perf_counter()\n"
                       "result = S.run_pipeline(params, stages=(3,), root=output_root)\n"

@@ -180,6 +180,15 @@ def test_readout_fit_runs_after_conversion_and_enters_the_identity_only_when_on(
         S.load_student(S.Run({**on, "run_name": "fit2"}, root=tmp_path), teacher, on, 1)
 
 
+def test_stage3_alone_records_which_alignment_stages_ran(teacher, blocks, tmp_path):
+    params = _params(run_name="kd")  # defaults say matrix_mixing = h2h = True
+    assert params["matrix_mixing"] and params["h2h"]
+    assert not any(S.with_alignment_record(params, tmp_path)[k] for k in ("matrix_mixing", "h2h"))
+    _train(1, teacher, blocks, params, tmp_path)
+    rec = S.with_alignment_record(params, tmp_path)
+    assert rec["matrix_mixing"] and not rec["h2h"]
+
+
 # --- failures --------------------------------------------------------------------------------
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher, blocks, tmp_path, monkeypatch):
     params = _params()

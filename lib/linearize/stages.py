@@ -191,6 +191,16 @@ def convert_student(teacher, params: dict):
     )
 
 
+def with_alignment_record(params: dict, root: str | os.PathLike | None = None) -> dict:
+    """``params`` with ``matrix_mixing`` / ``h2h`` set to whether stage 1 / 2 actually finished
+    in the run folder. Stage 3 alone (notebook 02) does not decide them, but its Run rewrites
+    params.yaml, which the study reads to name a run's variant: without this, a KD-only run
+    (Table 2) would be recorded with the defaults (True, True) and shown as "+ MM + H2H"."""
+    run_dir = Path(root or OUTPUTS) / params["arch"] / params["run_name"]
+    ran = {s: (run_dir / f"stage{s}" / "done.json").exists() for s in (1, 2)}
+    return {**params, "matrix_mixing": ran[1], "h2h": ran[2]}
+
+
 def latest_stage(run: Run, before: int) -> int | None:
     """The last finished stage < ``before`` in this run, if any."""
     for stage in range(before - 1, 0, -1):
