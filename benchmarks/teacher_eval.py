@@ -87,7 +87,8 @@ def report(label, merged, walls, args, command, started, finished) -> str:
         )
     total = sum(walls.values())
     lines += ["", f"Total wall time: {total:.0f} s ({total / 60:.1f} min) for {len(tasks)} of "
-              f"{len(PAPER_TASKS)} tasks.", ""]
+              f"{len(PAPER_TASKS)} tasks. A task resumed from the request cache counts only the "
+              "invocation that finished it.", ""]
     return "\n".join(lines)
 
 
@@ -109,6 +110,7 @@ def main(argv=None) -> None:
 
         merged = load_results(results_path(args.results_dir, args.limit, False))
         walls = merged["wall_time_per_task_s"]
+        args.threads = merged.get("threads", args.threads)  # the run's, not this re-render's default
         done = merged.get("finished") if len(walls) == len(check_task_names(args.tasks)) else None
         args.out.write_text(report(merged["model"], merged, walls, args, merged.get("command", "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/teacher_eval.py"),
                                    merged.get("started", "?"), done))
@@ -152,7 +154,7 @@ def main(argv=None) -> None:
         merged["wall_time_per_task_s"] = {k: round(v, 1) for k, v in walls.items()}
         done = (datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 if all(n in walls for n in names) else None)
-        merged.update(command=command, started=started, finished=done)
+        merged.update(command=command, started=started, finished=done, threads=args.threads)
         save_results(merged, args.results_dir)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report(label, merged, walls, args, command, started, done))
