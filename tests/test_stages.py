@@ -180,6 +180,23 @@ def test_readout_fit_runs_after_conversion_and_enters_the_identity_only_when_on(
         S.load_student(S.Run({**on, "run_name": "fit2"}, root=tmp_path), teacher, on, 1)
 
 
+def test_numbers_from_the_command_line_are_numbers():
+    import yaml
+
+    # `--set stage2_lr=1e-4` goes through yaml.safe_load, which (YAML 1.1) returns the string '1e-4'
+    raw = {k: yaml.safe_load(v) for k, v in (("stage2_lr", "1e-4"), ("stage1_tokens", "1e6"))}
+    assert raw["stage2_lr"] == "1e-4"
+    params = P.resolve("gla", overrides=raw)
+    assert params["stage2_lr"] == 1e-4 and isinstance(params["stage2_lr"], float)
+    assert params["stage1_tokens"] == 1_000_000 and isinstance(params["stage1_tokens"], int)
+    with pytest.raises(P.ParamsError, match="stage1_lr must be a number, got 'fast'"):
+        P.resolve("gla", overrides={"stage1_lr": "fast"})
+    with pytest.raises(P.ParamsError, match="seq_len must be a whole number"):
+        P.resolve("gla", overrides={"seq_len": 12.5})
+    with pytest.raises(P.ParamsError, match="readout_fit_ridge > 0"):
+        P.resolve("gla", overrides={"readout_fit_ridge": 0})
+
+
 def test_stage3_alone_records_which_alignment_stages_ran(teacher, blocks, tmp_path):
     params = _params(run_name="kd")  # defaults say matrix_mixing = h2h = True
     assert params["matrix_mixing"] and params["h2h"]

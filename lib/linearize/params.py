@@ -127,8 +127,34 @@ def resolve(arch: str | None = None, preset: str | None = None, overrides: dict 
     params = {**DEFAULTS, **preset_values, **students[arch], **overrides}
     params["arch"], params["preset"] = arch, preset
     params["run_name"] = params["run_name"] or preset
+    for key in params:
+        params[key] = _as_number(key, params[key])
     _check_values(params)
     return params
+
+
+def _as_number(key: str, value):
+    """``value`` as the number type of ``DEFAULTS[key]`` where that default is a number.
+
+    YAML 1.1 (PyYAML) reads ``1e-4`` without a dot as the *string* '1e-4', so
+    ``--set stage2_lr=1e-4`` used to reach the optimiser as a string; such strings are parsed
+    here, and anything that is not a number fails with the key's name."""
+    default = DEFAULTS.get(key)
+    if value is None or isinstance(default, bool) or not isinstance(default, (int, float)):
+        return value
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ParamsError(f"{key} must be a number, got {value!r}.")
+    if isinstance(default, int):
+        if number != int(number):
+            raise ParamsError(f"{key} must be a whole number, got {value!r}.")
+        return int(number)
+    return float(number)
 
 
 def _check_values(p: dict) -> None:
@@ -152,5 +178,7 @@ def _check_values(p: dict) -> None:
         raise ParamsError("warmup_fraction and decay_fraction must lie in [0, 1].")
     if p["warmup_fraction"] + p["decay_fraction"] > 1:
         raise ParamsError("warmup_fraction + decay_fraction must not exceed 1 (warmup-stable-decay).")
+    if p["readout_fit_tokens"] < 0 or p["readout_fit_ridge"] <= 0:
+        raise ParamsError("readout_fit_tokens must be >= 0 (0: off) and readout_fit_ridge > 0.")
     if not isinstance(p["mixer_options"], dict):
         raise ParamsError(f"mixer_options must be a mapping, got {p['mixer_options']!r}.")
