@@ -209,7 +209,7 @@ def latest_stage(run: Run, before: int) -> int | None:
     return None
 
 
-def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor, run: Run | None = None) -> None:
+def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | None, run: Run | None = None) -> None:
     """The optional closed-form o_proj fit of a fresh conversion (``readout_fit_tokens`` > 0),
     on the first training blocks (fixed, so every process and every resume fits the same)."""
     from .calibrate import fit_readouts
@@ -217,6 +217,8 @@ def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor, run:
     tokens = params.get("readout_fit_tokens") or 0
     if tokens <= 0:
         return
+    if train_blocks is None:
+        raise ValueError("readout_fit_tokens > 0 needs the training blocks to fit on.")
     n = -(-tokens // train_blocks.shape[1])
     if n > len(train_blocks):
         raise ValueError(f"readout_fit_tokens={tokens} asks for {n} blocks; the corpus has {len(train_blocks)}.")
@@ -238,10 +240,7 @@ def load_student(run: Run, teacher, params: dict, before: int, train_blocks: tor
     student = convert_student(teacher, params)
     stage = latest_stage(run, before)
     if stage is None:
-        if params.get("readout_fit_tokens"):
-            if train_blocks is None:
-                raise ValueError("readout_fit_tokens > 0 needs the training blocks to fit on.")
-            fit_readout(student, teacher, params, train_blocks, run)
+        fit_readout(student, teacher, params, train_blocks, run)  # a no-op unless switched on
         return student, "conversion"
     state = torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu", weights_only=True)
     student.load_state_dict(state)
