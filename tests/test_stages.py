@@ -180,6 +180,21 @@ def test_readout_fit_runs_after_conversion_and_enters_the_identity_only_when_on(
         S.load_student(S.Run({**on, "run_name": "fit2"}, root=tmp_path), teacher, on, 1)
 
 
+def test_a_fitted_conversion_is_kept_and_reused_only_with_the_same_parameters(teacher, blocks, tmp_path):
+    on = _params("deltanet", qkv_copy=True, readout_fit_tokens=8 * SEQ, run_name="fit")
+    run = S.Run(on, root=tmp_path)
+    first, _ = S.load_student(run, teacher, on, 3, blocks)
+    assert (run.dir / "conversion" / "fitted_student.pt").exists()
+    again, _ = S.load_student(run, teacher, on, 3, blocks[:8])  # the blocks it would fit on
+    assert len([m for m in run.metrics() if m.get("event") == "readout_fit"]) == 1  # not refitted
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
+    stronger = {**on, "readout_fit_ridge": 10.0}
+    refit, _ = S.load_student(S.Run(stronger, root=tmp_path), teacher, stronger, 3, blocks)
+    assert len([m for m in run.metrics() if m.get("event") == "readout_fit"]) == 2
+    key = "model.layers.0.self_attn.o_proj.weight"
+    assert not torch.equal(refit.state_dict()[key], first.state_dict()[key])
+
+
 def test_numbers_from_the_command_line_are_numbers():
     import yaml
 

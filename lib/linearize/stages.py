@@ -25,6 +25,8 @@ A run lives in ``outputs/<arch>/<run_name>/``::
                        scheduler, RNG, step, metrics offset), replaced atomically
     stageN/student.pt  the full student state dict when stage N finished
     stageN/done.json   summary (steps, tokens, wall time, last loss)
+    conversion/fitted_student.pt  the converted student after the readout fit (when switched
+                       on), with the parameters it depends on, so it is fitted once per run
 
 Resume: calling a stage again continues from ``checkpoint.pt`` with the same data order
 (a function of seed and step), optimizer, scheduler and RNG states, and truncates
@@ -209,14 +211,33 @@ def latest_stage(run: Run, before: int) -> int | None:
     return None
 
 
+def _fit_identity(params: dict) -> dict:
+    """What a fitted conversion depends on: the conversion and the fit's data and ridge."""
+    return _jsonable({k: params[k] for k in _CONVERSION_KEYS + _OPTIONAL_KEYS["readout_fit_tokens"]})
+
+
+_CONVERSION_KEYS = ("arch", "teacher", "corpus", "val_fraction", "seq_len", "batch_size", "seed", "qkv_copy",
+                    "mixer_options")
+
+
 def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | None, run: Run | None = None) -> None:
     """The optional closed-form o_proj fit of a fresh conversion (``readout_fit_tokens`` > 0),
-    on the first training blocks (fixed, so every process and every resume fits the same)."""
+    on the first training blocks (fixed, so every process and every resume fits the same).
+
+    With a run, the fitted student is kept in ``conversion/`` with what it depends on, and a
+    later call with the same parameters loads it instead of fitting again: notebook 01 and 02
+    both start from the conversion when stages 1-2 are off (about 25 s of fitting each)."""
     from .calibrate import fit_readouts
 
     tokens = params.get("readout_fit_tokens") or 0
     if tokens <= 0:
         return
+    saved = run.dir / "conversion" / "fitted_student.pt" if run is not None else None
+    if saved is not None and saved.exists():
+        stored = torch.load(saved, map_location="cpu", weights_only=True)
+        if stored["identity"] == _fit_identity(params):
+            student.load_state_dict(stored["state"])
+            return  # a different identity is refitted and overwritten below
     if train_blocks is None:
         raise ValueError("readout_fit_tokens > 0 needs the training blocks to fit on.")
     n = -(-tokens // train_blocks.shape[1])
@@ -231,6 +252,10 @@ def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | Non
         run.log({"event": "readout_fit", "tokens": fits[0].tokens, "wall_s": time.perf_counter() - t,
                  "rel_error_before": [f.rel_error_before for f in fits],
                  "rel_error_after": [f.rel_error_after for f in fits]})
+        if run.is_main:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+            atomic_save({"identity": _fit_identity(params), "state": state}, saved)
 
 
 def load_student(run: Run, teacher, params: dict, before: int, train_blocks: torch.Tensor | None = None):
