@@ -74,6 +74,21 @@ def test_failed_step_leaves_no_marker(tmp_path, tiny_notebook):
     assert not step.finished()
 
 
+def test_a_hung_cell_times_out_and_the_runner_says_where_to_look(tmp_path, tiny_notebook, monkeypatch, capsys):
+    nb = nbformat.read(runner.NOTEBOOKS / "count.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import time; time.sleep(60)"))
+    nbformat.write(nb, runner.NOTEBOOKS / "05_study.ipynb")
+    monkeypatch.setattr(runner, "CELL_TIMEOUT_S", {"05_study.ipynb": 3})
+    study = runner.Step("05_study.ipynb", tmp_path / "s.ipynb", {"counter": str(tiny_notebook)})
+    after = runner.Step("count.ipynb", tmp_path / "after.ipynb", {"counter": str(tiny_notebook)})
+    monkeypatch.setattr(runner, "plan", lambda *a, **k: [study, after])
+    assert runner.main([]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and str(study.output) in err and "run the same command again" in err
+    assert not study.finished() and not after.finished()  # nothing after a failure runs
+    assert tiny_notebook.read_text().count("ran") == 1  # the first cell ran, the sleeping one was cut
+
+
 def test_plan_orders_the_study():
     steps = runner.plan(["gla", "deltanet"], "cpu-quick", grid="table2")
     names = [s.notebook for s in steps]

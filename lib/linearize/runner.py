@@ -60,6 +60,12 @@ def _portable(value):
     return fix(value)
 
 
+# Per-cell time limits, for notebooks whose cells have a known small cost: the study notebook
+# only reads outputs/ (seconds per cell), and one run of it once hung with its kernel idle.
+# Training, evaluation and benchmark cells scale with the preset, so they get no limit.
+CELL_TIMEOUT_S = {"05_study.ipynb": 900}
+
+
 def run_step(step: Step, force: bool = False) -> str:
     if step.finished() and not force:
         return "skipped"
@@ -71,6 +77,7 @@ def run_step(step: Step, force: bool = False) -> str:
     pm.execute_notebook(
         str(NOTEBOOKS / step.notebook), str(step.output), parameters=step.parameters,
         cwd=str(ROOT), progress_bar=False, log_output=False,
+        execution_timeout=CELL_TIMEOUT_S.get(step.notebook),
     )
     if step.notebook == "05_study.ipynb":  # the study as a page that reads without a kernel
         from .study import export_html
@@ -185,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{step.notebook} -> {step.output.relative_to(ROOT) if step.output.is_relative_to(ROOT) else step.output}]",
               flush=True)
         # the study notebook summarises all outputs: stale as soon as anything before it ran
-        outcome = run_step(step, args.force or (ran and step.notebook == "05_study.ipynb"))
+        try:
+            outcome = run_step(step, args.force or (ran and step.notebook == "05_study.ipynb"))
+        except Exception as err:  # papermill's errors carry the failing cell's traceback
+            print(f"  FAILED: {type(err).__name__}: {str(err).strip()[-2000:]}\n"
+                  f"The executed notebook with the error is {step.output}. Finished steps are kept: "
+                  "run the same command again to go on from this step.", file=sys.stderr, flush=True)
+            return 1
         ran = ran or outcome != "skipped"
         print(f"  {outcome}", flush=True)
     print(f"study finished in {time.perf_counter() - total:.0f} s; results under {OUTPUTS}")
