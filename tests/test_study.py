@@ -109,6 +109,24 @@ def test_variant_names_follow_the_runner_grid():
         assert study.variant_of(flags) == name
 
 
+def test_the_fit_section_states_the_stage2_rate_that_ran(tmp_path):
+    import yaml
+
+    def fake_run(name, lr, flags):
+        run = tmp_path / "deltanet" / name
+        (run / "stage2").mkdir(parents=True)
+        (run / "params.yaml").write_text(yaml.safe_dump({"arch": "deltanet", "stage2_lr": 0.5, **flags}))
+        (run / "stage2" / "params.yaml").write_text(yaml.safe_dump({"stage2_lr": lr}))
+        (run / "stage2" / "done.json").write_text("{}")
+        return study.load_run(run)
+
+    fit = dict(qkv_copy=True, readout_fit_tokens=64, matrix_mixing=True, h2h=True)
+    runs = [fake_run("a", 1e-3, fit), fake_run("b", 1e-4, fit),
+            fake_run("c", 7e-3, dict(fit, readout_fit_tokens=0))]  # no fit: not this section's
+    assert study._fit_stage2_note(runs) == " `fit + MM + H2H` trained stage 2 at learning rate 0.0001, 0.001."
+    assert study._fit_stage2_note(runs[2:]) == ""
+
+
 def test_paper_average_reads_the_paper_rows():
     from linearize.evaluate import PAPER_ROWS
 

@@ -80,6 +80,20 @@ def variant_of(params: Mapping) -> str:
 RESULTS_NAME = re.compile(r"eval_(full|limit\d+)(_online)?\.json")
 
 
+def _fit_stage2_note(runs: list[StudyRun]) -> str:
+    """The stage-2 learning rates of the fitted runs with H2H, from what defined their stage 2
+    (stage2/params.yaml; older fit runs used the preset's rate, later ones runner.FIT_STAGE2_LR)."""
+    rates = set()
+    for r in runs:
+        parts = r.variant.split("-")
+        stage2 = r.dir / "stage2" / "params.yaml"
+        if "fit" in parts and "h2h" in parts and 2 in r.stages_done and stage2.exists():
+            rates.add(float(yaml.safe_load(stage2.read_text())["stage2_lr"]))
+    if not rates:
+        return ""
+    return f" `fit + MM + H2H` trained stage 2 at learning rate {', '.join(f'{x:g}' for x in sorted(rates))}."
+
+
 def pick_results(folder: str | os.PathLike) -> tuple[dict | None, Path | None]:
     """The zero-shot results of a folder (``eval_<full|limitN>[_online].json``): the one over
     the most documents (``full`` before any ``limitN``, a larger N before a smaller), offline
@@ -564,7 +578,7 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
             "## Beyond the paper: closed-form readout fit after conversion",
             "",
             "`fit`: every layer's o_proj solved by ridge least squares to the teacher's attention output "
-            "(`linearize.calibrate`), before any training.",
+            "(`linearize.calibrate`), before any training." + _fit_stage2_note(runs),
             "",
             markdown_table(table_fit(runs, outputs, metric)),
             "",
