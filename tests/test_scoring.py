@@ -1,0 +1,64 @@
+"""The shared-context scorer against lm-eval's own HFLM on the same requests: same
+log-likelihoods and greedy flags, for the teacher's architecture and for students whose
+cache is a recurrent state (float64 tiny models, so agreement is to rounding)."""
+import pytest
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from linearize.convert import convert
+from linearize.scoring import SharedContextLM
+
+
+def _greedy(model, ctx, n):
+    ids = list(ctx)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(ctx):]
+
+
+def _requests(model, vocab):
+    """Five contexts of length 7 and four of length 12 with 1-4 choices of 1-5 tokens (scored
+    shared), two of length 9 (too few of that length: HFLM's path), and a lone request."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
+    reqs = []
+    layout = [(7, [1, 3, 5, 2]), (7, [4, 4]), (7, [1, 1, 1]), (7, [2, 5]), (7, [3, 1, 2]),
+              (12, [4, 4]), (12, [2, 3, 1, 1]), (12, [5, 2]), (12, [1, 4]), (9, [6, 2]), (9, [3, 3])]
+    for ctx_len, cont_lens in layout:
+        ctx = rand(ctx_len)
+        conts = [rand(n) for n in cont_lens]
+        conts[0] = _greedy(model, ctx, cont_lens[0])  # one greedy continuation per context
+        reqs += [(("c", "x"), ctx, cont) for cont in conts]
+    reqs.insert(2, (("c", "y"), rand(5), rand(2)))  # a context shared with nobody, in the middle
+    return reqs
+
+
+@pytest.mark.parametrize("arch", ["teacher", "softmax", "deltanet", "gla", "xlstm", "mamba2"])
+def test_shared_context_scores_equal_hflm(arch, tiny_llama, teacher):
+    _, tok = teacher  # only for HFLM's set-up: the requests below are token ids already
+    model = tiny_llama if arch == "teacher" else convert(tiny_llama, arch, qkv_copy=True).double().eval()
+    reqs = _requests(model, tiny_llama.config.vocab_size)
+    ref = HFLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu")._loglikelihood_tokens(reqs, True)
+    ours = SharedContextLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu")._loglikelihood_tokens(reqs, True)
+    assert [g for _, g in ours] == [g for _, g in ref]
+    assert sum(g for _, g in ref) >= 4  # the greedy continuations really are greedy
+    # 1e-6, not float64 rounding: HF Llama's logits at a position already move by ~1e-7 with the
+    # sequence length of the forward (its rotary tables are float32), cache or no cache
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in ref], rel=1e-6, abs=1e-6)
+
+
+def test_contexts_are_batched_by_length_and_read_once(tiny_llama, teacher, monkeypatch):
+    _, tok = teacher
+    reqs = _requests(tiny_llama, tiny_llama.config.vocab_size)
+    lm = SharedContextLM(pretrained=tiny_llama, tokenizer=tok, batch_size=3, device="cpu")
+    contexts, plain = [], []
+    forward = lm._forward_with_cache
+    monkeypatch.setattr(lm, "_forward_with_cache", lambda ids, cache=None, last_only=False: (
+        contexts.append(tuple(ids.shape)) if last_only else None) or forward(ids, cache, last_only))
+    hflm = HFLM._loglikelihood_tokens
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", lambda self, r, *a: plain.append(len(r)) or hflm(self, r, *a))
+    lm._loglikelihood_tokens(reqs, True)
+    # longest contexts first, at most batch_size (3) documents per forward, each context once
+    assert contexts == [(3, 12), (1, 12), (3, 7), (2, 7)]
+    assert plain == [2 + 2 + 1]  # the two length-9 documents (4 requests) and the lone request
