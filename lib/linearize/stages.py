@@ -211,13 +211,13 @@ def latest_stage(run: Run, before: int) -> int | None:
     return None
 
 
+_CONVERSION_KEYS = ("arch", "teacher", "corpus", "val_fraction", "seq_len", "batch_size", "seed", "qkv_copy",
+                    "mixer_options")
+
+
 def _fit_identity(params: dict) -> dict:
     """What a fitted conversion depends on: the conversion and the fit's data and ridge."""
     return _jsonable({k: params[k] for k in _CONVERSION_KEYS + _OPTIONAL_KEYS["readout_fit_tokens"]})
-
-
-_CONVERSION_KEYS = ("arch", "teacher", "corpus", "val_fraction", "seq_len", "batch_size", "seed", "qkv_copy",
-                    "mixer_options")
 
 
 def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | None, run: Run | None = None) -> None:
