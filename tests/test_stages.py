@@ -195,6 +195,19 @@ def test_a_fitted_conversion_is_kept_and_reused_only_with_the_same_parameters(te
     assert not torch.equal(refit.state_dict()[key], first.state_dict()[key])
 
 
+def test_a_finished_stage_is_not_reused_for_other_parameters(teacher, blocks, tmp_path, monkeypatch):
+    import linearize.data
+
+    monkeypatch.setattr(linearize.data, "token_blocks", lambda tok, corpus, seq, split, *a, **k: blocks[:8])
+    params = _params("deltanet", matrix_mixing=False, h2h=False, measure_teacher_throughput=False,
+                     stage3_tokens=64 * 2)
+    out = S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
+    assert out["finished"] and S.Run(params, root=tmp_path).done(3) is not None
+    S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)  # same parameters: reused
+    with pytest.raises(S.RunError, match="stage3_lr"):
+        S.run_pipeline({**params, "stage3_lr": 1e-5}, teacher=teacher, root=tmp_path, progress=False)
+
+
 def test_numbers_from_the_command_line_are_numbers():
     import yaml
 

@@ -179,6 +179,24 @@ def stage_identity(params: dict, stage: int, start: str) -> dict:
 # ---------------------------------------------------------------------------------------
 # Students
 # ---------------------------------------------------------------------------------------
+def check_stage_identity(run: Run, stage: int, params: dict, start: str) -> dict:
+    """The stage's identity; RunError if the run folder holds this stage (finished or in
+    progress) made with other parameters, so neither a resume nor a reuse mixes two settings."""
+    ident = stage_identity(params, stage, start)
+    path = run.dir / f"stage{stage}" / "params.yaml"
+    if path.exists():
+        import yaml
+
+        stored = yaml.safe_load(path.read_text())
+        if stored != ident:
+            diff = sorted(k for k in set(stored) | set(ident) if stored.get(k) != ident.get(k))
+            raise RunError(
+                f"{path.parent} holds stage {stage} trained with other parameters (differing: {diff}). "
+                "Choose another run_name, or delete that folder to start the stage over."
+            )
+    return ident
+
+
 def convert_student(teacher, params: dict):
     """A fresh conversion. Seeded, so that mixers without copied weights start from the same
     random initialisation in every run with the same seed."""
@@ -480,20 +498,11 @@ def train_stage(
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}.")
     accelerator = accelerator or make_accelerator(params)
     sdir = run.stage_dir(stage)
-    ident = stage_identity(params, stage, start)
-    ident_path = sdir / "params.yaml"
-    import yaml
+    ident = check_stage_identity(run, stage, params, start)
+    if not (sdir / "params.yaml").exists() and run.is_main:
+        import yaml
 
-    if ident_path.exists():
-        stored = yaml.safe_load(ident_path.read_text())
-        if stored != ident:
-            diff = sorted(k for k in set(stored) | set(ident) if stored.get(k) != ident.get(k))
-            raise RunError(
-                f"{sdir} holds stage {stage} trained with other parameters (differing: {diff}). "
-                "Choose another run_name, or delete that folder to start the stage over."
-            )
-    elif run.is_main:
-        _atomic_write_text(ident_path, yaml.safe_dump(ident, sort_keys=False))
+        _atomic_write_text(sdir / "params.yaml", yaml.safe_dump(ident, sort_keys=False))
 
     _check_not_sharing(student, teacher)
     seq_len = train_blocks.shape[1]
@@ -705,6 +714,7 @@ def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, r
     for stage in todo:
         done = run.done(stage)
         if done is not None and done.get("start") == start:
+            check_stage_identity(run, stage, params, start)  # a finished stage is reused only as asked
             accelerator.print(f"stage {stage} already finished in {run.dir / f'stage{stage}'}; reusing it")
             student.load_state_dict(torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu",
                                                weights_only=True))
