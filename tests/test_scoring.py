@@ -19,12 +19,14 @@ def _greedy(model, ctx, n):
 
 def _requests(model, vocab):
     """Five contexts of length 7 and four of length 12 with 1-4 choices of 1-5 tokens (scored
-    shared), two of length 9 (too few of that length: HFLM's path), and a lone request."""
+    shared); two of length 9 (too few of that length), four of length 3 with a choice of 5
+    tokens (too short to share) and a lone request: HFLM's path."""
     g = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(1, vocab, (n,), generator=g).tolist()  # noqa: E731
     reqs = []
     layout = [(7, [1, 3, 5, 2]), (7, [4, 4]), (7, [1, 1, 1]), (7, [2, 5]), (7, [3, 1, 2]),
-              (12, [4, 4]), (12, [2, 3, 1, 1]), (12, [5, 2]), (12, [1, 4]), (9, [6, 2]), (9, [3, 3])]
+              (12, [4, 4]), (12, [2, 3, 1, 1]), (12, [5, 2]), (12, [1, 4]), (9, [6, 2]), (9, [3, 3]),
+              *[(3, [5, 2])] * 4]  # contexts shorter than a choice: HFLM's path
     for ctx_len, cont_lens in layout:
         ctx = rand(ctx_len)
         conts = [rand(n) for n in cont_lens]
@@ -61,4 +63,4 @@ def test_contexts_are_batched_by_length_and_read_once(tiny_llama, teacher, monke
     lm._loglikelihood_tokens(reqs, True)
     # longest contexts first, at most batch_size (3) documents per forward, each context once
     assert contexts == [(3, 12), (1, 12), (3, 7), (2, 7)]
-    assert plain == [2 + 2 + 1]  # the two length-9 documents (4 requests) and the lone request
+    assert plain == [4 + 8 + 1]  # the length-9 and length-3 documents and the lone request
