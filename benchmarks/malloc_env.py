@@ -41,14 +41,16 @@ def run_once(env_extra: dict, tokens: int, arch: str, root: Path) -> dict:
            "--set", f"stage3_tokens={tokens}", "--set", "val_blocks=2", "--set", "run_name=malloc",
            "--set", "measure_teacher_throughput=false"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **env_extra}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"workload failed ({proc.returncode}) under {env_extra}:\n{err[-3000:]}")
+    log = root.parent / f"{root.name}.log"  # a file, not a pipe: a full pipe would stall the child
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own resource usage
+        wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"workload failed ({code}) under {env_extra}:\n{log.read_text()[-3000:]}")
     return {"wall_s": wall, "user_s": usage.ru_utime, "sys_s": usage.ru_stime,
             "minor_faults": usage.ru_minflt, "max_rss_gib": usage.ru_maxrss * 1024 / GIB}
 

@@ -49,7 +49,9 @@ class SharedContextLM(HFLM):
         """Logits (of the last position only with ``last_only``) and the cache after ``ids``.
         Both cache kinds (transformers' key/value caches, our students' MixerCache) can select
         batch rows."""
-        name = _cache_argument(self.model)
+        if not hasattr(self, "_cache_name"):  # once: inspect is slow next to a small forward
+            self._cache_name = _cache_argument(self.model)
+        name = self._cache_name
         kwargs = {name: cache, "use_cache": True}
         if last_only:
             kwargs["logits_to_keep"] = 1
