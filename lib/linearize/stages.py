@@ -25,8 +25,8 @@ A run lives in ``outputs/<arch>/<run_name>/``::
                        scheduler, RNG, step, metrics offset), replaced atomically
     stageN/student.pt  the full student state dict when stage N finished
     stageN/done.json   summary (steps, tokens, wall time, last loss)
-    conversion/fitted_student.pt  the converted student after the readout fit (when switched
-                       on), with the parameters it depends on, so it is fitted once per run
+    conversion/fitted_student.pt  the o_proj weights of the readout fit (when switched on),
+                       with the parameters they depend on, so a run fits once
 
 Resume: calling a stage again continues from ``checkpoint.pt`` with the same data order
 (a function of seed and step), optimizer, scheduler and RNG states, and truncates
@@ -233,6 +233,9 @@ _CONVERSION_KEYS = ("arch", "teacher", "corpus", "val_fraction", "seq_len", "bat
                     "mixer_options")
 
 
+_FITTED = "self_attn.o_proj.weight"  # the tensors linearize.calibrate.fit_readouts rewrites
+
+
 def _fit_identity(params: dict) -> dict:
     """What a fitted conversion depends on: the conversion and the fit's data and ridge."""
     return _jsonable({k: params[k] for k in _CONVERSION_KEYS + _OPTIONAL_KEYS["readout_fit_tokens"]})
@@ -254,7 +257,7 @@ def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | Non
     if saved is not None and saved.exists():
         stored = torch.load(saved, map_location="cpu", weights_only=True)
         if stored["identity"] == _fit_identity(params):
-            student.load_state_dict(stored["state"])
+            student.load_state_dict(stored["state"], strict=False)  # the seeded conversion + fitted o_proj
             return  # a different identity is refitted and overwritten below
     if train_blocks is None:
         raise ValueError("readout_fit_tokens > 0 needs the training blocks to fit on.")
@@ -272,7 +275,9 @@ def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | Non
                  "rel_error_after": [f.rel_error_after for f in fits]})
         if run.is_main:
             saved.parent.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+            # only what the fit wrote (30 x 576 x 576 floats, 40 MB, not the 540 MB student):
+            # the conversion itself is seeded and made again on load
+            state = {k: v.detach().cpu() for k, v in student.state_dict().items() if k.endswith(_FITTED)}
             atomic_save({"identity": _fit_identity(params), "state": state}, saved)
 
 
