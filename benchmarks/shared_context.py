@@ -4,6 +4,7 @@ wall time per task, their ratio, and whether every document gets the same accura
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/shared_context.py                # teacher, ~15 min
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/shared_context.py --student deltanet --limit 50
     ... --out docs/shared_context.md                                                    # keep a report
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/shared_context.py --count-tokens   # tokens only, full sets
 
 The two paths alternate per task (HFLM first for one task, shared first for the next), so a
 machine that slows down during the run does not favour either. A student is the fresh QKV-copied
@@ -26,6 +27,27 @@ from linearize.tasks import check_task_names
 DEFAULT_TASKS = "hellaswag,arc_easy,arc_challenge,piqa,winogrande,lambada_openai"
 
 
+def count_tokens(name: str, tok) -> str:
+    """Tokens each path feeds the model over a task's full set, without running it: HFLM's
+    batches of 8 requests sorted by length (padded to the longest), against one context per
+    document plus its choices but their last token. An upper bound on the possible speed-up."""
+    from linearize.tasks import load_tasks
+
+    task = next(iter(load_tasks([name]).values()))
+    rows, shared, heads = [], 0, 0
+    for doc in task.eval_docs:
+        ctx_text = task.doc_to_text(doc)
+        ctx = tok.encode(ctx_text)
+        conts = [tok.encode(ctx_text + task.config.target_delimiter + c)[len(ctx):] for c in task.doc_to_choice(doc)]
+        rows += [len(ctx) + len(c) - 1 for c in conts]
+        shared += len(ctx) + len(conts) * (max(map(len, conts)) - 1)
+        heads += sum(map(len, conts))
+    rows.sort(reverse=True)
+    hflm = sum(len(rows[i:i + 8]) * rows[i] for i in range(0, len(rows), 8))
+    return (f"{name}: {len(task.eval_docs)} docs; HFLM feeds {hflm} tokens, shared {shared} ({hflm / shared:.2f}x); "
+            f"LM-head positions {hflm} vs {heads} ({hflm / heads:.1f}x)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=DEFAULT_TASKS)
@@ -33,10 +55,15 @@ def main(argv=None) -> None:
     p.add_argument("--student", default=None, help="score a fresh QKV-copied conversion into this student")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="also write the table as a markdown page")
+    p.add_argument("--count-tokens", action="store_true", help="only count the tokens each path feeds (full sets)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = check_task_names(args.tasks)
     model, tok, label = load_model(None)
+    if args.count_tokens:
+        for name in names:
+            print(count_tokens(name, tok), flush=True)
+        return
     if args.student:
         from linearize.convert import convert
 

@@ -5,9 +5,10 @@ context + choice. ``SharedContextLM`` is lm-eval's HFLM with one change: the cho
 document are scored together, its context in one forward (keeping the cache: a key/value cache
 for the teacher, the mixer states for a student), then every choice from a copy of that cache;
 logits and log-softmax only at the scored positions. Documents are batched by context length.
-Counted with the embedded tokenizer over the full test sets, HFLM's padded batches feed 1.59x
-(HellaSwag), 2.79x (ARC-Easy), 2.62x (ARC-Challenge) and 1.21x (PIQA) the tokens this does, and
-2.6-7x the language-model-head positions. Results are the same log-likelihoods and greedy flags
+Counted with the embedded tokenizer over the full test sets (``benchmarks/shared_context.py
+--count-tokens``), HFLM's padded batches feed 1.59x (HellaSwag), 2.79x (ARC-Easy), 2.62x
+(ARC-Challenge) and 1.21x (PIQA) the tokens this does, and 1.6-7.1x the language-model-head
+positions; measured time is less (1.08-1.35x, docs/shared_context.md). Results are the same log-likelihoods and greedy flags
 up to float rounding (tests/test_scoring.py compares both paths on the same requests).
 
 Requests that share no context (LAMBADA, WinoGrande's partial scoring, rolling perplexity),
@@ -42,8 +43,7 @@ class SharedContextLM(HFLM):
     """HFLM whose loglikelihood runs a context shared by several requests once.
 
     Documents are batched by context length (contexts of one length need no padding, so the
-    batch's cache is exact for every row); full task sets have a few dozen documents per length
-    (HellaSwag: 10,005 of 10,042 documents in lengths shared by >= 8)."""
+    batch's cache is exact for every row); full task sets have many documents per length."""
 
     def _forward_with_cache(self, ids: torch.Tensor, cache=None, last_only: bool = False):
         """Logits (of the last position only with ``last_only``) and the cache after ``ids``.
