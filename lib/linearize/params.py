@@ -41,14 +41,17 @@ DEFAULTS: dict[str, Any] = {
     "readout_fit_tokens": 0,
     "readout_fit_ridge": 1.0e-2,
     # which stages run
+    "attention_transfer": False,  # stage 0 (an extension: linearize.transfer), before stages 1-3
     "matrix_mixing": True,  # stage 1
     "h2h": True,  # stage 2
     "distill": True,  # stage 3
     # token budgets
+    "stage0_tokens": 65536,
     "stage1_tokens": 4096,
     "stage2_tokens": 4096,
     "stage3_tokens": 8192,
     # optimiser: AdamW
+    "stage0_lr": 1.0e-3,
     "stage1_lr": 1.0e-3,
     "stage2_lr": 1.0e-3,
     "stage3_lr": 3.0e-4,
@@ -64,7 +67,12 @@ DEFAULTS: dict[str, Any] = {
     "h2h_loss": "l2",  # or "mse"
     "kd_alpha": 1.0,  # L = CE + kd_alpha * KL
     "kd_temperature": 1.0,
-    "stage3_train": "all",  # all | mixers | no-embeddings
+    "stage3_train": "all",  # all | mixers | no-embeddings | lora (peft LoRA on q/k/v/o + mixer gates)
+    # stage 0, attention-output transfer (linearize.transfer)
+    "at_target": "output",  # output: after o_proj | heads: per-head outputs before o_proj
+    "at_train": "mixers",  # mixers: all mixer parameters | gates: all but q/k/v/o | lora: gates + LoRA
+    "lora_rank": 8,  # rank of the peft LoRA adapters (at_train or stage3_train "lora")
+    "eval_every_tokens": 0,  # validate inside a stage every this many tokens (0: off); curves
     # runtime
     "bf16": False,  # bf16 autocast (CPU or GPU)
     "checkpoint_every": 16,  # steps between resumable checkpoints (and always at a stage's end)
@@ -163,7 +171,7 @@ def _check_values(p: dict) -> None:
     for key in ("seq_len", "batch_size", "val_blocks", "val_batch_size", "checkpoint_every", "log_every"):
         if not isinstance(p[key], int) or p[key] < 1:
             raise ParamsError(f"{key} must be a positive integer, got {p[key]!r}.")
-    for key in ("stage1_tokens", "stage2_tokens", "stage3_tokens"):
+    for key in ("stage0_tokens", "stage1_tokens", "stage2_tokens", "stage3_tokens", "eval_every_tokens"):
         if not isinstance(p[key], int) or p[key] < 0:
             raise ParamsError(f"{key} must be a non-negative integer (tokens), got {p[key]!r}.")
     if p["mm_loss"] not in MATRIX_MIXING_KINDS:
@@ -174,6 +182,14 @@ def _check_values(p: dict) -> None:
 
     if p["stage3_train"] not in STAGE3_TRAIN:
         raise ParamsError(f"stage3_train must be one of {STAGE3_TRAIN}, got {p['stage3_train']!r}.")
+    from .transfer import AT_TARGETS, AT_TRAIN
+
+    if p["at_target"] not in AT_TARGETS:
+        raise ParamsError(f"at_target must be one of {AT_TARGETS}, got {p['at_target']!r}.")
+    if p["at_train"] not in AT_TRAIN:
+        raise ParamsError(f"at_train must be one of {AT_TRAIN}, got {p['at_train']!r}.")
+    if not isinstance(p["lora_rank"], int) or p["lora_rank"] < 1:
+        raise ParamsError(f"lora_rank must be a positive integer, got {p['lora_rank']!r}.")
     if not 0 <= p["warmup_fraction"] <= 1 or not 0 <= p["decay_fraction"] <= 1:
         raise ParamsError("warmup_fraction and decay_fraction must lie in [0, 1].")
     if p["warmup_fraction"] + p["decay_fraction"] > 1:

@@ -53,8 +53,10 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from . import losses
 from .paths import OUTPUTS
 
-STAGE_NAMES = {1: "matrix mixing", 2: "hidden-to-hidden", 3: "end-to-end distillation"}
-STAGE3_TRAIN = ("all", "mixers", "no-embeddings")
+# Stage 0 (attention-output transfer, linearize.transfer) is an extension that runs before
+# the paper's three stages; the recipe that uses it skips stages 1-2.
+STAGE_NAMES = {0: "attention transfer", 1: "matrix mixing", 2: "hidden-to-hidden", 3: "end-to-end distillation"}
+STAGE3_TRAIN = ("all", "mixers", "no-embeddings", "lora")
 
 # The parameters that define what a stage computes: a checkpoint or a finished stage is reused
 # only when these match. Runtime knobs (logging, checkpoint cadence, early stop) may change.
@@ -64,6 +66,7 @@ _COMMON_KEYS = (
     "warmup_fraction", "decay_fraction", "min_lr_ratio", "bf16",
 )
 _STAGE_KEYS = {
+    0: ("stage0_tokens", "stage0_lr", "at_target", "at_train", "lora_rank"),
     1: ("stage1_tokens", "stage1_lr", "mm_loss"),
     2: ("stage2_tokens", "stage2_lr", "h2h_loss"),
     3: ("stage3_tokens", "stage3_lr", "kd_alpha", "kd_temperature", "stage3_train"),
@@ -223,7 +226,7 @@ def with_alignment_record(params: dict, root: str | os.PathLike | None = None) -
 
 def latest_stage(run: Run, before: int) -> int | None:
     """The last finished stage < ``before`` in this run, if any."""
-    for stage in range(before - 1, 0, -1):
+    for stage in range(before - 1, -1, -1):
         if run.done(stage) is not None and (run.dir / f"stage{stage}" / "student.pt").exists():
             return stage
     return None
@@ -311,12 +314,17 @@ def select_trainable(student: nn.Module, stage: int, stage3_train: str = "all") 
 
     Stages 1-2 and stage3_train="mixers": the mixers (``model.layers[i].self_attn``) only.
     "no-embeddings": everything but the token embedding and the LM head. "all": everything."""
-    if stage3_train not in STAGE3_TRAIN:
+    if stage != 0 and stage3_train not in STAGE3_TRAIN:
         raise ValueError(f"stage3_train must be one of {STAGE3_TRAIN}, got {stage3_train!r}.")
     mode = "mixers" if stage in (1, 2) else stage3_train
     names = []
     for name, p in student.named_parameters():
-        if mode == "mixers":
+        if stage == 0 or mode == "lora":
+            from .transfer import trainable_mask
+
+            # stage 0: stage3_train carries at_train; stage 3 "lora": adapters + mixer gates
+            train = trainable_mask(name, stage3_train if stage == 0 else "lora")
+        elif mode == "mixers":
             train = ".self_attn." in name
         elif mode == "no-embeddings":
             train = not (name.startswith("model.embed_tokens") or name.startswith("lm_head"))
@@ -493,6 +501,7 @@ def train_stage(
     start: str = "conversion",
     accelerator=None,
     progress: bool = True,
+    on_tokens: Callable | None = None,
 ) -> StageResult:
     """Train one stage (1, 2 or 3) of ``student`` against ``teacher`` for its token budget,
     resuming from ``run``'s checkpoint of this stage if there is one."""
@@ -500,7 +509,7 @@ def train_stage(
     from tqdm.auto import tqdm
 
     if stage not in STAGE_NAMES:
-        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}.")
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}.")
     accelerator = accelerator or make_accelerator(params)
     sdir = run.stage_dir(stage)
     ident = check_stage_identity(run, stage, params, start)
@@ -520,7 +529,12 @@ def train_stage(
     lr = params[f"stage{stage}_lr"]
 
     set_seed(params["seed"])
-    names = select_trainable(student, stage, params["stage3_train"])
+    lora = (stage == 0 and params["at_train"] == "lora") or (stage == 3 and params["stage3_train"] == "lora")
+    if lora:
+        from .transfer import add_lora
+
+        add_lora(student, params["lora_rank"])
+    names = select_trainable(student, stage, params["at_train"] if stage == 0 else params["stage3_train"])
     named = dict(student.named_parameters())
     trainable = [named[n] for n in names]
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=tuple(params["betas"]), weight_decay=params["weight_decay"])
@@ -587,7 +601,12 @@ def train_stage(
         t_step = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         extra: dict = {}
-        if stage == 1:
+        if stage == 0:
+            from .transfer import attention_transfer_step
+
+            loss, per_layer = attention_transfer_step(raw, teacher, ids, params, backward, autocast)
+            extra["layer_losses"] = per_layer
+        elif stage == 1:
             loss, per_layer = matrix_mixing_step(raw, teacher, ids, params, backward, autocast)
             extra["layer_losses"] = per_layer
         elif stage == 2:
@@ -595,7 +614,7 @@ def train_stage(
             extra["layer_losses"] = per_layer
         else:
             loss, extra = distill_step(model, teacher, ids, params, backward, autocast)
-        if stage in (1, 2) and nproc > 1:
+        if stage in (0, 1, 2) and nproc > 1:
             # Layer-local steps bypass DDP's forward, so average gradients by hand.
             for p in trainable:
                 if p.grad is not None:
@@ -630,6 +649,13 @@ def train_stage(
             save_checkpoint()
             interrupted = True
             break
+        if on_tokens is not None and params["eval_every_tokens"] and step < total_steps and (
+                (step * tokens_per_step) // params["eval_every_tokens"]
+                > ((step - 1) * tokens_per_step) // params["eval_every_tokens"]):
+            # a point of the token-efficiency curve (validation of the student as it is now)
+            raw.eval()
+            on_tokens(raw, step * tokens_per_step, wall_prior + (time.perf_counter() - t0))
+            raw.train()
         if step % params["checkpoint_every"] == 0 and step < total_steps:
             save_checkpoint()
     bar.close()
@@ -637,6 +663,10 @@ def train_stage(
     wall = wall_prior + (time.perf_counter() - t0)
     student = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     student.requires_grad_(False)
+    if lora and not interrupted:
+        from .transfer import merge_lora
+
+        merge_lora(student)  # student.pt keeps the converted model's keys
     accelerator.free_memory()
     compute_total = compute_prior + compute_s
     summary = {"stage": stage, "name": STAGE_NAMES[stage], "start": start, "steps": step,
@@ -689,11 +719,11 @@ def validate(student, teacher, val_blocks: torch.Tensor, params: dict) -> dict:
 # The pipeline the notebooks call
 # ---------------------------------------------------------------------------------------
 def enabled_stages(params: dict, stages=(1, 2, 3)) -> list[int]:
-    flags = {1: params["matrix_mixing"], 2: params["h2h"], 3: params["distill"]}
+    flags = {0: params["attention_transfer"], 1: params["matrix_mixing"], 2: params["h2h"], 3: params["distill"]}
     return [s for s in stages if flags[s]]
 
 
-def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, root=None, progress: bool = True) -> dict:
+def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None, root=None, progress: bool = True) -> dict:
     """Run the requested (and enabled) stages for one student, validating after conversion and
     after each stage. Finished stages are reused, an interrupted stage resumes. Returns a dict
     with the run, the final student and the stage results."""
@@ -724,8 +754,12 @@ def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, r
             student.load_state_dict(torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu",
                                                weights_only=True))
         else:
+            def on_tokens(model, tokens, wall_s, stage=stage):
+                _log_eval(run, f"stage{stage}@{tokens}", model, teacher, val_blocks, params, tokens=tokens,
+                          wall_s=wall_s)
+
             res = train_stage(stage, student, teacher, train_blocks, params, run, start=start,
-                              accelerator=accelerator, progress=progress)
+                              accelerator=accelerator, progress=progress, on_tokens=on_tokens)
             results.append(res)
             student = res.student
             if not res.finished:
@@ -789,7 +823,9 @@ def main(argv=None) -> int:
                     "Works unchanged under `accelerate launch -m linearize.stages ...`.")
     parser.add_argument("--arch", required=True, help="student mixer (linearize.mixers.available())")
     parser.add_argument("--preset", default=P.DEFAULT_PRESET, help=f"one of {', '.join(P.presets())}")
-    parser.add_argument("--stages", default="1,2,3", help="comma-separated stages to run (default 1,2,3)")
+    parser.add_argument("--stages", default="0,1,2,3",
+                        help="comma-separated stages to run (default 0,1,2,3; each runs only if enabled: "
+                             "attention_transfer, matrix_mixing, h2h, distill)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter; VALUE is read as YAML (e.g. --set seq_len=256)")
     parser.add_argument("--root", default=None, help="outputs root (default outputs/)")
