@@ -103,3 +103,18 @@ def test_hidden_loss_l2_is_mean_of_per_position_norms():
 def test_bad_input_fails_clearly(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_distillation_loss_ce_weight_zero_is_pure_kl():
+    # One position, teacher uniform over 2 words, student p_S = (1/4, 3/4), label word 0:
+    # KL = 1/2 ln(4/3) (see above), CE = -ln(1/4) = ln 4. ce_weight 0: total = alpha * KL;
+    # ce_weight 0.5: total = 0.5 ln 4 + alpha KL. The CE is reported either way.
+    teacher = _logits([[0.0, 0.0], [0.0, 0.0]])[None]
+    student = _logits([[0.0, LN3], [0.0, LN3]])[None]
+    labels = torch.tensor([[0, -100]])
+    kl = 0.5 * math.log(4 / 3)  # both positions have the same KL: the per-token mean is the same
+    pure = losses.distillation_loss(student, teacher, labels, alpha=2.0, ce_weight=0.0)
+    assert pure.total.item() == pytest.approx(2.0 * kl, rel=1e-12)
+    assert pure.ce.item() == pytest.approx(math.log(4), rel=1e-12)
+    half = losses.distillation_loss(student, teacher, labels, alpha=2.0, ce_weight=0.5)
+    assert half.total.item() == pytest.approx(0.5 * math.log(4) + 2.0 * kl, rel=1e-12)

@@ -86,8 +86,10 @@ def distillation_loss(
     alpha: float = 1.0,
     temperature: float = 1.0,
     ignore_index: int = IGNORE_INDEX,
+    ce_weight: float = 1.0,
 ) -> DistillationLoss:
-    """CE(student, labels) + alpha * per-token KL(teacher || student) (see the module docstring).
+    """ce_weight * CE(student, labels) + alpha * per-token KL(teacher || student) (see the module
+    docstring); ``ce_weight=0`` is pure distillation (the CE is still reported).
 
     ``labels`` [B, T] are aligned with the logits [B, T, V] (use ``next_token_labels``); the KL
     is taken at every position, the CE at labelled ones."""
@@ -101,7 +103,8 @@ def distillation_loss(
         student_logits.to(dtype).flatten(0, -2), labels.flatten(), ignore_index=ignore_index
     )
     kl = per_token_kl(teacher_logits, student_logits, temperature)
-    return DistillationLoss(total=ce + alpha * kl, ce=ce.detach(), kl=kl.detach())
+    total = alpha * kl if ce_weight == 0 else ce_weight * ce + alpha * kl
+    return DistillationLoss(total=total, ce=ce.detach(), kl=kl.detach())
 
 
 def matrix_mixing_loss(a_teacher: torch.Tensor, a_student: torch.Tensor, kind: str = "frobenius") -> torch.Tensor:

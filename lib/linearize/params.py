@@ -65,7 +65,8 @@ DEFAULTS: dict[str, Any] = {
     # losses
     "mm_loss": "frobenius",  # or "mse"
     "h2h_loss": "l2",  # or "mse"
-    "kd_alpha": 1.0,  # L = CE + kd_alpha * KL
+    "kd_alpha": 1.0,  # L = kd_ce_weight * CE + kd_alpha * KL
+    "kd_ce_weight": 1.0,  # 0: distil from the teacher's distribution alone (no next-token CE)
     "kd_temperature": 1.0,
     "stage3_train": "all",  # all | mixers | no-embeddings | lora (peft LoRA on q/k/v/o + mixer gates)
     # stage 0, attention-output transfer (linearize.transfer)

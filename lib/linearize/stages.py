@@ -170,11 +170,21 @@ class Run:
 _OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge")}
 
 
+# Stage keys added after runs were made: they enter the identity only away from the value every
+# earlier run implicitly had, so older run folders keep matching.
+_STAGE_KEYS_IF_SET = {3: {"kd_ce_weight": 1.0}}
+
+
 def stage_identity(params: dict, stage: int, start: str) -> dict:
     ident = {k: params[k] for k in _COMMON_KEYS + _STAGE_KEYS[stage]}
     for switch, keys in _OPTIONAL_KEYS.items():
         if params.get(switch):
             ident.update({k: params[k] for k in keys})
+    for key, implicit in _STAGE_KEYS_IF_SET.get(stage, {}).items():
+        if params.get(key, implicit) != implicit:
+            ident[key] = params[key]
+    if stage == 3 and params.get("stage3_train") == "lora":
+        ident["lora_rank"] = params["lora_rank"]
     ident["start"] = start
     return _jsonable(ident)
 
@@ -437,7 +447,8 @@ def distill_step(model, teacher, ids, params, backward: Callable, autocast) -> t
             t_logits = teacher(input_ids=ids).logits
         s_logits = model(input_ids=ids).logits
         out = losses.distillation_loss(
-            s_logits, t_logits, losses.next_token_labels(ids), params["kd_alpha"], params["kd_temperature"]
+            s_logits, t_logits, losses.next_token_labels(ids), params["kd_alpha"], params["kd_temperature"],
+            ce_weight=params["kd_ce_weight"],
         )
     backward(out.total)
     return out.total.detach(), {"ce": out.ce.item(), "kl": out.kl.item()}

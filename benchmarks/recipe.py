@@ -1,0 +1,308 @@
+"""Token-efficiency of the training recipes: validation perplexity and KL against training
+tokens, the new recipe (readout fit -> attention-output transfer -> distillation) against the
+paper's (matrix mixing -> hidden-to-hidden -> distillation), and the six tasks for the best.
+
+Every step is resumable and each writes into its own run folder under outputs/, so the whole
+measurement is done in parts across sessions:
+
+    python benchmarks/recipe.py run --arch deltanet --recipe at       # train (resumes)
+    python benchmarks/recipe.py eval --arch deltanet --recipe at --limit 500   # six tasks (resumes)
+    python benchmarks/recipe.py eval --teacher --limit 500            # the teacher, same documents
+    python benchmarks/recipe.py report                                # docs/recipe.md + .json
+
+Recipes are overrides of the ``cpu-recipe`` preset (params/presets/cpu-recipe.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "cpu-recipe"
+TASKS = ("lambada_openai", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag")
+CHANCE = {"lambada_openai": 0.0, "winogrande": 0.5, "piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25,
+          "hellaswag": 0.25}
+
+# name -> (overrides of the cpu-recipe preset, what it is)
+RECIPES: dict[str, tuple[dict, str]] = {
+    "at": ({}, "QKV copy, readout fit, attention transfer (output, all mixer parameters), distillation"),
+    "at-heads": ({"at_target": "heads"}, "as at, regressing per-head outputs before o_proj"),
+    "at-gates": ({"at_train": "gates"}, "as at, training only gates / feature maps (q/k/v/o frozen)"),
+    "at-lora": ({"at_train": "lora"}, "as at, gates + peft LoRA (rank 8) on q/k/v/o"),
+    "at-kl": ({"kd_alpha": 1.0, "stage3_train": "all"}, "as at (stage 3 CE + KL, all parameters)"),
+    "paper": ({"readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True, "h2h": True,
+               "stage1_tokens": 16384, "stage2_tokens": 16384, "stage1_lr": 1e-3, "stage2_lr": 1e-3},
+              "the paper's recipe: QKV copy, matrix mixing, hidden-to-hidden, distillation"),
+}
+
+
+def resolve(arch: str, recipe: str, extra: dict | None = None) -> dict:
+    from linearize import params as P
+
+    if recipe not in RECIPES:
+        raise SystemExit(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    over = {**RECIPES[recipe][0], "run_name": f"recipe-{recipe}", **(extra or {})}
+    return P.resolve(arch, PRESET, over)
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from linearize.stages import run_pipeline
+
+    torch.set_num_threads(args.threads)
+    extra = {}
+    for item in args.set:
+        import yaml
+
+        key, _, value = item.partition("=")
+        extra[key] = yaml.safe_load(value)
+    params = resolve(args.arch, args.recipe, extra)
+    t = time.perf_counter()
+    out = run_pipeline(params, root=args.root)
+    print(f"{args.arch}/{params['run_name']}: finished={out['finished']} in {time.perf_counter() - t:.0f} s")
+    return 0
+
+
+def _eval_path(folder: Path, limit: int | None) -> Path:
+    return folder / f"tasks_{'full' if limit is None else f'limit{limit}'}.json"
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from linearize.evaluate import evaluate_tasks, load_model
+
+    torch.set_num_threads(args.threads)
+    limit = None if args.limit in (None, 0) else args.limit
+    if args.teacher:
+        folder = Path(args.root) / "teacher-recipe"
+        source = None
+    else:
+        folder = Path(args.root) / args.arch / f"recipe-{args.recipe}"
+        source = folder
+    folder.mkdir(parents=True, exist_ok=True)
+    model, tok, label = load_model(source)
+    res = evaluate_tasks(model, tok, TASKS, limit=limit, batch_size=8, per_doc=True,
+                         cache=folder / f"lm_cache_{limit}", label=label)
+    _eval_path(folder, limit).write_text(json.dumps(res, default=float))
+    print(json.dumps({t: round(r["acc"], 4) for t, r in res["tasks"].items()}), f"{res.get('wall_time_s', 0):.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------
+def _metrics(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a torn last line of a killed run
+    return out
+
+
+def _tasks_record(res: dict | None) -> dict:
+    if not res:
+        return {}
+    return {t: {"acc": r["acc"], "stderr": r.get("acc_stderr"), "docs": r.get("n_docs")}
+            for t, r in res["tasks"].items() if t in TASKS}
+
+
+def margin(student: dict, teacher: dict) -> float | None:
+    """(student avg - chance avg) / (teacher avg - chance avg) over the tasks both have."""
+    common = [t for t in TASKS if t in student and t in teacher]
+    if len(common) < len(TASKS):
+        return None
+    s = sum(student[t]["acc"] for t in common) / len(common)
+    te = sum(teacher[t]["acc"] for t in common) / len(common)
+    c = sum(CHANCE[t] for t in common) / len(common)
+    return (s - c) / (te - c)
+
+
+def collect(root: Path, limit: int) -> dict:
+    """The recipe.json data: one record per run folder ``outputs/<arch>/recipe-<name>``."""
+    teacher_res = _eval_path(root / "teacher-recipe", limit)
+    teacher_tasks = _tasks_record(json.loads(teacher_res.read_text())) if teacher_res.exists() else {}
+    runs, teacher_ppl = [], None
+    for folder in sorted(root.glob("*/recipe-*")):
+        records = _metrics(folder)
+        evals = [r for r in records if r.get("event") == "eval"]
+        if not evals:
+            continue
+        import yaml
+
+        params = yaml.safe_load((folder / "params.yaml").read_text())
+        fit = next((r for r in records if r.get("event") == "readout_fit"), None)
+        # cumulative training tokens and wall time along the stages, in the order they ran
+        curve, done_tokens, done_wall = [], 0, (fit["wall_s"] if fit else 0.0)
+        for r in evals:
+            after = r["after"]
+            stage_tokens, stage_wall = r.get("tokens", 0), r.get("stage_wall_s", 0.0)
+            curve.append({"after": after, "tokens": done_tokens + stage_tokens, "wall_s": done_wall + stage_wall,
+                          "ppl": r["perplexity"], "kl": r.get("kl"), "teacher_ppl": r.get("teacher_perplexity")})
+            if "@" not in after and after != "conversion":
+                done_tokens += stage_tokens
+                done_wall += stage_wall
+        teacher_ppl = curve[-1]["teacher_ppl"] or teacher_ppl
+        res_path = _eval_path(folder, limit)
+        tasks = _tasks_record(json.loads(res_path.read_text())) if res_path.exists() else {}
+        last = curve[-1]
+        runs.append({"arch": params["arch"], "variant": folder.name.removeprefix("recipe-"),
+                     "hybrid": bool(params.get("hybrid_window")), "tokens": last["tokens"],
+                     "fit_tokens": fit["tokens"] if fit else 0, "wall_s": last["wall_s"], "ppl": last["ppl"],
+                     "kl": last["kl"], "tasks": tasks,
+                     "margin": margin(tasks, teacher_tasks) if teacher_tasks else None, "curve": curve})
+    return {"teacher": {"name": "SmolLM2-135M-Instruct (embedded)", "ppl": teacher_ppl, "tasks": teacher_tasks},
+            "runs": runs}
+
+
+def _load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    js.write_text(json.dumps(data, indent=1) + "\n")
+    t_ppl = data["teacher"]["ppl"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in data["runs"]:
+        xs = [max(p["tokens"], 1) for p in run["curve"] if p["after"] != "conversion"]
+        label = f"{run['arch']} / {run['variant']}"
+        pts = [p for p in run["curve"] if p["after"] != "conversion"]
+        axes[0].plot([p["tokens"] / 1e3 for p in pts], [p["ppl"] / t_ppl for p in pts], marker="o", label=label)
+        axes[1].plot([p["tokens"] / 1e3 for p in pts], [p["kl"] for p in pts], marker="o", label=label)
+        del xs
+    axes[0].axhline(1.5, ls=":", c="grey")
+    axes[0].text(0.01, 1.52, "target 1.5x", transform=axes[0].get_yaxis_transform(), color="grey", fontsize=9)
+    axes[1].axhline(0.40, ls=":", c="grey")
+    axes[0].set(xlabel="training tokens (thousands)", ylabel="validation perplexity / teacher's", yscale="log",
+                title="Perplexity ratio vs training tokens")
+    axes[1].set(xlabel="training tokens (thousands)", ylabel="per-token KL(teacher || student), nats",
+                yscale="log", title="KL vs training tokens")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    lines = [
+        "# Recipes on a CPU budget: token-efficiency curves",
+        "",
+        "Generated by `benchmarks/recipe.py report`; do not edit by hand. The data is "
+        "[recipe.json](recipe.json) (same code, same run). Regenerate with:",
+        "",
+        "```bash",
+        *[f"python benchmarks/recipe.py run --arch {r['arch']} --recipe {r['variant']}" for r in data["runs"]],
+        f"python benchmarks/recipe.py eval --teacher --limit {limit}",
+        f"python benchmarks/recipe.py eval --arch ARCH --recipe RECIPE --limit {limit}",
+        "python benchmarks/recipe.py report",
+        "```",
+        "",
+        f"Commit {commit}; 2-core CPU, fp32; load average when the page was written: {_load_average():.1f} "
+        "(other jobs shared the cores during these runs, so wall times are upper bounds).",
+        f"Preset `{PRESET}` (params/presets/{PRESET}.yaml): seq 128, batch 8; validation on the same 32 blocks of "
+        f"128 tokens (4K tokens) of the embedded corpus's held-out split for every point; teacher perplexity "
+        f"there: {t_ppl:.2f}.",
+        "",
+        "Recipes:",
+        "",
+        *[f"- `{k}`: {v[1]}" for k, v in RECIPES.items() if any(r["variant"] == k for r in data["runs"])],
+        "",
+        "`tokens` counts training tokens over all stages; the closed-form readout fit reads another "
+        "`fit` tokens (teacher-forced, no gradient). Curve points inside a stage are taken mid-schedule "
+        "(warmup-stable-decay, before the final decay), so a point is an upper bound on what a run with "
+        "that budget reaches.",
+        "",
+        f"![curves](figures/{figure.name})",
+        "",
+        "| student | recipe | tokens | fit | wall (min) | ppl | ppl / teacher | KL | tasks (docs) | margin |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in data["runs"]:
+        docs = min((t["docs"] for t in r["tasks"].values()), default=0)
+        tasks = f"{len(r['tasks'])} ({docs})" if r["tasks"] else "-"
+        m = f"{100 * r['margin']:.0f}%" if r.get("margin") is not None else "-"
+        lines.append(f"| {r['arch']} | {r['variant']} | {r['tokens']:,} | {r['fit_tokens']:,} | {r['wall_s'] / 60:.1f} | "
+                     f"{r['ppl']:.2f} | {r['ppl'] / t_ppl:.2f}x | {r['kl']:.3f} | {tasks} | {m} |")
+    lines += ["", "## Curves", ""]
+    for r in data["runs"]:
+        lines.append(f"**{r['arch']} / {r['variant']}**: " + ", ".join(
+            f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / t_ppl:.2f}x / KL {p['kl']:.3f}" for p in r["curve"]))
+        lines.append("")
+    teacher = data["teacher"]["tasks"]
+    if teacher:
+        lines += ["## Six tasks (accuracy %, ± stderr), the same documents for teacher and students", "",
+                  "| model | " + " | ".join(TASKS) + " | avg | margin |", "|---|" + "---:|" * (len(TASKS) + 2)]
+
+        def row(name, tasks, m):
+            cells = [f"{100 * tasks[t]['acc']:.1f} ± {100 * tasks[t]['stderr']:.1f}" if t in tasks else "-" for t in TASKS]
+            avg = sum(tasks[t]["acc"] for t in TASKS if t in tasks) / max(1, len([t for t in TASKS if t in tasks]))
+            return f"| {name} | " + " | ".join(cells) + f" | {100 * avg:.1f} | {m} |"
+
+        lines.append(row("teacher", teacher, "100%"))
+        for r in data["runs"]:
+            if r["tasks"]:
+                lines.append(row(f"{r['arch']} / {r['variant']}", r["tasks"],
+                                 f"{100 * r['margin']:.0f}%" if r.get("margin") is not None else "-"))
+        lines += ["", "Margin = (student avg - chance avg) / (teacher avg - chance avg); chance 0 for LAMBADA, "
+                  "0.5 for WinoGrande and PIQA, 0.25 for ARC and HellaSwag.", ""]
+    md.write_text("\n".join(lines) + "\n")
+
+
+def cmd_report(args) -> int:
+    data = collect(Path(args.root), args.limit)
+    if not data["runs"]:
+        raise SystemExit(f"no recipe runs under {args.root}/*/recipe-*: run `benchmarks/recipe.py run` first")
+    write_report(data, ROOT / "docs" / "recipe.md", ROOT / "docs" / "recipe.json",
+                 ROOT / "docs" / "figures" / "recipe_curves.png", args.limit)
+    print(f"wrote docs/recipe.md and docs/recipe.json ({len(data['runs'])} runs)")
+    return 0
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(ROOT / "lib"))
+    from linearize.paths import OUTPUTS
+
+    parser = argparse.ArgumentParser(prog="benchmarks/recipe.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="train one student with one recipe (resumes)")
+    p_run.add_argument("--arch", required=True)
+    p_run.add_argument("--recipe", default="at", help=", ".join(RECIPES))
+    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p_eval = sub.add_parser("eval", help="six tasks on a finished run (or --teacher), resumable")
+    p_eval.add_argument("--arch")
+    p_eval.add_argument("--recipe", default="at")
+    p_eval.add_argument("--teacher", action="store_true")
+    p_eval.add_argument("--limit", type=int, default=500)
+    p_rep = sub.add_parser("report", help="write docs/recipe.md and docs/recipe.json")
+    p_rep.add_argument("--limit", type=int, default=500)
+    for p in (p_run, p_eval, p_rep):
+        p.add_argument("--root", default=str(OUTPUTS))
+        p.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
