@@ -116,12 +116,17 @@ VARIANTS: dict[str, dict] = {
     "qkv-fit": dict(qkv_copy=True, matrix_mixing=False, h2h=False, overrides={"readout_fit_tokens": READOUT_FIT_TOKENS}),
     "qkv-fit-mm-h2h": dict(qkv_copy=True, matrix_mixing=True, h2h=True,
                            overrides={"readout_fit_tokens": READOUT_FIT_TOKENS, "stage2_lr": FIT_STAGE2_LR}),
+    # beyond the paper: the token-efficient recipe (docs/recipe.md): readout fit, then stage 0,
+    # attention-output transfer, in place of matrix mixing and hidden-to-hidden
+    "qkv-fit-at": dict(qkv_copy=True, matrix_mixing=False, h2h=False,
+                       overrides={"readout_fit_tokens": READOUT_FIT_TOKENS, "attention_transfer": True}),
 }
 GRIDS = {
     "default": ["qkv-mm-h2h"],
     "table2": ["kd", "mm"],
     "table3": ["qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h"],
     "fit": ["qkv-mm-h2h", "qkv-fit", "qkv-fit-mm-h2h"],
+    "recipe": ["qkv-fit-at", "qkv-mm-h2h"],  # the new recipe beside the paper's best
     "all": list(VARIANTS),
 }
 DEFAULT_STUDENTS = ["gla", "xlstm", "deltanet"]  # one per kernel family

@@ -67,10 +67,11 @@ class StudyError(ValueError):
 # ---------------------------------------------------------------------------------------
 def variant_of(params: Mapping) -> str:
     """The variant name of ``runner.VARIANTS`` that a run's parameters describe: the parts
-    "qkv", "fit" (readout fit), "mm", "h2h" that are switched on, joined by '-', or "kd"
+    "qkv", "fit" (readout fit), "at" (attention transfer), "mm", "h2h" that are switched on, joined by '-', or "kd"
     (stage 3 alone)."""
     flat = {**(params.get("overrides") or {}), **params}  # a runner step's notebook parameters nest some
-    parts = [name for key, name in (("qkv_copy", "qkv"), ("readout_fit_tokens", "fit"), ("matrix_mixing", "mm"),
+    parts = [name for key, name in (("qkv_copy", "qkv"), ("readout_fit_tokens", "fit"),
+                                    ("attention_transfer", "at"), ("matrix_mixing", "mm"),
                                     ("h2h", "h2h")) if flat.get(key)]
     return "-".join(parts) or "kd"
 
