@@ -41,6 +41,10 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "at-gates": ({"at_train": "gates"}, "as at, training only gates / feature maps (q/k/v/o frozen)"),
     "at-lora": ({"at_train": "lora"}, "as at, gates + peft LoRA (rank 8) on q/k/v/o"),
     "at-kl": ({"kd_alpha": 1.0, "stage3_train": "all"}, "as at (stage 3 CE + KL, all parameters)"),
+    # stage-3 choices, each branched from the `at` run's finished stage 0 (run --from at)
+    "at-s3lora": ({"stage3_train": "lora"}, "as at, stage 3 trains gates + peft LoRA (rank 8) on q/k/v/o only"),
+    "at-s3mixers": ({"stage3_train": "mixers"}, "as at, stage 3 trains the mixers only"),
+    "at-s3kl": ({"kd_ce_weight": 0.0}, "as at, stage 3 on the KL alone (no next-token CE)"),
     "paper": ({"readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True, "h2h": True,
                "stage1_tokens": 16384, "stage2_tokens": 16384, "stage1_lr": 1e-3, "stage2_lr": 1e-3},
               "the paper's recipe: QKV copy, matrix mixing, hidden-to-hidden, distillation"),
@@ -69,10 +73,36 @@ def cmd_run(args) -> int:
         key, _, value = item.partition("=")
         extra[key] = yaml.safe_load(value)
     params = resolve(args.arch, args.recipe, extra)
+    if args.branch_from:
+        branch(Path(args.root) / args.arch, args.branch_from, params["run_name"])
     t = time.perf_counter()
     out = run_pipeline(params, root=args.root)
     print(f"{args.arch}/{params['run_name']}: finished={out['finished']} in {time.perf_counter() - t:.0f} s")
     return 0
+
+
+def branch(arch_dir: Path, source: str, target: str) -> None:
+    """Start run ``target`` from run ``recipe-<source>``'s finished stage 0: copy its conversion,
+    stage0/ and the metrics logged up to the end of stage 0. The stage's identity is checked as
+    usual when the target runs, so a branch whose stage-0 parameters differ is refused."""
+    import shutil
+
+    src, dst = arch_dir / f"recipe-{source}", arch_dir / target
+    if dst.exists():
+        return  # already branched (a resumed call)
+    if not (src / "stage0" / "done.json").exists():
+        raise SystemExit(f"{src} has no finished stage 0 to branch from: run --recipe {source} first")
+    dst.mkdir(parents=True)
+    for sub in ("stage0", "conversion"):
+        if (src / sub).exists():
+            shutil.copytree(src / sub, dst / sub)
+    kept = []
+    for line in (src / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("stage") == 3 or record.get("after") == "stage3" or record.get("event") == "throughput":
+            break
+        kept.append(line)
+    (dst / "metrics.jsonl").write_text("\n".join(kept) + "\n")
 
 
 def _eval_path(folder: Path, limit: int | None) -> Path:
@@ -290,6 +320,8 @@ def main(argv=None) -> int:
     p_run.add_argument("--arch", required=True)
     p_run.add_argument("--recipe", default="at", help=", ".join(RECIPES))
     p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p_run.add_argument("--from", dest="branch_from", default=None,
+                       help="start from this recipe's finished stage 0 (same arch), e.g. --from at")
     p_eval = sub.add_parser("eval", help="six tasks on a finished run (or --teacher), resumable")
     p_eval.add_argument("--arch")
     p_eval.add_argument("--recipe", default="at")

@@ -719,6 +719,20 @@ def teacher_train_throughput(teacher, ids: torch.Tensor, steps: int = 3, autocas
     return steps * ids.numel() / elapsed
 
 
+@torch.no_grad()
+def teacher_forward_throughput(teacher, ids: torch.Tensor, steps: int = 3, autocast=nullcontext) -> float:
+    """Tokens/s of the teacher's plain forward on batches shaped like ``ids``: the reference of
+    the layer-local stages (0-2), whose step is one teacher forward plus per-layer mixer work."""
+    elapsed = 0.0
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        with autocast():
+            teacher(input_ids=ids)
+        if i > 0:
+            elapsed += time.perf_counter() - t
+    return steps * ids.numel() / elapsed
+
+
 def validate(student, teacher, val_blocks: torch.Tensor, params: dict) -> dict:
     """Validation perplexity of the student and per-token KL(p_T || p_S), via linearize.evaluate."""
     from .evaluate import perplexity_and_kl
@@ -785,6 +799,12 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
                         "distill_over_teacher_fwd_bwd": done["median_step_tok_s"] / ref}
                 run.log({"event": "throughput", "stage": 3, **{k: done[k] for k in (
                     "train_tok_s", "median_step_tok_s", "teacher_fwd_bwd_tok_s", "distill_over_teacher_fwd_bwd")}})
+            elif stage in (0, 1, 2) and params["measure_teacher_throughput"]:
+                ids = train_blocks[: params["batch_size"]].to(accelerator.device)
+                ref = teacher_forward_throughput(teacher, ids, autocast=autocast_for(accelerator, params))
+                run.log({"event": "throughput", "stage": stage, "train_tok_s": done["train_tok_s"],
+                         "median_step_tok_s": done["median_step_tok_s"], "teacher_fwd_tok_s": ref,
+                         "over_teacher_fwd": done["median_step_tok_s"] / ref})
         if f"stage{stage}" not in run.evals():
             _log_eval(run, f"stage{stage}", student, teacher, val_blocks, params,
                       tokens=done["tokens"], wall_s=done["wall_s"])
