@@ -221,6 +221,17 @@ def test_delta_forms_match_naive(t):
     close(K.delta_matrix(q, k, beta) @ v, ref)
 
 
+def test_delta_chunk_runs_in_bf16_against_the_float64_reference():
+    # bf16 autocast on the CPU used to raise (no half-precision triangular solve); the chunked
+    # form now solves in float32 and must stay within bf16 rounding of the float64 recurrence.
+    q, k, v, beta = delta_inputs(70)
+    ref, _ = naive_delta(q, k, v, beta)
+    o, _ = K.delta_chunk(*(x.bfloat16() for x in (q, k, v, beta)), chunk_size=CHUNK)
+    assert o.dtype == torch.bfloat16
+    err = (o.double() - ref).norm() / ref.norm()
+    assert err < 3e-2, err
+
+
 def test_delta_initial_state_continues_a_prompt():
     q, k, v, beta = delta_inputs(50)
     full, _ = K.delta_chunk(q, k, v, beta, chunk_size=CHUNK)

@@ -20,6 +20,11 @@ def _ut_transform(k, beta):
     c = k.shape[-2]
     eye = torch.eye(c, dtype=k.dtype, device=k.device)
     lower = ((beta.unsqueeze(-1) * k) @ k.transpose(-1, -2)).tril(-1)
+    if k.dtype in (torch.bfloat16, torch.float16):
+        # the CPU has no half-precision triangular solve (bf16 autocast raised NotImplementedError),
+        # and the inverse's entries can grow along the chunk: solve in float32, return k's dtype
+        a, rhs = (eye + lower).float(), torch.diag_embed(beta).float()
+        return torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True).to(k.dtype)
     return torch.linalg.solve_triangular(eye + lower, torch.diag_embed(beta), upper=False, unitriangular=True)
 
 
