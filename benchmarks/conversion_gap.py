@@ -6,8 +6,10 @@ conversion, with and without QKV copying, on held-out blocks of the embedded cor
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/conversion_gap.py [--blocks 4 --seq-len 128]
 
 ``--readout-fit N`` adds, for each, the same student after ``linearize.calibrate.fit_readouts``
-on N training blocks (closed-form o_proj fit to the teacher's attention outputs); ``--students``
-picks students (default: all ten).
+on N training blocks (closed-form o_proj fit to the teacher's attention outputs); ``--gate-init N``
+adds the QKV-copied student with its decay gates set from the teacher's attention distances on N
+training blocks (``linearize.gate_init``), alone and before the fit; ``--students`` picks students
+(default: all ten).
 """
 import argparse
 import shlex
@@ -22,6 +24,7 @@ from linearize.calibrate import fit_readouts
 from linearize.convert import convert
 from linearize.data import token_blocks
 from linearize.evaluate import perplexity_and_kl
+from linearize.gate_init import init_gates, teacher_retention
 from linearize.mixers import available
 from linearize.teacher import load_teacher
 
@@ -34,6 +37,8 @@ def main():
     parser.add_argument("--readout-fit", type=int, default=0, metavar="N",
                         help="also fit every o_proj on N training blocks (0: off)")
     parser.add_argument("--ridge", type=float, default=1e-2)
+    parser.add_argument("--gate-init", type=int, default=0, metavar="N",
+                        help="also set decay gates from the teacher's attention on N training blocks (0: off)")
     parser.add_argument("--students", default=",".join(available()))
     parser.add_argument("--out", default=None, help="also write the table as a markdown page here")
     args = parser.parse_args()
@@ -56,24 +61,44 @@ def main():
         calib = token_blocks(tok, split="train", seq_len=args.seq_len, max_blocks=args.readout_fit)
         emit(f"Readout fit (`linearize.calibrate.fit_readouts`): the first {calib.shape[0]} x {args.seq_len} "
              f"training tokens, ridge {args.ridge}.")
+    gammas = None
+    if args.gate_init:
+        gate_blocks = token_blocks(tok, split="train", seq_len=args.seq_len, max_blocks=args.gate_init)
+        gammas = teacher_retention(teacher, gate_blocks)
+        emit(f"Gate init (`linearize.gate_init`): per-head retention from the teacher's attention on the first "
+             f"{gate_blocks.shape[0]} x {args.seq_len} training tokens (median {gammas.median():.3f}, "
+             f"range {gammas.min():.3f}-{gammas.max():.3f}).")
     emit()
-    heads = ["QKV copied", "fresh QKV"]
+    # (QKV copied, gates from the teacher, readout fit) per column
+    columns = [(True, False, False)]
     if calib is not None:
-        heads = ["QKV copied", "QKV copied + fit", "fresh QKV", "fresh QKV + fit"]
-    emit("| student | " + " | ".join(f"ppl, {h} | KL" for h in heads) + " |")
-    emit("|---|" + "---:|---:|" * len(heads))
+        columns.append((True, False, True))
+    if gammas is not None:
+        columns.append((True, True, False))
+        if calib is not None:
+            columns.append((True, True, True))
+    columns.append((False, False, False))
+    if calib is not None:
+        columns.append((False, False, True))
+
+    def head(qkv, gate, fit):
+        return ("QKV copied" if qkv else "fresh QKV") + (" + gates" if gate else "") + (" + fit" if fit else "")
+
+    emit("| student | " + " | ".join(f"ppl, {head(*c)} | KL" for c in columns) + " |")
+    emit("|---|" + "---:|---:|" * len(columns))
     for arch in args.students.split(","):
         cells = []
-        for qkv in (True, False):
+        for qkv, gate, fit in columns:
             torch.manual_seed(0)  # the parts not copied start from the same draw in every run
             student = convert(teacher, arch, qkv_copy=qkv)
-            fits = [False, True] if calib is not None else [False]
-            for fit in fits:
-                if fit:
-                    fit_readouts(student, teacher, calib, ridge=args.ridge)
-                with torch.no_grad():
-                    r = perplexity_and_kl(student, teacher, blocks)
-                cells += [f"{r['perplexity']:,.1f}", f"{r['kl']:.2f}"]
+            if gate and not init_gates(student, gammas):
+                cells += ["(no gates)", ""]
+                continue
+            if fit:
+                fit_readouts(student, teacher, calib, ridge=args.ridge)
+            with torch.no_grad():
+                r = perplexity_and_kl(student, teacher, blocks)
+            cells += [f"{r['perplexity']:,.1f}", f"{r['kl']:.2f}"]
             del student
         emit(f"| {arch} | " + " | ".join(cells) + " |")
     emit()

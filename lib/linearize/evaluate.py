@@ -357,8 +357,8 @@ def _load_run_student(run_dir: Path):
         raise ValueError(f"{run_dir} does not match its params.yaml (arch {params['arch']!r}, "
                          f"run_name {params['run_name']!r}): expected it at {run.dir}")
     train_blocks = None
-    if params.get("readout_fit_tokens") and latest_stage(run, 4) is None:
-        # a conversion-only run with the readout fit: refit it, on the same blocks as training
+    if (params.get("readout_fit_tokens") or params.get("gate_init_tokens")) and latest_stage(run, 4) is None:
+        # a conversion-only run with the readout fit / gate init: redo them on the same blocks as training
         from .data import token_blocks
 
         train_blocks = token_blocks(tok, params["corpus"], params["seq_len"], "train", params["val_fraction"])

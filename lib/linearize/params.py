@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "mixer_options": {},
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
     # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
+    # decay gates set per head from the teacher's attention distances (linearize.gate_init; an
+    # extension, 0 = off): measured on the first ceil(tokens / seq_len) training blocks
+    "gate_init_tokens": 0,
     "readout_fit_tokens": 0,
     "readout_fit_ridge": 1.0e-2,
     # which stages run
@@ -195,6 +198,8 @@ def _check_values(p: dict) -> None:
         raise ParamsError("warmup_fraction and decay_fraction must lie in [0, 1].")
     if p["warmup_fraction"] + p["decay_fraction"] > 1:
         raise ParamsError("warmup_fraction + decay_fraction must not exceed 1 (warmup-stable-decay).")
+    if not isinstance(p["gate_init_tokens"], int) or p["gate_init_tokens"] < 0:
+        raise ParamsError(f"gate_init_tokens must be a non-negative integer (0: off), got {p['gate_init_tokens']!r}.")
     if p["readout_fit_tokens"] < 0 or p["readout_fit_ridge"] <= 0:
         raise ParamsError("readout_fit_tokens must be >= 0 (0: off) and readout_fit_ridge > 0.")
     if not isinstance(p["mixer_options"], dict):

@@ -167,7 +167,8 @@ class Run:
 
 # Keys that change what a run computes only when switched on: they enter a stage's identity
 # only then, so run folders written before the key existed keep matching with it off.
-_OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge")}
+_OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge"),
+                  "gate_init_tokens": ("gate_init_tokens",)}
 
 
 # Stage keys added after runs were made: they enter the identity only away from the value every
@@ -250,8 +251,33 @@ _FITTED = "self_attn.o_proj.weight"  # the tensors linearize.calibrate.fit_reado
 
 
 def _fit_identity(params: dict) -> dict:
-    """What a fitted conversion depends on: the conversion and the fit's data and ridge."""
-    return _jsonable({k: params[k] for k in _CONVERSION_KEYS + _OPTIONAL_KEYS["readout_fit_tokens"]})
+    """What a fitted conversion depends on: the conversion (with the gate initialisation when
+    it is on) and the fit's data and ridge."""
+    ident = {k: params[k] for k in _CONVERSION_KEYS + _OPTIONAL_KEYS["readout_fit_tokens"]}
+    if params.get("gate_init_tokens"):
+        ident["gate_init_tokens"] = params["gate_init_tokens"]
+    return _jsonable(ident)
+
+
+def init_gates(student, teacher, params: dict, train_blocks: torch.Tensor | None, run: Run | None = None) -> None:
+    """The optional decay-gate initialisation of a fresh conversion from the teacher's attention
+    (``gate_init_tokens`` > 0, linearize.gate_init), on the first training blocks."""
+    from . import gate_init
+
+    tokens = params.get("gate_init_tokens") or 0
+    if tokens <= 0:
+        return
+    if train_blocks is None:
+        raise ValueError("gate_init_tokens > 0 needs the training blocks to measure the teacher on.")
+    n = -(-tokens // train_blocks.shape[1])
+    if n > len(train_blocks):
+        raise ValueError(f"gate_init_tokens={tokens} asks for {n} blocks; the corpus has {len(train_blocks)}.")
+    t = time.perf_counter()
+    gammas = gate_init.teacher_retention(teacher, train_blocks[:n], batch_size=params["batch_size"])
+    changed = gate_init.init_gates(student, gammas)
+    if run is not None:
+        run.log({"event": "gate_init", "tokens": n * train_blocks.shape[1], "wall_s": time.perf_counter() - t,
+                 "mixers_changed": len(changed), "retention": gammas.tolist()})
 
 
 def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | None, run: Run | None = None) -> None:
@@ -301,6 +327,7 @@ def load_student(run: Run, teacher, params: dict, before: int, train_blocks: tor
     student = convert_student(teacher, params)
     stage = latest_stage(run, before)
     if stage is None:
+        init_gates(student, teacher, params, train_blocks, run)  # a no-op unless switched on
         fit_readout(student, teacher, params, train_blocks, run)  # a no-op unless switched on
         return student, "conversion"
     state = torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu", weights_only=True)
