@@ -13,9 +13,10 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 PYTEST_ARGS ?=
+FLA_PYTEST_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: env study teacher test test-fast test-slow lock clean-env
+.PHONY: env study teacher test test-fast test-slow test-fla lock clean-env
 
 env: $(STAMP)
 
@@ -37,8 +38,15 @@ teacher: env
 	mkdir -p outputs/teacher
 	$(VENV)/bin/papermill notebooks/00_teacher.ipynb outputs/teacher/00_teacher.ipynb
 
+# Two pytest processes: tests/fla_interpret runs FLA's Triton kernels under Triton's CPU
+# interpreter, which must be on before triton is imported, so it cannot share a process.
 test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-fla
+
+# FLA's Triton kernels (the CUDA branch of linearize.kernels) on CPU tensors, under Triton's interpreter
+test-fla: env
+	$(PY) -m pytest --fla-interpret $(FLA_PYTEST_ARGS)
 
 test-fast: env
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

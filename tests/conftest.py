@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Keep the suite offline and well-behaved on 2 shared cores (see ENVIRONMENT.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -30,3 +31,23 @@ def tiny_llama():
         tie_word_embeddings=True, attn_implementation="eager",
     )
     return LlamaForCausalLM(cfg).double().eval()
+
+
+# tests/fla_interpret runs FLA's Triton kernels under Triton's interpreter, which must be switched
+# on (TRITON_INTERPRET=1) before triton is imported: it gets a pytest process of its own,
+# `pytest --fla-interpret` (make test-fla), and every other run leaves it out.
+FLA_INTERPRET_DIR = Path(__file__).parent / "fla_interpret"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fla-interpret", action="store_true", default=False,
+                     help="run only tests/fla_interpret: FLA's Triton kernels under Triton's CPU interpreter")
+
+
+def pytest_ignore_collect(collection_path, config):
+    path = Path(collection_path)
+    inside = path == FLA_INTERPRET_DIR or FLA_INTERPRET_DIR in path.parents
+    if config.getoption("--fla-interpret"):
+        # only the interpreter tests, and the folders above them
+        return None if inside or path in FLA_INTERPRET_DIR.parents else True
+    return True if inside else None

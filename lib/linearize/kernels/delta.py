@@ -18,14 +18,16 @@ from .gated import _pad_time
 def _ut_transform(k, beta):
     """T = (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) for k [..., C, K], beta [..., C]."""
     c = k.shape[-2]
-    eye = torch.eye(c, dtype=k.dtype, device=k.device)
-    lower = ((beta.unsqueeze(-1) * k) @ k.transpose(-1, -2)).tril(-1)
-    if k.dtype in (torch.bfloat16, torch.float16):
-        # the CPU has no half-precision triangular solve (bf16 autocast raised NotImplementedError),
-        # and the inverse's entries can grow along the chunk: solve in float32, return k's dtype
-        a, rhs = (eye + lower).float(), torch.diag_embed(beta).float()
-        return torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True).to(k.dtype)
-    return torch.linalg.solve_triangular(eye + lower, torch.diag_embed(beta), upper=False, unitriangular=True)
+    out = torch.promote_types(k.dtype, beta.dtype)
+    # solve_triangular has no float16/bfloat16 kernel (CPU or CUDA), and under autocast its two
+    # sides would come out in different dtypes: solve in at least float32, autocast off.
+    dt = torch.promote_types(out, torch.float32)
+    with torch.autocast(k.device.type, enabled=False):
+        k, beta = k.to(dt), beta.to(dt)
+        eye = torch.eye(c, dtype=dt, device=k.device)
+        lower = ((beta.unsqueeze(-1) * k) @ k.transpose(-1, -2)).tril(-1)
+        tm = torch.linalg.solve_triangular(eye + lower, torch.diag_embed(beta), upper=False, unitriangular=True)
+    return tm.to(out)
 
 
 def delta_chunk(q, k, v, beta, initial_state=None, chunk_size: int = 64):

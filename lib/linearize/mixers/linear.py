@@ -155,8 +155,11 @@ class LinearMixer(TokenMixer):
         return a
 
     def init_state(self, batch_size, device, dtype):
+        """Zero state for inputs of ``dtype``: conv windows in ``dtype`` (they hold recent inputs),
+        the kernel state in ``kernels.state_dtype(dtype)`` (float32 for fp16/bf16, as FLA keeps it)."""
         h, dk, dv = self.num_heads, self.key_dim, self.head_dim
         state = {f"conv_{n}": m.init_state(batch_size, device, dtype) for n, m in self.convs.items()}
+        dtype = kernels.state_dtype(dtype)
         if self.family == "mlstm":
             state.update(C=torch.zeros(batch_size, h, dk, dv, device=device, dtype=dtype),
                          n=torch.zeros(batch_size, h, dk, device=device, dtype=dtype),
