@@ -2,8 +2,8 @@
 
 ``resolve(arch, preset="cpu-quick", overrides)`` gives one flat dict that the stages read and
 that a run stores as ``params.yaml``. Presets live in ``params/presets/<name>.yaml``,
-per-student settings in ``params/students.yaml``. An unknown key, preset or student fails with
-the valid choices; an override of ``None`` means "not set" (notebook parameters default to
+per-student settings in ``params/students.yaml`` (optional: a student without an entry takes
+the preset as it is). An unknown key, preset or student fails with the valid choices; an override of ``None`` means "not set" (notebook parameters default to
 None so that the preset decides).
 """
 from __future__ import annotations
@@ -97,8 +97,15 @@ def _check_keys(values: dict, where: str) -> None:
 
 
 def student_settings() -> dict[str, dict]:
+    """The entries of params/students.yaml; a name there that is no registered mixer fails (a typo
+    would otherwise be ignored silently)."""
+    from . import mixers
+
     data = _load_yaml(PARAMS_DIR / "students.yaml")
     for name, settings in data.items():
+        if name not in mixers.available():
+            raise ParamsError(f"params/students.yaml has an entry for {name!r}, which is no registered mixer; "
+                              f"registered: {', '.join(mixers.available())}")
         _check_keys(settings or {}, f"params/students.yaml [{name}]")
     return {k: (v or {}) for k, v in data.items()}
 
@@ -121,10 +128,7 @@ def resolve(arch: str | None = None, preset: str | None = None, overrides: dict 
         raise ParamsError(f"unknown preset {preset!r}; valid presets: {', '.join(presets())} (params/presets/*.yaml).")
     preset_values = _load_yaml(PARAMS_DIR / "presets" / f"{preset}.yaml")
     _check_keys(preset_values, f"params/presets/{preset}.yaml")
-    students = student_settings()
-    if arch not in students:
-        raise ParamsError(f"student {arch!r} has no entry in params/students.yaml; entries: {', '.join(students)}")
-    params = {**DEFAULTS, **preset_values, **students[arch], **overrides}
+    params = {**DEFAULTS, **preset_values, **student_settings().get(arch, {}), **overrides}
     params["arch"], params["preset"] = arch, preset
     params["run_name"] = params["run_name"] or preset
     for key in params:

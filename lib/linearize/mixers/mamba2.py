@@ -26,10 +26,13 @@ from torch import nn
 
 from .common import merge_heads
 from .linear import Features, LinearMixer, inverse_softplus
+from .registry import register
 
 
+@register
 class Mamba2(LinearMixer):
     name = "mamba2"
+    paper = "Mamba-2 SSD (Dao & Gu 2024)"
     decay = "dynamic-scalar"
     matrix_note = ("A_ij = (C_i.B_j) dt_j exp(sum_{j<l<=i} dt_l A_h) + D_h [i == j]: the D skip sits on the "
                    "diagonal, so y (before gating/norm) = A @ x exactly.")
