@@ -16,7 +16,7 @@ from linearize import mixers
 from linearize import params as P
 from linearize import stages as S
 from linearize.convert import convert
-from linearize.mixers.linear import Features, LinearMixer
+from linearize.mixers.linear import Features, KernelFamily, LinearMixer, kernel_family
 
 SEQ = 16
 
@@ -129,3 +129,53 @@ def test_the_toy_converts_trains_and_generates(toy, teacher, tmp_path):
         for _ in range(6):
             ids = torch.cat([ids, student(ids).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(out, ids)
+
+
+class PlainLinearFamily(KernelFamily):
+    """A kernel family written in the test: causal linear attention without decay or normaliser,
+    its chunked form as the masked quadratic product and its recurrent form as a running sum."""
+
+    name = "plain"
+
+    def run(self, mixer, f, mode, state):
+        s = self.init_state(mixer, f.q.shape[0], f.q.device, f.q.dtype)["S"] if state is None else state["S"]
+        if mode == "chunk":
+            o = self.matrix(mixer, f) @ f.v + f.q @ s
+            s = s + f.k.transpose(-1, -2) @ f.v
+        else:
+            outs = []
+            for t in range(f.q.shape[2]):
+                s = s + f.k[:, :, t, :, None] * f.v[:, :, t, None, :]
+                outs.append((f.q[:, :, t, None] @ s).squeeze(2))
+            o = torch.stack(outs, 2)
+        return o, {"S": s}
+
+    def matrix(self, mixer, f):
+        return (f.q @ f.k.transpose(-1, -2)).tril()
+
+    def init_state(self, mixer, batch_size, device, dtype):
+        return {"S": torch.zeros(batch_size, mixer.num_heads, mixer.key_dim, mixer.head_dim, device=device, dtype=dtype)}
+
+
+def test_a_kernel_family_is_an_object_a_mixer_can_bring():
+    class Plain(ToyLinearAttention):
+        name = "plain"
+        family = PlainLinearFamily()
+        normalize = False
+
+    mixers.register(Plain)
+    try:
+        assert mixers.spec("plain").family == "plain"
+        torch.manual_seed(0)
+        m = mixers.build("plain", mixers.MixerConfig(32, 4, 2, 8, chunk_size=16, backend="torch")).double()
+        x = torch.randn(2, 21, 32, dtype=torch.float64)
+        torch.testing.assert_close(m.core(x, mode="recurrent").o, m.core(x).o, rtol=1e-10, atol=1e-10)
+        # the generation state carries over: a prefix, then steps, equals one pass
+        y, _ = m(x)
+        y0, s = m(x[:, :9], mode="chunk")
+        y1, _ = m(x[:, 9:], state=s, mode="recurrent")
+        torch.testing.assert_close(torch.cat([y0, y1], 1), y, rtol=1e-10, atol=1e-10)
+    finally:
+        mixers.unregister("plain")
+    with pytest.raises(ValueError, match="unknown kernel family 'nope'"):
+        kernel_family("nope")
