@@ -105,7 +105,7 @@ def test_gradients_finite_at_512(name):
 
 # ------------------------------------------------------------------ registry and contract
 def test_registry_holds_the_papers_students():
-    from linearize.convert import PAPER_PARAMS_M  # the paper's ten students, by our names
+    from linearize.paper import PAPER_PARAMS_M  # the paper's ten students, by our names
 
     assert set(PAPER_PARAMS_M) <= set(NAMES)
     assert mixers.get("llama") is mixers.get("softmax") and mixers.get("mlstm") is mixers.get("xlstm")

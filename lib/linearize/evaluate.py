@@ -6,8 +6,9 @@ returns a plain dict: per task the unnormalised accuracy the paper reports (``ac
 ``acc_norm`` beside it where lm-eval defines one, LAMBADA's accuracy and perplexity, and the
 standard error of each. ``results_table`` lays several such results out like the paper's tables
 (Lamb., WinoG., Arc-E, Arc-C, PIQA, HellaS., Avg., in percent), optionally with the paper's own
-rows (``PAPER_ROWS``; note the paper's teacher was SmolLM-360M, ours is SmolLM2-135M-Instruct,
-and the paper's LAMBADA was the mean of standard and OpenAI, ours is OpenAI only).
+rows (``PAPER_ROWS`` of :mod:`linearize.paper`; note the paper's teacher was SmolLM-360M, ours
+is SmolLM2-135M-Instruct, and the paper's LAMBADA was the mean of standard and OpenAI, ours is
+OpenAI only).
 
 ``perplexity_and_kl`` measures a student against its teacher on held-out token blocks.
 """
@@ -24,42 +25,10 @@ from typing import Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from .paper import AVG, COLUMNS, PAPER_ROWS  # noqa: F401  (re-exported: they used to live here)
 from .tasks import PAPER_TASKS, check_task_names, lm_eval_name, load_tasks, task_manager
 
-# Column label of each task in the paper's tables, in the paper's order.
-COLUMNS = {
-    "lambada_openai": "Lamb.",
-    "winogrande": "WinoG.",
-    "arc_easy": "Arc-E",
-    "arc_challenge": "Arc-C",
-    "piqa": "PIQA",
-    "hellaswag": "HellaS.",
-}
-AVG = "Avg."
 RESULTS_FILE = "eval_{tag}.json"
-
-# The source paper's numbers (STUDY.md), percent, unnormalised accuracy. Its teacher was
-# SmolLM-360M trained students on 1B FineWeb tokens; Table 2 students do not copy Q/K/V, Table 3
-# ablations do. Only the teacher has per-task numbers; the students have averages only.
-_PAPER = "paper, SmolLM-360M teacher: "
-PAPER_ROWS: dict[str, dict[str, float]] = {
-    _PAPER + "teacher": {"Lamb.": 49.26, "WinoG.": 59.35, "Arc-E": 70.24, "Arc-C": 36.65,
-                         "PIQA": 71.65, "HellaS.": 43.11, AVG: 55.04},
-    **{_PAPER + f"Llama-{s}": {AVG: a} for s, a in [
-        ("Llama", 48.61), ("xLSTM", 47.36), ("GLA", 47.85), ("HGRN2", 47.48), ("RetNet", 47.39),
-        ("Mamba2", 47.10), ("MetaLA", 44.82), ("DeltaNet", 43.80), ("ReBased", 43.39),
-        ("Hedgehog", 41.69)]},
-    **{_PAPER + f"Llama-{s} + MM": {AVG: a} for s, a in [
-        ("Llama", 49.98), ("xLSTM", 47.95), ("GLA", 47.78), ("HGRN2", 46.95), ("RetNet", 47.27),
-        ("Mamba2", 46.16), ("MetaLA", 46.97), ("DeltaNet", 42.93), ("ReBased", 42.96),
-        ("Hedgehog", 42.80)]},
-    _PAPER + "Llama-xLSTM + QKV": {AVG: 49.02},
-    _PAPER + "Llama-xLSTM + QKV + MM": {AVG: 48.98},
-    _PAPER + "Llama-xLSTM + QKV + MM + H2H": {AVG: 49.41},
-    _PAPER + "Llama-GLA + QKV": {AVG: 48.66},
-    _PAPER + "Llama-GLA + QKV + MM + H2H": {AVG: 48.58},
-    _PAPER + "Llama-GLA + MM + H2H (no QKV)": {AVG: 35.30},
-}
 
 
 @contextlib.contextmanager
