@@ -130,3 +130,31 @@ def test_a_fresh_process_opens_the_folder_with_trust_remote_code(student, tokeni
     greedy = all(logp[len(context) - 1 + i].argmax().item() == t for i, t in enumerate(targets))
     assert child["loglik"] == pytest.approx(expected, rel=1e-5)
     assert child["greedy"] == greedy
+
+
+def test_run_pipeline_ends_with_the_final_folder(student, tokenizer, tmp_path, monkeypatch):
+    """After the run's last enabled stage, outputs/<arch>/<run>/final holds that stage's student."""
+    import linearize.data
+    from linearize import params as P
+    from linearize import stages as S
+
+    teacher = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in student.config.to_dict().items()
+                                              if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                       "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "max_position_embeddings")}))
+    teacher.eval().requires_grad_(False)
+    blocks = torch.randint(0, len(tokenizer), (8, 16), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(linearize.data, "token_blocks", lambda tok, corpus, seq, split, *a, **k: blocks)
+    params = P.resolve("gla", overrides=dict(seq_len=16, batch_size=4, stage1_tokens=64, stage2_tokens=64,
+                                             stage3_tokens=64, run_name="t", val_blocks=2, val_batch_size=2,
+                                             measure_teacher_throughput=False))
+    out = S.run_pipeline(params, stages=(1, 2), teacher=teacher, tokenizer=tokenizer, root=tmp_path, progress=False)
+    assert out["finished"] and not (out["run"].dir / "final").exists()  # stage 3 is still to come
+    out = S.run_pipeline(params, stages=(3,), teacher=teacher, tokenizer=tokenizer, root=tmp_path, progress=False)
+    loaded = fresh_copies(AutoModelForCausalLM.from_pretrained(out["run"].dir / "final")).eval()
+    stage3 = torch.load(out["run"].dir / "stage3" / "student.pt", weights_only=True)
+    assert loaded.state_dict().keys() == stage3.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in stage3.items())
+    ids = ids_of(tokenizer, CONTEXT)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out["student"].eval()(ids).logits)

@@ -17,11 +17,14 @@ mixers' code lives there, not in the folder. Nothing is converted or refitted on
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 SHIM_FILE = "linearize_student.py"
 SHIM = '''"""A linearize student: its classes live in the installed `linearize` package (the
@@ -53,24 +56,26 @@ def _without_auto_class(*classes):
 
 
 def save_student_folder(student, tokenizer, path: str | os.PathLike) -> Path:
-    """Write ``student`` (a ``LinearizedLlamaForCausalLM``) and ``tokenizer`` to the folder
-    ``path``, replacing it if it exists (written into a temporary sibling first, then renamed,
-    so a crash never leaves a half folder). Returns the path."""
+    """Write ``student`` (a ``LinearizedLlamaForCausalLM``) and ``tokenizer`` (the teacher's) to
+    the folder ``path``, replacing it if it exists (written into a temporary sibling first, then
+    renamed, so a crash never leaves a half folder). Returns the path. ``tokenizer=None`` writes
+    the model alone, with a warning: the folder then needs the teacher's tokenizer beside it."""
     from .modeling import LinearizedLlamaForCausalLM
 
     if not isinstance(student, LinearizedLlamaForCausalLM):
         raise TypeError(f"save_student_folder saves a LinearizedLlamaForCausalLM, got {type(student).__name__}; "
                         "a teacher is saved with its own save_pretrained.")
     if tokenizer is None:
-        raise ValueError("save_student_folder needs the tokenizer (the teacher's), so that the folder "
-                         "opens in lm-eval and generate() on its own.")
+        logger.warning("save_student_folder: no tokenizer given, so %s holds none; lm-eval then needs "
+                       "tokenizer=<the teacher> in --model_args.", path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         with _without_auto_class(type(student), type(student.config)):
             student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / SHIM_FILE).write_text(SHIM)
         config_file = tmp / "config.json"
         config = json.loads(config_file.read_text())
