@@ -27,6 +27,8 @@ A run lives in ``outputs/<arch>/<run_name>/``::
     stageN/done.json   summary (steps, tokens, wall time, last loss)
     conversion/fitted_student.pt  the o_proj weights of the readout fit (when switched on),
                        with the parameters they depend on, so a run fits once
+    final/             the student after the run's last enabled stage, a Hugging Face folder
+                       (linearize.export.save_student_folder: from_pretrained, lm_eval --model hf)
 
 Resume: calling a stage again continues from ``checkpoint.pt`` with the same data order
 (a function of seed and step), optimizer, scheduler and RNG states, and truncates
@@ -744,6 +746,13 @@ def run_pipeline(params: dict, stages=(1, 2, 3), teacher=None, tokenizer=None, r
             _log_eval(run, f"stage{stage}", student, teacher, val_blocks, params,
                       tokens=done["tokens"], wall_s=done["wall_s"])
         start = f"stage{stage}"
+    enabled = enabled_stages(params)
+    if run.is_main and (not enabled or enabled[-1] in todo):
+        # the run's last enabled stage is done: its student as a Hugging Face folder that
+        # from_pretrained and lm_eval --model hf open directly (linearize.export)
+        from .export import save_student_folder
+
+        save_student_folder(student, tokenizer, run.dir / "final")
     return {"run": run, "student": student, "results": results, "finished": True}
 
 
