@@ -17,6 +17,9 @@ from .paths import ROOT
 
 PARAMS_DIR = ROOT / "params"
 DEFAULT_PRESET = "cpu-quick"
+# What stage 3 may train (the stage3_train parameter): everything, the mixers only, or all but
+# the embeddings and LM head.
+STAGE3_TRAIN = ("all", "mixers", "no-embeddings")
 
 # Every key a run understands, with its default and meaning.
 DEFAULTS: dict[str, Any] = {
@@ -174,8 +177,6 @@ def _check_values(p: dict) -> None:
         raise ParamsError(f"mm_loss must be one of {MATRIX_MIXING_KINDS}, got {p['mm_loss']!r}.")
     if p["h2h_loss"] not in HIDDEN_KINDS:
         raise ParamsError(f"h2h_loss must be one of {HIDDEN_KINDS}, got {p['h2h_loss']!r}.")
-    from .stages import STAGE3_TRAIN
-
     if p["stage3_train"] not in STAGE3_TRAIN:
         raise ParamsError(f"stage3_train must be one of {STAGE3_TRAIN}, got {p['stage3_train']!r}.")
     if not 0 <= p["warmup_fraction"] <= 1 or not 0 <= p["decay_fraction"] <= 1:

@@ -53,10 +53,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from . import losses
+from .params import STAGE3_TRAIN  # defined with the other parameters (params imports no stage code)
 from .paths import OUTPUTS
 
 STAGE_NAMES = {1: "matrix mixing", 2: "hidden-to-hidden", 3: "end-to-end distillation"}
-STAGE3_TRAIN = ("all", "mixers", "no-embeddings")
 
 # The parameters that define what a stage computes: a checkpoint or a finished stage is reused
 # only when these match. Runtime knobs (logging, checkpoint cadence, early stop) may change.
@@ -681,8 +681,8 @@ def teacher_train_throughput(teacher, ids: torch.Tensor, steps: int = 3, autocas
 
 
 def validate(student, teacher, val_blocks: torch.Tensor, params: dict) -> dict:
-    """Validation perplexity of the student and per-token KL(p_T || p_S), via linearize.evaluate."""
-    from .evaluate import perplexity_and_kl
+    """Validation perplexity of the student and per-token KL(p_T || p_S), via linearize.perplexity."""
+    from .perplexity import perplexity_and_kl
 
     return perplexity_and_kl(student, teacher, val_blocks, batch_size=params["val_batch_size"])
 
