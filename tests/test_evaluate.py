@@ -121,7 +121,7 @@ def test_table_has_the_papers_columns_and_rows():
     assert math.isnan(table.loc["partial", "Avg."])  # no average over a subset of the tasks
     assert E.results_table({"ours": full}, metric="acc_norm").loc["ours", "PIQA"] == 32.5
     teacher_row = table.loc["paper, SmolLM-360M teacher: teacher"]
-    # The paper's teacher average is the mean of its six per-task numbers (STUDY.md).
+    # The paper's teacher average is the mean of its six per-task numbers (docs/study.md).
     assert teacher_row.iloc[:6].mean() == pytest.approx(teacher_row["Avg."], abs=0.01)
     assert table.loc["paper, SmolLM-360M teacher: Llama-xLSTM + QKV + MM + H2H", "Avg."] == 49.41
     assert len([r for r in table.index if r.startswith("paper")]) == len(E.PAPER_ROWS)
