@@ -27,7 +27,7 @@ from linearize.evaluate import COLUMNS, PAPER_ROWS, evaluate_tasks, load_model, 
 from linearize.paths import OUTPUTS, ROOT
 from linearize.tasks import OFFICIAL_DOC_COUNTS, PAPER_TASKS, check_task_names
 
-# First measurement on this machine (ENVIRONMENT.md): limit 500 per task, unnormalised acc, %.
+# First measurement on this machine (docs/environment.md): limit 500 per task, unnormalised acc, %.
 ORIENTATION_LIMIT500 = {"lambada_openai": 29.6, "winogrande": 51.0, "arc_easy": 50.2,
                         "arc_challenge": 23.0, "piqa": 65.0, "hellaswag": 37.6}
 # Cheapest first (by tokens to score), so the most tasks are on record early; HellaSwag alone is

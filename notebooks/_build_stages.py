@@ -61,7 +61,7 @@ def align_notebook():
         new_markdown_cell(
             "# 01 · Alignment: matrix mixing and hidden-to-hidden\n\n"
             "Converts the teacher into the student `arch` and runs the two layer-local alignment stages "
-            "of MOHAWK (STUDY.md, pipeline steps 2-3): stage 1 pulls each mixer's materialised mixing "
+            "of MOHAWK (docs/study.md, pipeline steps 2-3): stage 1 pulls each mixer's materialised mixing "
             "matrix towards the teacher's attention, stage 2 pulls each student layer's output towards "
             "the teacher's, from the teacher's layer inputs. Only mixer parameters train. Validation "
             "perplexity and per-token KL to the teacher are recorded after conversion and after each "
@@ -103,7 +103,7 @@ def distill_notebook():
     cells = [
         new_markdown_cell(
             "# 02 · End-to-end distillation\n\n"
-            "Stage 3 (STUDY.md, pipeline step 4): L = CE + alpha * KL(p_T || p_S), the KL averaged per "
+            "Stage 3 (docs/study.md, pipeline step 4): L = CE + alpha * KL(p_T || p_S), the KL averaged per "
             "token. Starts from the last finished alignment stage of the same run (`01_align`), or from "
             "a fresh conversion when there is none. Records validation perplexity and KL after the "
             "stage, and the distillation throughput against a plain forward+backward of the teacher "

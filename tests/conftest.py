@@ -1,7 +1,7 @@
 import os
 from pathlib import Path
 
-# Keep the suite offline and well-behaved on 2 shared cores (see ENVIRONMENT.md).
+# Keep the suite offline and well-behaved on 2 shared cores (see docs/environment.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -121,7 +121,7 @@ def test_table_has_the_papers_columns_and_rows():
     assert math.isnan(table.loc["partial", "Avg."])  # no average over a subset of the tasks
     assert E.results_table({"ours": full}, metric="acc_norm").loc["ours", "PIQA"] == 32.5
     teacher_row = table.loc["paper, SmolLM-360M teacher: teacher"]
-    # The paper's teacher average is the mean of its six per-task numbers (STUDY.md).
+    # The paper's teacher average is the mean of its six per-task numbers (docs/study.md).
     assert teacher_row.iloc[:6].mean() == pytest.approx(teacher_row["Avg."], abs=0.01)
     assert table.loc["paper, SmolLM-360M teacher: Llama-xLSTM + QKV + MM + H2H", "Avg."] == 49.41
     assert len([r for r in table.index if r.startswith("paper")]) == len(E.PAPER_ROWS)
@@ -199,3 +199,15 @@ def test_evaluate_notebook_on_a_saved_student(teacher, tmp_path, monkeypatch):
     assert (tmp_path / "outputs" / "teacher" / "eval_limit2.json").exists()
     kl = json.loads((tmp_path / "student" / "eval_perplexity_kl.json").read_text())
     assert kl["kl"] > 0 and kl["n_blocks"] == 1
+
+
+def test_the_papers_numbers_have_one_home():
+    """evaluate, convert and study re-export linearize.paper's tables (the same objects), and the
+    rows hold every Table 2 and Table 3 number once."""
+    from linearize import convert, paper, study
+
+    assert E.PAPER_ROWS is paper.PAPER_ROWS and E.COLUMNS is paper.COLUMNS and E.AVG == paper.AVG
+    assert convert.PAPER_PARAMS_M is paper.PAPER_PARAMS_M and study.PAPER_NAMES is paper.PAPER_NAMES
+    assert len(paper.PAPER_ROWS) == 1 + 2 * len(paper.TABLE2_AVG) + len(paper.TABLE3_AVG) == 27
+    assert paper.PAPER_ROWS["paper, SmolLM-360M teacher: Llama-Mamba2 + MM"] == {"Avg.": 46.16}
+    assert set(paper.TABLE2_AVG) == set(paper.PAPER_PARAMS_M) <= set(paper.PAPER_NAMES)

@@ -59,7 +59,7 @@ def test_folder_without_config_is_refused(tmp_path):
 
 
 def test_validation_perplexity_is_sane(teacher):
-    """About 14 on modern prose (ENVIRONMENT.md) and 20-45 on these 19th-20th century speeches;
+    """About 14 on modern prose (docs/environment.md) and 20-45 on these 19th-20th century speeches;
     a broken load, tokenizer or separator gives hundreds."""
     from linearize.data import token_blocks
 

@@ -6,8 +6,8 @@ What is copied, bit for bit (same module names on both sides):
 What is replaced: every ``self_attn`` by the student's token mixer, built from the teacher's
 shapes (hidden size, H query heads, H_kv key/value heads, head dim, RoPE theta).
 What QKV copying adds (``qkv_copy=True``): each mixer's ``copy_from_attention`` copies the
-teacher's q/k/v/o projections into the ones it has (STUDY.md, Table 1: HGRN2 and MetaLA have
-no key, so their k_proj is skipped and reported).
+teacher's q/k/v/o projections into the ones it has (docs/study.md, Table 1: HGRN2 and MetaLA
+have no key, so their k_proj is skipped and reported).
 
 Head mapping under grouped-query attention (SmolLM2-135M: H = 9, H_kv = 3, group g = H / H_kv
 = 3): query head h reads key/value head h // g, exactly as Llama's ``repeat_kv`` does. The
@@ -28,6 +28,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .modeling import LinearizedLlamaConfig, LinearizedLlamaForCausalLM, build_mixer
+from .paper import PAPER_PARAMS_M, PAPER_REFERENCE_M  # noqa: F401  (re-exported: they used to live here)
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ SUPPORTED_DESCRIPTION = (
     "Llama-architecture causal LMs (transformers LlamaForCausalLM, model_type 'llama': Llama 1-3, "
     "SmolLM/SmolLM2, TinyLlama, ...)"
 )
-# Parameter counts (millions) of the paper's students converted from SmolLM-360M (STUDY.md,
-# "Parameter counts grew"); the Llama-Llama student is the 350M reference.
-PAPER_PARAMS_M = {
-    "softmax": 350, "xlstm": 448, "gla": 420, "hgrn2": 409, "retnet": 566,
-    "mamba2": 523, "metala": 448, "deltanet": 449, "rebased": 404, "hedgehog": 404,
-}
-PAPER_REFERENCE_M = PAPER_PARAMS_M["softmax"]
-
 
 class ConversionError(ValueError):
     """A teacher or student choice the converter cannot turn into a student."""

@@ -6,10 +6,12 @@ returns a plain dict: per task the unnormalised accuracy the paper reports (``ac
 ``acc_norm`` beside it where lm-eval defines one, LAMBADA's accuracy and perplexity, and the
 standard error of each. ``results_table`` lays several such results out like the paper's tables
 (Lamb., WinoG., Arc-E, Arc-C, PIQA, HellaS., Avg., in percent), optionally with the paper's own
-rows (``PAPER_ROWS``; note the paper's teacher was SmolLM-360M, ours is SmolLM2-135M-Instruct,
-and the paper's LAMBADA was the mean of standard and OpenAI, ours is OpenAI only).
+rows (``PAPER_ROWS`` of :mod:`linearize.paper`; note the paper's teacher was SmolLM-360M, ours
+is SmolLM2-135M-Instruct, and the paper's LAMBADA was the mean of standard and OpenAI, ours is
+OpenAI only).
 
-``perplexity_and_kl`` measures a student against its teacher on held-out token blocks.
+``perplexity_and_kl`` (from :mod:`linearize.perplexity`) measures a student against its teacher
+on held-out token blocks.
 """
 from __future__ import annotations
 
@@ -22,44 +24,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 
+from .paper import AVG, COLUMNS, PAPER_ROWS  # noqa: F401  (re-exported: they used to live here)
+from .perplexity import perplexity_and_kl  # noqa: F401  (re-exported: it used to live here)
 from .tasks import PAPER_TASKS, check_task_names, lm_eval_name, load_tasks, task_manager
 
-# Column label of each task in the paper's tables, in the paper's order.
-COLUMNS = {
-    "lambada_openai": "Lamb.",
-    "winogrande": "WinoG.",
-    "arc_easy": "Arc-E",
-    "arc_challenge": "Arc-C",
-    "piqa": "PIQA",
-    "hellaswag": "HellaS.",
-}
-AVG = "Avg."
 RESULTS_FILE = "eval_{tag}.json"
-
-# The source paper's numbers (STUDY.md), percent, unnormalised accuracy. Its teacher was
-# SmolLM-360M trained students on 1B FineWeb tokens; Table 2 students do not copy Q/K/V, Table 3
-# ablations do. Only the teacher has per-task numbers; the students have averages only.
-_PAPER = "paper, SmolLM-360M teacher: "
-PAPER_ROWS: dict[str, dict[str, float]] = {
-    _PAPER + "teacher": {"Lamb.": 49.26, "WinoG.": 59.35, "Arc-E": 70.24, "Arc-C": 36.65,
-                         "PIQA": 71.65, "HellaS.": 43.11, AVG: 55.04},
-    **{_PAPER + f"Llama-{s}": {AVG: a} for s, a in [
-        ("Llama", 48.61), ("xLSTM", 47.36), ("GLA", 47.85), ("HGRN2", 47.48), ("RetNet", 47.39),
-        ("Mamba2", 47.10), ("MetaLA", 44.82), ("DeltaNet", 43.80), ("ReBased", 43.39),
-        ("Hedgehog", 41.69)]},
-    **{_PAPER + f"Llama-{s} + MM": {AVG: a} for s, a in [
-        ("Llama", 49.98), ("xLSTM", 47.95), ("GLA", 47.78), ("HGRN2", 46.95), ("RetNet", 47.27),
-        ("Mamba2", 46.16), ("MetaLA", 46.97), ("DeltaNet", 42.93), ("ReBased", 42.96),
-        ("Hedgehog", 42.80)]},
-    _PAPER + "Llama-xLSTM + QKV": {AVG: 49.02},
-    _PAPER + "Llama-xLSTM + QKV + MM": {AVG: 48.98},
-    _PAPER + "Llama-xLSTM + QKV + MM + H2H": {AVG: 49.41},
-    _PAPER + "Llama-GLA + QKV": {AVG: 48.66},
-    _PAPER + "Llama-GLA + QKV + MM + H2H": {AVG: 48.58},
-    _PAPER + "Llama-GLA + MM + H2H (no QKV)": {AVG: 35.30},
-}
 
 
 @contextlib.contextmanager
@@ -244,62 +214,6 @@ def results_table(
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=[*COLUMNS.values(), AVG])
     frame.index.name = "model"
     return frame.astype(float).round(decimals)
-
-
-# ---- perplexity and KL to the teacher on held-out token blocks ----
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits.float()
-
-
-@torch.no_grad()
-def perplexity_and_kl(student, teacher, blocks: torch.Tensor, batch_size: int = 2) -> dict:
-    """Validation perplexity of student and teacher, and the mean per-token KL(p_T || p_S).
-
-    ``blocks``: LongTensor [N, seq_len] of held-out token ids (e.g. ``linearize.data``'s
-    validation blocks). Perplexity is exp of the mean next-token cross-entropy over the
-    N * (seq_len - 1) predicted positions. The KL is averaged over every position of every
-    block (N * seq_len) - a mean over tokens, not the "batchmean" that sums over the sequence.
-    ``teacher=None`` skips the KL and reports the student's perplexity only.
-    """
-    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long:
-        raise ValueError(
-            "blocks must be a LongTensor [N, seq_len] of token ids (e.g. from "
-            f"linearize.data.token_blocks), got {getattr(blocks, 'dtype', type(blocks))} "
-            f"with shape {tuple(getattr(blocks, 'shape', ()))}"
-        )
-    if blocks.shape[1] < 2:
-        raise ValueError(f"blocks need at least 2 tokens each for perplexity, got {blocks.shape}")
-    models = [m for m in (student, teacher) if m is not None]
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    device = next(student.parameters()).device
-    nll_s = nll_t = kl_sum = 0.0
-    n_pred = n_tok = 0
-    try:
-        for start in range(0, blocks.shape[0], batch_size):
-            ids = blocks[start:start + batch_size].to(device)
-            targets = ids[:, 1:].reshape(-1)
-            logp_s = F.log_softmax(_logits(student, ids), dim=-1)
-            nll_s += F.nll_loss(logp_s[:, :-1].reshape(-1, logp_s.shape[-1]), targets, reduction="sum").item()
-            n_pred += targets.numel()
-            if teacher is not None:
-                logp_t = F.log_softmax(_logits(teacher, ids.to(next(teacher.parameters()).device)).to(device), dim=-1)
-                nll_t += F.nll_loss(logp_t[:, :-1].reshape(-1, logp_t.shape[-1]), targets, reduction="sum").item()
-                # KL(p_T || p_S) per position, summed over the vocabulary; summed here over
-                # positions and divided by the token count at the end.
-                kl_sum += (logp_t.exp() * (logp_t - logp_s)).sum().item()
-                n_tok += ids.numel()
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-    out = {"perplexity": math.exp(nll_s / n_pred), "n_blocks": int(blocks.shape[0]),
-           "seq_len": int(blocks.shape[1])}
-    if teacher is not None:
-        out["teacher_perplexity"] = math.exp(nll_t / n_pred)
-        out["kl"] = kl_sum / n_tok
-    return out
 
 
 # ---- loading a model to evaluate ----

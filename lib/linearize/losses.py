@@ -1,7 +1,7 @@
 """The three training objectives: end-to-end distillation, matrix mixing, hidden-to-hidden.
 
 Every reduction is spelled out here because the source paper's formulas were lost and peers'
-code differs in exactly these details (STUDY.md):
+code differs in exactly these details (docs/study.md):
 
 * ``distillation_loss``  L = CE + alpha * KL, where
       CE = mean over labelled positions of -log p_S(label)              (temperature 1)

@@ -2,8 +2,8 @@
 
 ``resolve(arch, preset="cpu-quick", overrides)`` gives one flat dict that the stages read and
 that a run stores as ``params.yaml``. Presets live in ``params/presets/<name>.yaml``,
-per-student settings in ``params/students.yaml``. An unknown key, preset or student fails with
-the valid choices; an override of ``None`` means "not set" (notebook parameters default to
+per-student settings in ``params/students.yaml`` (optional: a student without an entry takes
+the preset as it is). An unknown key, preset or student fails with the valid choices; an override of ``None`` means "not set" (notebook parameters default to
 None so that the preset decides).
 """
 from __future__ import annotations
@@ -17,6 +17,9 @@ from .paths import ROOT
 
 PARAMS_DIR = ROOT / "params"
 DEFAULT_PRESET = "cpu-quick"
+# What stage 3 may train (the stage3_train parameter): everything, the mixers only, or all but
+# the embeddings and LM head.
+STAGE3_TRAIN = ("all", "mixers", "no-embeddings", "lora")  # lora: peft adapters on q/k/v/o + mixer gates
 
 # Every key a run understands, with its default and meaning.
 DEFAULTS: dict[str, Any] = {
@@ -109,8 +112,15 @@ def _check_keys(values: dict, where: str) -> None:
 
 
 def student_settings() -> dict[str, dict]:
+    """The entries of params/students.yaml; a name there that is no registered mixer fails (a typo
+    would otherwise be ignored silently)."""
+    from . import mixers
+
     data = _load_yaml(PARAMS_DIR / "students.yaml")
     for name, settings in data.items():
+        if name not in mixers.available():
+            raise ParamsError(f"params/students.yaml has an entry for {name!r}, which is no registered mixer; "
+                              f"registered: {', '.join(mixers.available())}")
         _check_keys(settings or {}, f"params/students.yaml [{name}]")
     return {k: (v or {}) for k, v in data.items()}
 
@@ -133,10 +143,7 @@ def resolve(arch: str | None = None, preset: str | None = None, overrides: dict 
         raise ParamsError(f"unknown preset {preset!r}; valid presets: {', '.join(presets())} (params/presets/*.yaml).")
     preset_values = _load_yaml(PARAMS_DIR / "presets" / f"{preset}.yaml")
     _check_keys(preset_values, f"params/presets/{preset}.yaml")
-    students = student_settings()
-    if arch not in students:
-        raise ParamsError(f"student {arch!r} has no entry in params/students.yaml; entries: {', '.join(students)}")
-    params = {**DEFAULTS, **preset_values, **students[arch], **overrides}
+    params = {**DEFAULTS, **preset_values, **student_settings().get(arch, {}), **overrides}
     params["arch"], params["preset"] = arch, preset
     params["run_name"] = params["run_name"] or preset
     for key in params:
@@ -182,8 +189,6 @@ def _check_values(p: dict) -> None:
         raise ParamsError(f"mm_loss must be one of {MATRIX_MIXING_KINDS}, got {p['mm_loss']!r}.")
     if p["h2h_loss"] not in HIDDEN_KINDS:
         raise ParamsError(f"h2h_loss must be one of {HIDDEN_KINDS}, got {p['h2h_loss']!r}.")
-    from .stages import STAGE3_TRAIN
-
     if p["stage3_train"] not in STAGE3_TRAIN:
         raise ParamsError(f"stage3_train must be one of {STAGE3_TRAIN}, got {p['stage3_train']!r}.")
     from .transfer import AT_TARGETS, AT_TRAIN

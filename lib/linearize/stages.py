@@ -27,6 +27,8 @@ A run lives in ``outputs/<arch>/<run_name>/``::
     stageN/done.json   summary (steps, tokens, wall time, last loss)
     conversion/fitted_student.pt  the o_proj weights of the readout fit (when switched on),
                        with the parameters they depend on, so a run fits once
+    final/             the student after the run's last enabled stage, a Hugging Face folder
+                       (linearize.export.save_student_folder: from_pretrained, lm_eval --model hf)
 
 Resume: calling a stage again continues from ``checkpoint.pt`` with the same data order
 (a function of seed and step), optimizer, scheduler and RNG states, and truncates
@@ -51,12 +53,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from . import losses
+from .params import STAGE3_TRAIN  # defined with the other parameters (params imports no stage code)
 from .paths import OUTPUTS
 
 # Stage 0 (attention-output transfer, linearize.transfer) is an extension that runs before
 # the paper's three stages; the recipe that uses it skips stages 1-2.
 STAGE_NAMES = {0: "attention transfer", 1: "matrix mixing", 2: "hidden-to-hidden", 3: "end-to-end distillation"}
-STAGE3_TRAIN = ("all", "mixers", "no-embeddings", "lora")
 
 # The parameters that define what a stage computes: a checkpoint or a finished stage is reused
 # only when these match. Runtime knobs (logging, checkpoint cadence, early stop) may change.
@@ -761,8 +763,8 @@ def teacher_forward_throughput(teacher, ids: torch.Tensor, steps: int = 3, autoc
 
 
 def validate(student, teacher, val_blocks: torch.Tensor, params: dict) -> dict:
-    """Validation perplexity of the student and per-token KL(p_T || p_S), via linearize.evaluate."""
-    from .evaluate import perplexity_and_kl
+    """Validation perplexity of the student and per-token KL(p_T || p_S), via linearize.perplexity."""
+    from .perplexity import perplexity_and_kl
 
     return perplexity_and_kl(student, teacher, val_blocks, batch_size=params["val_batch_size"])
 
@@ -836,6 +838,13 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
             _log_eval(run, f"stage{stage}", student, teacher, val_blocks, params,
                       tokens=done["tokens"], wall_s=done["wall_s"])
         start = f"stage{stage}"
+    enabled = enabled_stages(params)
+    if run.is_main and (not enabled or enabled[-1] in todo):
+        # the run's last enabled stage is done: its student as a Hugging Face folder that
+        # from_pretrained and lm_eval --model hf open directly (linearize.export)
+        from .export import save_student_folder
+
+        save_student_folder(student, tokenizer, run.dir / "final")
     return {"run": run, "student": student, "results": results, "finished": True}
 
 

@@ -31,18 +31,13 @@ from pathlib import Path
 
 import yaml
 
-from .evaluate import AVG, COLUMNS, PAPER_ROWS, table_row
+from .evaluate import table_row
+from .paper import AVG, COLUMNS, PAPER_NAMES, PAPER_ROWS
 from .paths import ROOT
 
 # Folders of outputs/ that hold no student runs.
 NON_RUN_DIRS = {"teacher", "bench", "study", "teacher_eval", "bench_mixers"}
 STAGE_EVALS = ("conversion", "stage1", "stage2", "stage3")
-# The paper's names of the students (Table 2 rows read "Llama-<name>").
-PAPER_NAMES = {
-    "softmax": "Llama", "llama": "Llama", "xlstm": "xLSTM", "gla": "GLA", "hgrn2": "HGRN2",
-    "retnet": "RetNet", "mamba2": "Mamba2", "metala": "MetaLA", "deltanet": "DeltaNet",
-    "rebased": "ReBased", "hedgehog": "Hedgehog",
-}
 # How the paper labels each training variant after "Llama-<student>".
 VARIANT_SUFFIX = {
     "kd": "", "mm": " + MM", "qkv": " + QKV", "qkv-mm": " + QKV + MM",

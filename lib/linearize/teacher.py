@@ -56,7 +56,7 @@ def _embedded_cache() -> Path:
     gguf = embedded_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses a model that still carries the GGUF quantiser (ENVIRONMENT.md).
+    # save_pretrained refuses a model that still carries the GGUF quantiser (docs/environment.md).
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -13,10 +13,13 @@ from torch import nn
 
 from .common import HeadNorm, l2_normalize, merge_heads
 from .linear import Features, LinearMixer, scale_of
+from .registry import register
 
 
+@register
 class DeltaNet(LinearMixer):
     name = "deltanet"
+    paper = "DeltaNet (Schlag et al. 2021; Yang et al. 2024)"
     family = "delta"
     decay = "delta"
     matrix_note = ("A = tril(Q K^T) (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) (q, k L2-normalised, "

@@ -15,10 +15,13 @@ from torch import nn
 
 from .common import HeadNorm, merge_heads
 from .linear import Features, LinearMixer, scale_of
+from .registry import register
 
 
+@register
 class GLA(LinearMixer):
     name = "gla"
+    paper = "Gated Linear Attention (Yang et al. 2023)"
     decay = "dynamic-channel"
     matrix_note = "A_ij = sum_d q_id k_jd prod_{j<l<=i} alpha_ld (q scaled by 1/sqrt(d)); o = A @ V exactly."
 

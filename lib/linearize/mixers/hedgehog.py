@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .linear import Features, LinearMixer
+from .registry import register
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -26,8 +27,10 @@ class HedgehogFeatureMap(nn.Module):
         return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
 
 
+@register
 class Hedgehog(LinearMixer):
     name = "hedgehog"
+    paper = "Hedgehog (Zhang et al. 2024)"
     normalize = True
     decay = "none"
     matrix_note = ("A_ij = phi_q(q_i).phi_k(k_j) / (sum_{l<=i} phi_q(q_i).phi_k(k_l) + eps) for j <= i: the "

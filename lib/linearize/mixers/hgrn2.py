@@ -16,10 +16,13 @@ from torch import nn
 
 from .common import merge_heads
 from .linear import Features, LinearMixer, scale_of
+from .registry import register
 
 
+@register
 class HGRN2(LinearMixer):
     name = "hgrn2"
+    paper = "HGRN2 (Qin et al. 2024)"
     has_key = False
     decay = "dynamic-channel"
     matrix_note = "A_ij = sum_d q_id (1 - f_jd) prod_{j<l<=i} f_ld; o = A @ V exactly."

@@ -8,6 +8,11 @@ A subclass says what is particular to it in two hooks:
 This class runs the kernel family (gated / delta / mlstm) in the requested form, so the chunked,
 recurrent and materialised forms cannot drift apart between mixers.
 
+A kernel family is a ``KernelFamily`` object with three methods, ``run`` (chunked or recurrent
+form), ``matrix`` (the materialised A) and ``init_state``; ``FAMILIES`` maps the names mixers
+declare (``family = "delta"``) to them. A new family is one more object there (or a mixer may
+set ``family`` to the object itself).
+
 State dict: the kernel state ("S" for gated and delta; "C", "n", "m" for mLSTM) plus one
 "conv_<name>" window per short convolution.
 """
@@ -38,8 +43,107 @@ class Features:
     out_input: torch.Tensor | None = None  # what output() gates with, if not the layer input
 
 
+class KernelFamily:
+    """One kind of recurrence: its two forms, its materialised matrix and its empty state.
+
+    ``run(mixer, f, mode, state)`` -> (o [B, H, T, V], kernel state dict); ``state`` is the
+    mixer's state dict (None = fresh). ``matrix(mixer, f)`` -> A [B, H, T, T].
+    ``init_state(mixer, batch_size, device, dtype)`` -> the kernel's part of a fresh state.
+    ``mixer`` supplies the options (``config.chunk_size``, ``config.backend``, and for the gated
+    family ``normalize`` and ``eps``) and the shapes (``num_heads``, ``key_dim``, ``head_dim``)."""
+
+    name: str = ""
+
+    def run(self, mixer: "LinearMixer", f: Features, mode, state):
+        raise NotImplementedError
+
+    def matrix(self, mixer: "LinearMixer", f: Features) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_state(self, mixer: "LinearMixer", batch_size, device, dtype) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class GatedFamily(KernelFamily):
+    """Gated linear attention: per-channel, scalar or no decay ``f.g``, optional normaliser."""
+
+    name = "gated"
+
+    def run(self, mixer, f, mode, state):
+        o, s = kernels.gated_attention(f.q, f.k, f.v, f.g, mode=mode, chunk_size=mixer.config.chunk_size,
+                                       backend=mixer.config.backend,
+                                       initial_state=None if state is None else state["S"],
+                                       normalize=mixer.normalize, eps=mixer.eps)
+        return o, {"S": s}
+
+    def matrix(self, mixer, f):
+        return kernels.gated_matrix(f.q, f.k, f.g, chunk_size=mixer.config.chunk_size,
+                                    normalize=mixer.normalize, eps=mixer.eps)
+
+    def init_state(self, mixer, batch_size, device, dtype):
+        extra = 1 if mixer.normalize else 0  # the normaliser's column
+        return {"S": torch.zeros(batch_size, mixer.num_heads, mixer.key_dim, mixer.head_dim + extra,
+                                 device=device, dtype=dtype)}
+
+
+class DeltaFamily(KernelFamily):
+    """The delta rule, with write strength ``f.beta``."""
+
+    name = "delta"
+
+    def run(self, mixer, f, mode, state):
+        o, s = kernels.delta_rule(f.q, f.k, f.v, f.beta, mode=mode, chunk_size=mixer.config.chunk_size,
+                                  backend=mixer.config.backend,
+                                  initial_state=None if state is None else state["S"])
+        return o, {"S": s}
+
+    def matrix(self, mixer, f):
+        return kernels.delta_matrix(f.q, f.k, f.beta)
+
+    def init_state(self, mixer, batch_size, device, dtype):
+        return {"S": torch.zeros(batch_size, mixer.num_heads, mixer.key_dim, mixer.head_dim,
+                                 device=device, dtype=dtype)}
+
+
+class MLSTMFamily(KernelFamily):
+    """xLSTM's mLSTM cell: log forget gate ``f.lf``, input gate ``f.ig``, max-state stabiliser."""
+
+    name = "mlstm"
+
+    def run(self, mixer, f, mode, state):
+        init = None if state is None else (state["C"], state["n"], state["m"])
+        o, (c, n, m) = kernels.mlstm(f.q, f.k, f.v, f.lf, f.ig, mode=mode, chunk_size=mixer.config.chunk_size,
+                                     backend=mixer.config.backend, initial_state=init)
+        return o, {"C": c, "n": n, "m": m}
+
+    def matrix(self, mixer, f):
+        return kernels.mlstm_matrix(f.q, f.k, f.lf, f.ig)
+
+    def init_state(self, mixer, batch_size, device, dtype):
+        h, dk, dv = mixer.num_heads, mixer.key_dim, mixer.head_dim
+        return {"C": torch.zeros(batch_size, h, dk, dv, device=device, dtype=dtype),
+                "n": torch.zeros(batch_size, h, dk, device=device, dtype=dtype),
+                "m": torch.zeros(batch_size, h, device=device, dtype=dtype)}
+
+
+FAMILIES: dict[str, KernelFamily] = {f.name: f for f in (GatedFamily(), DeltaFamily(), MLSTMFamily())}
+
+
+def kernel_family(family: str | KernelFamily) -> KernelFamily:
+    """The family object for a name in ``FAMILIES`` (or the object itself)."""
+    if isinstance(family, KernelFamily):
+        return family
+    if family not in FAMILIES:
+        raise ValueError(f"unknown kernel family {family!r}; known: {', '.join(FAMILIES)} "
+                         "(or set `family` to a KernelFamily object)")
+    return FAMILIES[family]
+
+
 class LinearMixer(TokenMixer):
-    family: ClassVar[str] = "gated"  # gated | delta | mlstm
+    family: ClassVar[str | KernelFamily] = "gated"  # a name in FAMILIES (gated | delta | mlstm) or a KernelFamily
     normalize: ClassVar[bool] = False  # gated family: divide by sum_j A_ij + eps
 
     def __init__(self, config: MixerConfig, layer_idx: int = 0):
@@ -106,24 +210,12 @@ class LinearMixer(TokenMixer):
         return self.o_proj(merge_heads(o))
 
     # ---- the three forms ------------------------------------------------------------------
+    @property
+    def kernel(self) -> KernelFamily:
+        return kernel_family(self.family)
+
     def _run(self, f: Features, mode, state):
-        cs, be = self.config.chunk_size, self.config.backend
-        if self.family == "gated":
-            o, s = kernels.gated_attention(f.q, f.k, f.v, f.g, mode=mode, chunk_size=cs, backend=be,
-                                           initial_state=None if state is None else state["S"],
-                                           normalize=self.normalize, eps=self.eps)
-            kstate = {"S": s}
-        elif self.family == "delta":
-            o, s = kernels.delta_rule(f.q, f.k, f.v, f.beta, mode=mode, chunk_size=cs, backend=be,
-                                      initial_state=None if state is None else state["S"])
-            kstate = {"S": s}
-        elif self.family == "mlstm":
-            init = None if state is None else (state["C"], state["n"], state["m"])
-            o, (c, n, m) = kernels.mlstm(f.q, f.k, f.v, f.lf, f.ig, mode=mode, chunk_size=cs,
-                                         backend=be, initial_state=init)
-            kstate = {"C": c, "n": n, "m": m}
-        else:
-            raise ValueError(f"unknown kernel family {self.family!r}")
+        o, kstate = self.kernel.run(self, f, mode, state)
         if f.diag is not None:
             o = o + f.diag.unsqueeze(-1) * f.v
         return o, kstate
@@ -143,13 +235,7 @@ class LinearMixer(TokenMixer):
 
     def mixing_matrix(self, x, position_embeddings=None) -> torch.Tensor:
         f = self.features(x, position_embeddings, None, {})
-        if self.family == "gated":
-            a = kernels.gated_matrix(f.q, f.k, f.g, chunk_size=self.config.chunk_size,
-                                     normalize=self.normalize, eps=self.eps)
-        elif self.family == "delta":
-            a = kernels.delta_matrix(f.q, f.k, f.beta)
-        else:
-            a = kernels.mlstm_matrix(f.q, f.k, f.lf, f.ig)
+        a = self.kernel.matrix(self, f)
         if f.diag is not None:
             a = a + torch.diag_embed(f.diag)
         return a
@@ -157,16 +243,8 @@ class LinearMixer(TokenMixer):
     def init_state(self, batch_size, device, dtype):
         """Zero state for inputs of ``dtype``: conv windows in ``dtype`` (they hold recent inputs),
         the kernel state in ``kernels.state_dtype(dtype)`` (float32 for fp16/bf16, as FLA keeps it)."""
-        h, dk, dv = self.num_heads, self.key_dim, self.head_dim
         state = {f"conv_{n}": m.init_state(batch_size, device, dtype) for n, m in self.convs.items()}
-        dtype = kernels.state_dtype(dtype)
-        if self.family == "mlstm":
-            state.update(C=torch.zeros(batch_size, h, dk, dv, device=device, dtype=dtype),
-                         n=torch.zeros(batch_size, h, dk, device=device, dtype=dtype),
-                         m=torch.zeros(batch_size, h, device=device, dtype=dtype))
-        else:
-            extra = 1 if self.normalize else 0  # the normaliser's column
-            state["S"] = torch.zeros(batch_size, h, dk, dv + extra, device=device, dtype=dtype)
+        state.update(self.kernel.init_state(self, batch_size, device, kernels.state_dtype(dtype)))
         return state
 
 

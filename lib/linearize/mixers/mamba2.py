@@ -5,11 +5,16 @@ dt_t = softplus(W_dt x + dt_bias) per head, A_h = -exp(A_log_h) (a scalar decay 
 step), the skip D_h. In attention terms q = C (q_proj), k = dt * B (k_proj), v = x (v_proj):
 B and x use the teacher's H_kv groups, repeated to the heads, as Mamba-2's B/C groups. x, B and
 C pass the causal short convolution with SiLU (conv_size 4). Output: gated RMSNorm
-RMSNorm(y * silu(z)) with z = W_z x, then o_proj. No 1/sqrt(d) scale (SSD has none).
+RMSNorm(y * silu(z)) with z = W_z x, normalised per group as in official Mamba-2 (its
+RMSNormGated with group_size = d_ssm / ngroups; transformers' Mamba2Mixer does the same): the
+H x P channels are split into ``norm_groups`` consecutive groups (default H_kv, the B/C group
+count), each divided by its own root mean square; then o_proj. No 1/sqrt(d) scale (SSD has none).
 Mamba-2's single fused in_proj is split into named projections so the teacher's copy in.
 
 Options (defaults, Mamba-2's): dt_min 0.001, dt_max 0.1 (dt initialised log-uniformly between
-them through dt_bias = softplus^-1(dt)), a_init_range (1, 16) for -A, D init 1.0, conv_size 4.
+them through dt_bias = softplus^-1(dt)), a_init_range (1, 16) for -A, D init 1.0, conv_size 4,
+norm_groups H_kv (1 normalises all H x P channels together, as this module did before the
+per-group fix; students trained then need ``norm_groups: 1`` to compute what they learnt).
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from torch import nn
 
 from .common import merge_heads
 from .linear import Features, LinearMixer, inverse_softplus
+from .registry import register
 
 
+@register
 class Mamba2(LinearMixer):
     name = "mamba2"
+    paper = "Mamba-2 SSD (Dao & Gu 2024)"
     decay = "dynamic-scalar"
     matrix_note = ("A_ij = (C_i.B_j) dt_j exp(sum_{j<l<=i} dt_l A_h) + D_h [i == j]: the D skip sits on the "
                    "diagonal, so y (before gating/norm) = A @ x exactly.")
@@ -44,7 +52,7 @@ class Mamba2(LinearMixer):
         lo, hi = self.option("a_init_range", (1.0, 16.0))
         self.A_log = nn.Parameter(torch.empty(h).uniform_(lo, hi).log())
         self.D = nn.Parameter(torch.full((h,), float(self.option("d_init", 1.0))))
-        self.out_norm = nn.RMSNorm(h * c.head_dim, eps=self.eps)
+        self.out_norm = GroupRMSNorm(h * c.head_dim, int(self.option("norm_groups", c.num_kv_heads)), self.eps)
 
     def features(self, x, position_embeddings, state, new_state):
         q = self.heads(self.conv("q", self.q_proj(x), state, new_state))
@@ -58,3 +66,22 @@ class Mamba2(LinearMixer):
 
     def output(self, o, x):
         return self.o_proj(self.out_norm(merge_heads(o) * F.silu(self.z_proj(x))))
+
+
+class GroupRMSNorm(nn.Module):
+    """RMSNorm over ``groups`` consecutive equal slices of the last dimension, one weight per
+    channel: Mamba-2's grouped norm. ``groups=1`` is ``nn.RMSNorm(channels)``. The parameter is
+    named ``weight`` like nn.RMSNorm's, so state dicts of either load into the other."""
+
+    def __init__(self, channels: int, groups: int, eps: float):
+        super().__init__()
+        if groups < 1 or channels % groups:
+            raise ValueError(f"norm_groups={groups} must be >= 1 and divide the {channels} output channels")
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:  # exactly what nn.RMSNorm computes
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        size = x.shape[-1] // self.groups
+        return F.rms_norm(x.unflatten(-1, (self.groups, size)), (size,), None, self.eps).flatten(-2) * self.weight

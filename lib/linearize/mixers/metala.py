@@ -19,10 +19,13 @@ from torch import nn
 
 from .common import HeadNorm, merge_heads
 from .linear import Features, LinearMixer, scale_of
+from .registry import register
 
 
+@register
 class MetaLA(LinearMixer):
     name = "metala"
+    paper = "MetaLA (Chou et al. 2024)"
     has_key = False
     decay = "dynamic-channel"
     matrix_note = ("A_ij = sum_d q_id (1 - alpha_jd) prod_{j<l<=i} alpha_ld / sqrt(d), plus the self-augmentation "

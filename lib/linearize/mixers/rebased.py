@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import Features, LinearMixer, scale_of
+from .registry import register
 
 
+@register
 class ReBased(LinearMixer):
     name = "rebased"
+    paper = "ReBased (Aksenov et al. 2024)"
     normalize = True
     decay = "none"
     matrix_note = ("A_ij = (s q~_i.k~_j)^2 / (sum_{l<=i} (s q~_i.k~_l)^2 + eps) for j <= i: the row-normalised "

@@ -15,10 +15,13 @@ from torch import nn
 
 from .common import HeadNorm, merge_heads
 from .linear import Features, LinearMixer, scale_of
+from .registry import register
 
 
+@register
 class RetNet(LinearMixer):
     name = "retnet"
+    paper = "RetNet multi-scale retention (Sun et al. 2023)"
     decay = "static-scalar"
     matrix_note = "A_ij = gamma_h^(i-j) (q_i.k_j)/sqrt(d); o = A @ V exactly."
 

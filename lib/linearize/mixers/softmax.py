@@ -17,10 +17,14 @@ from torch import nn
 
 from .base import CoreOut, MixerConfig, TokenMixer
 from .common import apply_rope, merge_heads, repeat_kv, split_heads
+from .registry import register
 
 
+@register
 class SoftmaxAttention(TokenMixer):
     name = "softmax"
+    paper = "Llama softmax attention (Touvron et al. 2023)"
+    family = "softmax"  # no kernel family of linear.py: its own quadratic form
     has_query = True
     has_key = True
     decay = "none"

@@ -18,10 +18,13 @@ from torch import nn
 
 from .common import HeadNorm, merge_heads
 from .linear import Features, LinearMixer, scale_of
+from .registry import register
 
 
+@register
 class MLSTM(LinearMixer):
     name = "xlstm"
+    paper = "mLSTM cell of xLSTM (Beck et al. 2024)"
     family = "mlstm"
     decay = "dynamic-scalar"
     matrix_note = ("A_tj = D_tj (q_t.k_j) / max(|sum_l D_tl (q_t.k_l)|, 1), D_tj = exp(sum_{j<l<=t} log f_l + i~_j): "
