@@ -19,6 +19,7 @@ from .linear import Features, LinearMixer, scale_of
 
 class GLA(LinearMixer):
     name = "gla"
+    option_names = ("gate_low_rank_dim", "forget_bias", "gate_logit_normalizer")
     decay = "dynamic-channel"
     matrix_note = "A_ij = sum_d q_id k_jd prod_{j<l<=i} alpha_ld (q scaled by 1/sqrt(d)); o = A @ V exactly."
 

@@ -20,6 +20,7 @@ from .linear import Features, LinearMixer, scale_of
 
 class HGRN2(LinearMixer):
     name = "hgrn2"
+    option_names = ("forget_bias",)
     has_key = False
     decay = "dynamic-channel"
     matrix_note = "A_ij = sum_d q_id (1 - f_jd) prod_{j<l<=i} f_ld; o = A @ V exactly."

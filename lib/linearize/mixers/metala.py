@@ -23,6 +23,7 @@ from .linear import Features, LinearMixer, scale_of
 
 class MetaLA(LinearMixer):
     name = "metala"
+    option_names = ("forget_bias", "gate_logit_normalizer", *LinearMixer.CONV_OPTIONS)
     has_key = False
     decay = "dynamic-channel"
     matrix_note = ("A_ij = sum_d q_id (1 - alpha_jd) prod_{j<l<=i} alpha_ld / sqrt(d), plus the self-augmentation "

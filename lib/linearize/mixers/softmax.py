@@ -21,6 +21,7 @@ from .common import apply_rope, merge_heads, repeat_kv, split_heads
 
 class SoftmaxAttention(TokenMixer):
     name = "softmax"
+    option_names = ("rope",)
     has_query = True
     has_key = True
     decay = "none"
