@@ -58,7 +58,6 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from . import losses
 from .paths import OUTPUTS
 from .runfiles import (
-    RunFileError,
     atomic_save,
     disk_full_error,
     hold_lock,
