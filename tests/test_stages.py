@@ -272,7 +272,10 @@ def test_atomic_save_survives_a_kill_mid_write(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     state = torch.load(path, weights_only=False)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+    # no temp file left; the checksum record still matches the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]
+    from linearize.runfiles import verify
+    verify(path, "unused")
 
 
 # --- schedules, data order, parameters --------------------------------------------------------

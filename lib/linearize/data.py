@@ -83,19 +83,39 @@ def fetch_embedded_corpus() -> Path:
     return target
 
 
+def _read_text(path: Path) -> str:
+    """A corpus file as UTF-8 text; binary files and other encodings are refused with the file's
+    name (decoding them with replacement characters used to train on U+FFFD soup)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise CorpusError(f"{path} holds NUL bytes: it looks like a binary file, not text. Remove it from the corpus.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(
+            f"{path} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 4]!r}). Convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`, or remove it from the corpus."
+        ) from None
+
+
 def _read_files(paths: list[Path]) -> list[Document]:
     docs: list[Document] = []
     for path in sorted(paths):
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as fh:
-                for i, line in enumerate(fh):
-                    if line.strip():
+            for i, line in enumerate(_read_text(path).splitlines()):
+                if line.strip():
+                    try:
                         rec = json.loads(line)
-                        if "text" not in rec:
-                            raise CorpusError(f"{path}:{i + 1} has no 'text' field; JSONL corpora need one per line.")
-                        docs.append(Document(f"{path.name}:{i}", rec["text"]))
+                    except json.JSONDecodeError as err:
+                        raise CorpusError(f"{path}:{i + 1} is not valid JSON ({err.msg}, column {err.colno}); "
+                                          "JSONL corpora hold one JSON object per line.") from None
+                    if not isinstance(rec, dict) or "text" not in rec:
+                        raise CorpusError(f"{path}:{i + 1} has no 'text' field; JSONL corpora need one per line.")
+                    if not isinstance(rec["text"], str):
+                        raise CorpusError(f"{path}:{i + 1}: 'text' must be a string, got {type(rec['text']).__name__}.")
+                    docs.append(Document(f"{path.name}:{i}", rec["text"]))
         else:
-            docs.append(Document(path.name, path.read_text(encoding="utf-8", errors="replace")))
+            docs.append(Document(path.name, _read_text(path)))
     return [d for d in docs if d.text.strip()]
 
 

@@ -8,6 +8,9 @@ None so that the preset decides).
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,13 +155,17 @@ def resolve(arch: str | None = None, preset: str | None = None, overrides: dict 
     return params
 
 
+# keys whose default is None but whose value, when set, is a number of this type
+_NUMBER_TYPES = {"stop_after_steps": int, "grad_clip": float}
+
+
 def _as_number(key: str, value):
     """``value`` as the number type of ``DEFAULTS[key]`` where that default is a number.
 
     YAML 1.1 (PyYAML) reads ``1e-4`` without a dot as the *string* '1e-4', so
     ``--set stage2_lr=1e-4`` used to reach the optimiser as a string; such strings are parsed
     here, and anything that is not a number fails with the key's name."""
-    default = DEFAULTS.get(key)
+    default = _NUMBER_TYPES[key](0) if key in _NUMBER_TYPES else DEFAULTS.get(key)
     if value is None or isinstance(default, bool) or not isinstance(default, (int, float)):
         return value
     number = value
@@ -209,3 +216,87 @@ def _check_values(p: dict) -> None:
         raise ParamsError("readout_fit_tokens must be >= 0 (0: off) and readout_fit_ridge > 0.")
     if not isinstance(p["mixer_options"], dict):
         raise ParamsError(f"mixer_options must be a mapping, got {p['mixer_options']!r}.")
+    _check_kinds(p)
+
+
+# Switches: YAML reads true/false/yes/no as booleans; anything else (e.g. "maybe") is refused
+# rather than read as truthy.
+_BOOL_KEYS = ("qkv_copy", "matrix_mixing", "h2h", "distill", "bf16", "measure_teacher_throughput")
+_BACKENDS = ("auto", "torch", "fla")
+# run_name is one folder under outputs/<arch>/: no separators, no "..", nothing absolute.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@-]*$")
+
+
+def _finite(p: dict, key: str, low: float, strict: bool, why: str) -> None:
+    v = p[key]
+    if not math.isfinite(v) or (v <= low if strict else v < low):
+        raise ParamsError(f"{key} must be {'>' if strict else '>='} {low:g} ({why}), got {v!r}.")
+
+
+def _check_kinds(p: dict) -> None:
+    """Types, ranges and choices of every key the checks above do not cover, so a bad value
+    fails here, before the teacher loads, with the key's name - not mid-run in torch."""
+    for key in _BOOL_KEYS:
+        if not isinstance(p[key], bool):
+            raise ParamsError(f"{key} must be true or false, got {p[key]!r}.")
+    for key in ("teacher", "corpus"):
+        if not isinstance(p[key], (str, os.PathLike)) or not str(p[key]).strip():
+            raise ParamsError(f"{key} must be a non-empty name or path, got {p[key]!r}.")
+    name = p["run_name"]
+    if not isinstance(name, str) or not _RUN_NAME.match(name) or name in (".", ".."):
+        raise ParamsError(
+            f"run_name must be a single folder name (letters, digits and ._+=@-, not starting with '.'; "
+            f"no '/', '..' or absolute path), so the run stays inside outputs/<arch>/; got {name!r}.")
+    if not isinstance(p["chunk_size"], int) or p["chunk_size"] < 1:
+        raise ParamsError(f"chunk_size must be a positive integer, got {p['chunk_size']!r}.")
+    if p["backend"] not in _BACKENDS:
+        raise ParamsError(f"backend must be one of {_BACKENDS}, got {p['backend']!r}.")
+    for stage in (1, 2, 3):
+        _finite(p, f"stage{stage}_lr", 0, True, "a learning rate")
+    _finite(p, "kd_alpha", 0, False, "the weight of the KL term")
+    _finite(p, "kd_temperature", 0, True, "a softmax temperature")
+    _finite(p, "weight_decay", 0, False, "AdamW's decoupled decay")
+    if not 0 < p["val_fraction"] < 1:
+        raise ParamsError(f"val_fraction must lie in (0, 1), got {p['val_fraction']!r}.")
+    if not 0 <= p["min_lr_ratio"] <= 1:
+        raise ParamsError(f"min_lr_ratio must lie in [0, 1], got {p['min_lr_ratio']!r}.")
+    if p["grad_clip"] is not None:
+        _finite(p, "grad_clip", 0, False, "a max gradient norm; 0 or null turns clipping off")
+    betas = p["betas"]
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise ParamsError(f"betas must be two numbers in [0, 1) (AdamW's beta1, beta2), e.g. [0.9, 0.95]; got {betas!r}.")
+    stop = p["stop_after_steps"]
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < 1):
+        raise ParamsError(f"stop_after_steps must be a positive whole number of steps or null, got {stop!r}.")
+    if not isinstance(p["seed"], int):
+        raise ParamsError(f"seed must be a whole number, got {p['seed']!r}.")
+    # An enabled stage must train at least one step: fewer tokens used to train one step anyway.
+    step_tokens = p["batch_size"] * p["seq_len"]
+    for stage, switch in ((1, "matrix_mixing"), (2, "h2h"), (3, "distill")):
+        if p[switch] and p[f"stage{stage}_tokens"] < step_tokens:
+            raise ParamsError(
+                f"stage{stage}_tokens={p[f'stage{stage}_tokens']} is less than one step (batch_size x seq_len = "
+                f"{step_tokens} tokens); raise it, or set {switch}=false to skip stage {stage}.")
+    options = p["mixer_options"]
+    if options:
+        from . import mixers
+
+        declared = mixers.get(p["arch"]).declared_options()
+        unknown = sorted(str(k) for k in set(options) - declared)
+        if unknown:
+            raise ParamsError(
+                f"mixer_options {unknown} are not options of {p['arch']}; its options: "
+                f"{', '.join(sorted(declared)) or 'none'}.")
+
+
+def validate(params: dict) -> dict:
+    """Check a resolved parameter dict again (callers may build or edit one by hand): every
+    key known, every value of the right type and range. Returns it unchanged."""
+    _check_keys(params, "the parameters")
+    missing = sorted(set(DEFAULTS) - set(params))
+    if missing:
+        raise ParamsError(f"parameters {missing} are missing; build the dict with linearize.params.resolve().")
+    checked = {k: _as_number(k, v) for k, v in params.items()}
+    _check_values(checked)
+    return params

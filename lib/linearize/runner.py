@@ -178,13 +178,58 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
     return [s for s in steps if (NOTEBOOKS / s.notebook).exists()]
 
 
+def _eval_limit(value: str):
+    """--eval-limit: a positive int, 'none' (all documents) or 'preset' (argparse type)."""
+    if value in ("preset", "none"):
+        return None if value == "none" else value
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, 'none' or 'preset', got {value!r}") from None
+    if limit < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, 'none' or 'preset', got {value!r}")
+    return limit
+
+
+def _lengths(value: str) -> str:
+    try:
+        ok = all(int(x) > 0 for x in value.split(",") if x.strip()) and value.strip()
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive context lengths, got {value!r}")
+    return value
+
+
+def validate_plan(steps: list[Step]) -> None:
+    """Everything the steps will need that can be checked without running them: the training
+    parameters of every run (preset, student, variant overrides) resolve, and the teacher name
+    is one the loader accepts. Raises SystemExit with the problem before the first step."""
+    from .params import ParamsError, resolve
+    from .teacher import TeacherError, resolve_teacher
+
+    for step in steps:
+        p = step.parameters
+        try:
+            if "teacher" in p:
+                resolve_teacher(p["teacher"])
+            if step.notebook in ("01_align.ipynb", "02_distill.ipynb"):
+                # as the notebooks do: their own values over `overrides`
+                values = {k: v for k, v in p.items() if k not in ("arch", "preset", "overrides")}
+                resolve(p["arch"], p["preset"], {**p.get("overrides", {}), **values})
+        except (ParamsError, TeacherError) as err:
+            raise SystemExit(f"{step.notebook} for {step.output.parent.name} would fail: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m linearize.runner", description=__doc__.splitlines()[0])
     parser.add_argument("--students", default=",".join(DEFAULT_STUDENTS),
                         help=f"comma-separated student names (default: {','.join(DEFAULT_STUDENTS)}); 'all' for the ten")
     parser.add_argument("--grid", default="default", help=f"training variants per student: {', '.join(GRIDS)}")
-    parser.add_argument("--bench-lengths", default="128,512,2048,8192", help="context lengths for the benchmark")
-    parser.add_argument("--eval-limit", default="preset", help="documents per task (an int, 'none' for all, or 'preset')")
+    parser.add_argument("--bench-lengths", default="128,512,2048,8192", type=_lengths,
+                        help="context lengths for the benchmark")
+    parser.add_argument("--eval-limit", default="preset", type=_eval_limit,
+                        help="documents per task (an int, 'none' for all, or 'preset')")
     parser.add_argument("--preset", default="cpu-quick", help="params preset (cpu-quick, cpu-study, paper)")
     parser.add_argument("--teacher", default=None, help="teacher name, hub id or folder (default: embedded)")
     parser.add_argument("--force", action="store_true", help="redo finished steps")
@@ -201,12 +246,29 @@ def main(argv: list[str] | None = None) -> int:
         students = available()
     else:
         students = [s.strip() for s in args.students.split(",") if s.strip()]
-    limit = args.eval_limit if args.eval_limit == "preset" else None if args.eval_limit == "none" else int(args.eval_limit)
+    from .params import presets
+
+    if args.preset not in presets():
+        parser.error(f"unknown preset {args.preset!r}; valid presets: {', '.join(presets())}")
     total = time.perf_counter()
-    ran = False
-    steps = plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, limit)
+    steps = plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, args.eval_limit)
     if args.no_bench:
         steps = [s for s in steps if s.notebook != "04_benchmark.ipynb"]
+    validate_plan(steps)
+    # one study per outputs/ at a time: a second one would train the same runs twice and time
+    # the benchmark while the other trains
+    from .runfiles import RunLockedError, hold_lock
+
+    try:
+        with hold_lock(OUTPUTS, f"outputs folder {OUTPUTS} (a study)", name=".study.lock"):
+            return _run_steps(steps, args, total)
+    except RunLockedError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run_steps(steps: list[Step], args, total: float) -> int:
+    ran = False
     for step in steps:
         print(f"[{step.notebook} -> {step.output.relative_to(ROOT) if step.output.is_relative_to(ROOT) else step.output}]",
               flush=True)

@@ -25,6 +25,10 @@ A run lives in ``outputs/<arch>/<run_name>/``::
                        scheduler, RNG, step, metrics offset), replaced atomically
     stageN/student.pt  the full student state dict when stage N finished
     stageN/done.json   summary (steps, tokens, wall time, last loss)
+    stageN/start.json  the metrics offset when stage N started (removed when it finishes):
+                       a resume before the first checkpoint truncates metrics.jsonl to it
+    *.pt.sha256        the checksum of each .pt file, checked before it is loaded
+    .lock              held by the process working on the run (linearize.runfiles.hold_lock)
     conversion/fitted_student.pt  the o_proj weights of the readout fit (when switched on),
                        with the parameters they depend on, so a run fits once
     final/             the student after the run's last enabled stage, a Hugging Face folder
@@ -33,7 +37,8 @@ A run lives in ``outputs/<arch>/<run_name>/``::
 Resume: calling a stage again continues from ``checkpoint.pt`` with the same data order
 (a function of seed and step), optimizer, scheduler and RNG states, and truncates
 ``metrics.jsonl`` to what it held at the checkpoint, so the curve equals an uninterrupted one.
-A finished stage (``done.json``) is not trained again.
+A finished stage (``done.json``) is not trained again. A run folder is worked on by one process
+at a time; the top-level ``params.yaml`` is written only once a call's parameters are accepted.
 """
 from __future__ import annotations
 
@@ -55,6 +60,16 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from . import losses
 from .params import STAGE3_TRAIN  # defined with the other parameters (params imports no stage code)
 from .paths import OUTPUTS
+from .runfiles import (
+    atomic_save,
+    disk_full_error,
+    hold_lock,
+    is_disk_full,
+    load_verified,
+    read_jsonl,
+    remove_stale_temp_files,
+    repair_jsonl_tail,
+)
 
 # Stage 0 (attention-output transfer, linearize.transfer) is an extension that runs before
 # the paper's three stages; the recipe that uses it skips stages 1-2.
@@ -80,28 +95,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class RunError(RuntimeError):
-    """A run folder whose stored parameters disagree with the requested ones."""
+    """A run folder whose stored parameters disagree with the requested ones, or whose files
+    contradict each other."""
 
 
 # ---------------------------------------------------------------------------------------
 # Run folder
 # ---------------------------------------------------------------------------------------
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary sibling, fsync, then rename over ``path``: a kill at any point
-    leaves either the old file or the new one, never a truncated one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -123,11 +123,34 @@ class Run:
         self.params = params
         self.dir = Path(root or OUTPUTS) / params["arch"] / params["run_name"]
         self.is_main = is_main
-        if is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write_params(self) -> None:
+        """The top-level params.yaml: written only once this call's parameters are accepted
+        (a refused rerun used to overwrite it with the parameters it refused)."""
+        if self.is_main:
             import yaml
 
-            _atomic_write_text(self.dir / "params.yaml", yaml.safe_dump(_jsonable(params), sort_keys=False))
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.dir / "params.yaml", yaml.safe_dump(_jsonable(self.params), sort_keys=False))
+
+    def lock(self):
+        """Hold the run folder for this process (a context manager; re-entrant). On taking it,
+        temporary files of killed writers and a torn last metrics line are cleaned up."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held():
+            if not self.is_main:  # the main process holds it for all of a launch's processes
+                yield
+                return
+            with hold_lock(self.dir, f"run folder {self.dir}"):
+                remove_stale_temp_files(self.dir)
+                repair_jsonl_tail(self.metrics_path)
+                for done in self.dir.glob("stage*/done.json"):  # killed while tidying up a finished stage
+                    _finish_files(done.parent)
+                yield
+
+        return held()
 
     @property
     def metrics_path(self) -> Path:
@@ -141,23 +164,25 @@ class Run:
 
     def log(self, record: dict) -> None:
         if self.is_main:
-            with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as err:
+                if is_disk_full(err, self.metrics_path):
+                    raise disk_full_error(err, self.metrics_path) from err
+                raise
 
     def metrics_offset(self) -> int:
         return self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
 
     def truncate_metrics(self, offset: int) -> None:
         """Drop lines logged after a checkpoint, so a resumed curve has no duplicate steps."""
-        if self.is_main and self.metrics_path.exists():
+        if self.is_main and self.metrics_path.exists() and self.metrics_path.stat().st_size > offset:
             with open(self.metrics_path, "r+b") as fh:
                 fh.truncate(offset)
 
     def metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        with open(self.metrics_path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        return read_jsonl(self.metrics_path)  # a torn last line is dropped with a warning
 
     def evals(self) -> dict[str, dict]:
         return {r["after"]: r for r in self.metrics() if r.get("event") == "eval"}
@@ -240,9 +265,63 @@ def with_alignment_record(params: dict, root: str | os.PathLike | None = None) -
 def latest_stage(run: Run, before: int) -> int | None:
     """The last finished stage < ``before`` in this run, if any."""
     for stage in range(before - 1, -1, -1):
-        if run.done(stage) is not None and (run.dir / f"stage{stage}" / "student.pt").exists():
+        if run.done(stage) is not None:
+            check_stage_files(run, stage)  # done.json without student.pt is an error, not "unfinished"
             return stage
     return None
+
+
+def check_stage_files(run: Run, stage: int) -> None:
+    """RunError when a stage's files contradict each other, instead of silently retraining it
+    (a second curve in metrics.jsonl) or failing on a raw FileNotFoundError.
+
+    A stage finishes by writing student.pt, then done.json, then removing checkpoint.pt and
+    start.json; so student.pt without done.json is a kill inside that sequence only while
+    checkpoint.pt or start.json still exists (the stage then resumes and rewrites student.pt)."""
+    sdir = run.dir / f"stage{stage}"
+    student, done = sdir / "student.pt", sdir / "done.json"
+    if done.exists() and not student.exists():
+        raise RunError(
+            f"{done} says stage {stage} finished, but its weights {student} are missing. Restore student.pt, "
+            f"or delete {sdir} (and the later stages' folders) to train stage {stage} again.")
+    in_progress = (sdir / "checkpoint.pt").exists() or (sdir / "start.json").exists()
+    if student.exists() and not done.exists() and not in_progress:
+        raise RunError(
+            f"{sdir} holds a finished stage {stage}'s weights (student.pt) but no done.json, so it is neither "
+            f"finished nor resumable. Restore done.json, or delete {sdir} (and the later stages' folders) to "
+            f"train stage {stage} again.")
+
+
+def stage_student(run: Run, stage: int) -> dict:
+    """The verified state dict of a finished stage."""
+    check_stage_files(run, stage)
+    path = run.dir / f"stage{stage}" / "student.pt"
+    return load_verified(path, f"Delete {path.parent} (and the later stages' folders) to train stage {stage} again.",
+                         map_location="cpu", weights_only=True)
+
+
+def checkpoint_interval(every: int, total_steps: int) -> int:
+    """Steps between checkpoints: ``checkpoint_every``, but at most half the stage, so every
+    stage of two or more steps checkpoints at least once (cpu-quick's 8-step stages 1-2 with
+    checkpoint_every=8 never did, and a kill restarted them)."""
+    return max(1, min(every, total_steps // 2))
+
+
+def _stage_start(run: Run, sdir: Path) -> None:
+    """A stage without a checkpoint: truncate metrics.jsonl to where an earlier, killed attempt
+    started (its step lines before the first checkpoint would be logged again), or record where
+    this attempt starts."""
+    path = sdir / "start.json"
+    if path.exists():
+        run.truncate_metrics(json.loads(path.read_text())["metrics_offset"])
+    elif run.is_main:
+        _atomic_write_text(path, json.dumps({"metrics_offset": run.metrics_offset()}))
+
+
+def _finish_files(sdir: Path) -> None:
+    """A finished stage keeps student.pt and done.json, not its resume state."""
+    for name in ("checkpoint.pt.sha256", "checkpoint.pt", "start.json"):
+        (sdir / name).unlink(missing_ok=True)
 
 
 _CONVERSION_KEYS = ("arch", "teacher", "corpus", "val_fraction", "seq_len", "batch_size", "seed", "qkv_copy",
@@ -296,9 +375,13 @@ def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | Non
         return
     saved = run.dir / "conversion" / "fitted_student.pt" if run is not None else None
     if saved is not None and saved.exists():
-        stored = torch.load(saved, map_location="cpu", weights_only=True)
+        stored = load_verified(saved, f"Delete {saved} to fit again.", map_location="cpu", weights_only=True)
         if stored["identity"] == _fit_identity(params):
             student.load_state_dict(stored["state"], strict=False)  # the seeded conversion + fitted o_proj
+            record = stored.get("record")
+            if record is not None and not any(m.get("event") == "readout_fit" and m["rel_error_after"]
+                                              == record["rel_error_after"] for m in run.metrics()):
+                run.log(record)  # a kill came between saving the fit and logging it
             return  # a different identity is refitted and overwritten below
     if train_blocks is None:
         raise ValueError("readout_fit_tokens > 0 needs the training blocks to fit on.")
@@ -311,15 +394,17 @@ def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | Non
     fits = fit_readouts(student, teacher, train_blocks[:n], ridge=params["readout_fit_ridge"],
                         batch_size=params["batch_size"])
     if run is not None:
-        run.log({"event": "readout_fit", "tokens": fits[0].tokens, "wall_s": time.perf_counter() - t,
-                 "rel_error_before": [f.rel_error_before for f in fits],
-                 "rel_error_after": [f.rel_error_after for f in fits]})
+        record = {"event": "readout_fit", "tokens": fits[0].tokens, "wall_s": time.perf_counter() - t,
+                  "rel_error_before": [f.rel_error_before for f in fits],
+                  "rel_error_after": [f.rel_error_after for f in fits]}
         if run.is_main:
             saved.parent.mkdir(parents=True, exist_ok=True)
             # only what the fit wrote (30 x 576 x 576 floats, 40 MB, not the 540 MB student):
-            # the conversion itself is seeded and made again on load
+            # the conversion itself is seeded and made again on load; the record goes with it,
+            # so a kill between saving and logging still logs it exactly once
             state = {k: v.detach().cpu() for k, v in student.state_dict().items() if k.endswith(_FITTED)}
-            atomic_save({"identity": _fit_identity(params), "state": state}, saved)
+            atomic_save({"identity": _fit_identity(params), "state": state, "record": record}, saved)
+        run.log(record)
 
 
 def load_student(run: Run, teacher, params: dict, before: int, train_blocks: torch.Tensor | None = None):
@@ -332,8 +417,7 @@ def load_student(run: Run, teacher, params: dict, before: int, train_blocks: tor
         init_gates(student, teacher, params, train_blocks, run)  # a no-op unless switched on
         fit_readout(student, teacher, params, train_blocks, run)  # a no-op unless switched on
         return student, "conversion"
-    state = torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu", weights_only=True)
-    student.load_state_dict(state)
+    student.load_state_dict(stage_student(run, stage))
     return student, f"stage{stage}"
 
 
@@ -553,6 +637,8 @@ def train_stage(
     accelerator = accelerator or make_accelerator(params)
     sdir = run.stage_dir(stage)
     ident = check_stage_identity(run, stage, params, start)
+    check_stage_files(run, stage)
+    run.write_params()
     if not (sdir / "params.yaml").exists() and run.is_main:
         import yaml
 
@@ -588,7 +674,8 @@ def train_stage(
     step, wall_prior, compute_prior = 0, 0.0, 0.0
     ckpt_path = sdir / "checkpoint.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_verified(ckpt_path, f"Delete {ckpt_path} to restart stage {stage} from its beginning.",
+                              map_location="cpu", weights_only=False)
         missing = set(names) - set(state["trainable"])
         if missing:
             raise RunError(f"{ckpt_path} lacks trainable tensors {sorted(missing)[:3]}; delete it to restart the stage.")
@@ -601,6 +688,10 @@ def train_stage(
         step, wall_prior, compute_prior = state["step"], state["wall_s"], state["compute_s"]
         run.truncate_metrics(state["metrics_offset"])
         accelerator.print(f"stage {stage}: resuming at step {step}/{total_steps} from {ckpt_path}")
+    else:
+        _stage_start(run, sdir)
+    every = checkpoint_interval(params["checkpoint_every"], total_steps)
+    saved_step = step if ckpt_path.exists() else None  # the last good checkpoint, for error messages
 
     remaining = total_steps - step
     loader = DataLoader(
@@ -618,6 +709,8 @@ def train_stage(
         accelerator.backward(loss)
 
     def save_checkpoint():
+        nonlocal saved_step
+        saved_step = step
         if run.is_main:
             atomic_save({
                 "step": step,
@@ -662,7 +755,7 @@ def train_stage(
         loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
         if not math.isfinite(loss_value):
             bar.close()
-            where = f"{ckpt_path} (step {torch.load(ckpt_path, weights_only=False)['step']})" if ckpt_path.exists() else "none yet"
+            where = f"{ckpt_path} (step {saved_step})" if saved_step is not None else "none yet"
             raise NonFiniteLossError(
                 f"stage {stage} ({STAGE_NAMES[stage]}): loss is {loss_value} at step {step + 1}; the "
                 f"parameters were not updated. Last good checkpoint: {where}. Lower stage{stage}_lr, "
@@ -696,7 +789,7 @@ def train_stage(
             raw.eval()
             on_tokens(raw, step * tokens_per_step, wall_prior + (time.perf_counter() - t0))
             raw.train()
-        if step % params["checkpoint_every"] == 0 and step < total_steps:
+        if step % every == 0 and step < total_steps:
             save_checkpoint()
     bar.close()
 
@@ -720,7 +813,7 @@ def train_stage(
     if run.is_main:
         atomic_save({k: v.detach().cpu() for k, v in student.state_dict().items()}, sdir / "student.pt")
         _atomic_write_text(sdir / "done.json", json.dumps(summary, indent=1))
-        ckpt_path.unlink(missing_ok=True)
+        _finish_files(sdir)
     accelerator.wait_for_everyone()
     return StageResult(stage, student, step, step * tokens_per_step, wall, True, summary)
 
@@ -772,15 +865,55 @@ def validate(student, teacher, val_blocks: torch.Tensor, params: dict) -> dict:
 # ---------------------------------------------------------------------------------------
 # The pipeline the notebooks call
 # ---------------------------------------------------------------------------------------
-def enabled_stages(params: dict, stages=(1, 2, 3)) -> list[int]:
+def enabled_stages(params: dict, stages=(0, 1, 2, 3)) -> list[int]:
     flags = {0: params["attention_transfer"], 1: params["matrix_mixing"], 2: params["h2h"], 3: params["distill"]}
     return [s for s in stages if flags[s]]
+
+
+def check_stages(stages) -> tuple[int, ...]:
+    stages = tuple(stages)
+    bad = [s for s in stages if isinstance(s, bool) or s not in STAGE_NAMES]
+    if bad or not stages:
+        raise ValueError(f"stages must be some of {sorted(STAGE_NAMES)} "
+                         f"({', '.join(f'{k}: {v}' for k, v in STAGE_NAMES.items())}); got {list(stages)}.")
+    return stages
+
+
+def check_run_accepts(run: Run, params: dict, stages) -> None:
+    """Before any work: RunError if the run folder holds any of the stages this call would
+    train or reuse with other parameters, or stage files that contradict each other."""
+    todo = enabled_stages(params, stages)
+    if not todo:
+        return
+    latest = latest_stage(run, todo[0])
+    start = "conversion" if latest is None else f"stage{latest}"
+    for stage in todo:
+        check_stage_identity(run, stage, params, start)
+        check_stage_files(run, stage)
+        start = f"stage{stage}"
 
 
 def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None, root=None, progress: bool = True) -> dict:
     """Run the requested (and enabled) stages for one student, validating after conversion and
     after each stage. Finished stages are reused, an interrupted stage resumes. Returns a dict
-    with the run, the final student and the stage results."""
+    with the run, the final student and the stage results.
+
+    Everything that can be checked without the teacher is checked first (parameters, stages,
+    the run folder's identity), and the run folder is locked against a second process."""
+    from accelerate import PartialState
+
+    from .params import validate
+
+    validate(params)
+    stages = check_stages(stages)
+    run = Run(params, root=root, is_main=PartialState().is_main_process)
+    with run.lock():
+        check_run_accepts(run, params, stages)
+        run.write_params()
+        return _run_pipeline(params, stages, teacher, tokenizer, root, progress)
+
+
+def _run_pipeline(params: dict, stages, teacher, tokenizer, root, progress: bool) -> dict:
     from .data import token_blocks
     from .teacher import load_teacher
 
@@ -805,8 +938,11 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
         if done is not None and done.get("start") == start:
             check_stage_identity(run, stage, params, start)  # a finished stage is reused only as asked
             accelerator.print(f"stage {stage} already finished in {run.dir / f'stage{stage}'}; reusing it")
-            student.load_state_dict(torch.load(run.dir / f"stage{stage}" / "student.pt", map_location="cpu",
-                                               weights_only=True))
+            student.load_state_dict(stage_student(run, stage))
+            if stage == 3 and params["measure_teacher_throughput"] and "stage3" not in run.evals() and not any(
+                    m.get("event") == "throughput" and m.get("stage") == 3 for m in run.metrics()):
+                # killed between done.json and the throughput record: measure it now
+                done = _log_throughput(run, done, teacher, train_blocks, params, accelerator)
         else:
             def on_tokens(model, tokens, wall_s, stage=stage):
                 _log_eval(run, f"stage{stage}@{tokens}", model, teacher, val_blocks, params, tokens=tokens,
@@ -822,12 +958,7 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
                 return {"run": run, "student": student, "results": results, "finished": False}
             done = res.summary
             if stage == 3 and params["measure_teacher_throughput"]:
-                ids = train_blocks[: params["batch_size"]].to(accelerator.device)
-                ref = teacher_train_throughput(teacher, ids, autocast=autocast_for(accelerator, params))
-                done = {**done, "teacher_fwd_bwd_tok_s": ref,
-                        "distill_over_teacher_fwd_bwd": done["median_step_tok_s"] / ref}
-                run.log({"event": "throughput", "stage": 3, **{k: done[k] for k in (
-                    "train_tok_s", "median_step_tok_s", "teacher_fwd_bwd_tok_s", "distill_over_teacher_fwd_bwd")}})
+                done = _log_throughput(run, done, teacher, train_blocks, params, accelerator)
             elif stage in (0, 1, 2) and params["measure_teacher_throughput"]:
                 ids = train_blocks[: params["batch_size"]].to(accelerator.device)
                 ref = teacher_forward_throughput(teacher, ids, autocast=autocast_for(accelerator, params))
@@ -846,6 +977,15 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
 
         save_student_folder(student, tokenizer, run.dir / "final")
     return {"run": run, "student": student, "results": results, "finished": True}
+
+
+def _log_throughput(run, done, teacher, train_blocks, params, accelerator) -> dict:
+    ids = train_blocks[: params["batch_size"]].to(accelerator.device)
+    ref = teacher_train_throughput(teacher, ids, autocast=autocast_for(accelerator, params))
+    done = {**done, "teacher_fwd_bwd_tok_s": ref, "distill_over_teacher_fwd_bwd": done["median_step_tok_s"] / ref}
+    run.log({"event": "throughput", "stage": 3, **{k: done[k] for k in (
+        "train_tok_s", "median_step_tok_s", "teacher_fwd_bwd_tok_s", "distill_over_teacher_fwd_bwd")}})
+    return done
 
 
 def _log_eval(run, after, student, teacher, val_blocks, params, tokens, wall_s):
@@ -867,8 +1007,7 @@ def metrics_frames(run_dir: str | os.PathLike):
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: this run has logged nothing yet.")
-    with open(path, encoding="utf-8") as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
+    records = read_jsonl(path)
     steps = pd.DataFrame([r for r in records if r.get("event") == "step"])
     evals = pd.DataFrame([r for r in records if r.get("event") == "eval"])
     return steps, evals
@@ -903,8 +1042,11 @@ def main(argv=None) -> int:
         if not sep:
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        stages = check_stages(int(s) for s in args.stages.split(",") if s.strip())
+    except ValueError as err:
+        parser.error(f"--stages {args.stages!r}: {err}")
     params = P.resolve(args.arch, args.preset, overrides)
-    stages = tuple(int(s) for s in args.stages.split(",") if s.strip())
     out = run_pipeline(params, stages=stages, root=args.root)
     if out["run"].is_main:
         for record in out["run"].metrics():

@@ -140,10 +140,9 @@ class StudyRun:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    from .runfiles import read_jsonl
+
+    return read_jsonl(path)  # a torn last line (a killed or disk-full append) is dropped with a warning
 
 
 def load_run(folder: str | os.PathLike) -> StudyRun:

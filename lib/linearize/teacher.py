@@ -120,6 +120,12 @@ def load_teacher(
             f"Teacher {name!r} is a {config.model_type!r} model; linearize converts Llama-architecture "
             f"teachers ({', '.join(SUPPORTED_MODEL_TYPES)}: Llama, SmolLM/SmolLM2, TinyLlama, ...)."
         )
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if os.path.isdir(source) and not any(os.path.exists(os.path.join(source, f)) for f in tokenizer_files):
+        # transformers would otherwise fail asking to install sentencepiece
+        raise TeacherError(
+            f"Teacher folder {source!r} has no tokenizer (none of {', '.join(tokenizer_files)}). Save the "
+            "teacher's tokenizer beside the weights: AutoTokenizer.from_pretrained(<source>).save_pretrained(folder).")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token_id is None:

@@ -62,6 +62,13 @@ class TokenMixer(nn.Module):
     matrix_note: ClassVar[str] = ""
     # why a Llama projection has no counterpart here, e.g. {"k_proj": "no key: k = 1 - f"}
     copy_skips: ClassVar[dict[str, str]] = {}
+    # the keys of ``MixerConfig.options`` this class reads (``mixer_options`` is checked
+    # against the union over the class hierarchy, see ``declared_options``)
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def declared_options(cls) -> set[str]:
+        return {n for klass in cls.__mro__ for n in vars(klass).get("option_names", ())}
 
     def __init__(self, config: MixerConfig, layer_idx: int = 0):
         super().__init__()

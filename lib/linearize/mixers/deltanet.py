@@ -21,6 +21,7 @@ class DeltaNet(LinearMixer):
     name = "deltanet"
     paper = "DeltaNet (Schlag et al. 2021; Yang et al. 2024)"
     family = "delta"
+    option_names = ("use_gate", *LinearMixer.CONV_OPTIONS)
     decay = "delta"
     matrix_note = ("A = tril(Q K^T) (I + strictly_lower(diag(beta) K K^T))^-1 diag(beta) (q, k L2-normalised, "
                    "q / sqrt(d)); o = A @ V exactly for the given q, k, beta.")

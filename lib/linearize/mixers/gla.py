@@ -22,6 +22,7 @@ from .registry import register
 class GLA(LinearMixer):
     name = "gla"
     paper = "Gated Linear Attention (Yang et al. 2023)"
+    option_names = ("gate_low_rank_dim", "forget_bias", "gate_logit_normalizer")
     decay = "dynamic-channel"
     matrix_note = "A_ij = sum_d q_id k_jd prod_{j<l<=i} alpha_ld (q scaled by 1/sqrt(d)); o = A @ V exactly."
 

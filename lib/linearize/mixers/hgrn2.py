@@ -23,6 +23,7 @@ from .registry import register
 class HGRN2(LinearMixer):
     name = "hgrn2"
     paper = "HGRN2 (Qin et al. 2024)"
+    option_names = ("forget_bias",)
     has_key = False
     decay = "dynamic-channel"
     matrix_note = "A_ij = sum_d q_id (1 - f_jd) prod_{j<l<=i} f_ld; o = A @ V exactly."

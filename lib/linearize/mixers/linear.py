@@ -145,6 +145,8 @@ def kernel_family(family: str | KernelFamily) -> KernelFamily:
 class LinearMixer(TokenMixer):
     family: ClassVar[str | KernelFamily] = "gated"  # a name in FAMILIES (gated | delta | mlstm) or a KernelFamily
     normalize: ClassVar[bool] = False  # gated family: divide by sum_j A_ij + eps
+    option_names = ("rope", "norm_eps")
+    CONV_OPTIONS = ("conv_size", "conv_init")  # declared by the subclasses that call add_conv
 
     def __init__(self, config: MixerConfig, layer_idx: int = 0):
         super().__init__(config, layer_idx)
@@ -160,6 +162,8 @@ class LinearMixer(TokenMixer):
 
     # ---- helpers for subclasses ---------------------------------------------------------
     def option(self, name, default):
+        if name not in self.declared_options():  # keeps the declarations params.py checks complete
+            raise KeyError(f"{type(self).__name__} reads option {name!r} without declaring it in option_names.")
         return self.config.options.get(name, default)
 
     def llama_projections(self, q=True, k=True, v=True, o=True):

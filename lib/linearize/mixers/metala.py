@@ -26,6 +26,7 @@ from .registry import register
 class MetaLA(LinearMixer):
     name = "metala"
     paper = "MetaLA (Chou et al. 2024)"
+    option_names = ("forget_bias", "gate_logit_normalizer", *LinearMixer.CONV_OPTIONS)
     has_key = False
     decay = "dynamic-channel"
     matrix_note = ("A_ij = sum_d q_id (1 - alpha_jd) prod_{j<l<=i} alpha_ld / sqrt(d), plus the self-augmentation "

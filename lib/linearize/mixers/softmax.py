@@ -25,6 +25,7 @@ class SoftmaxAttention(TokenMixer):
     name = "softmax"
     paper = "Llama softmax attention (Touvron et al. 2023)"
     family = "softmax"  # no kernel family of linear.py: its own quadratic form
+    option_names = ("rope",)
     has_query = True
     has_key = True
     decay = "none"

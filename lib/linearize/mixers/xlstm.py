@@ -26,6 +26,7 @@ class MLSTM(LinearMixer):
     name = "xlstm"
     paper = "mLSTM cell of xLSTM (Beck et al. 2024)"
     family = "mlstm"
+    option_names = ("forget_bias", "input_bias", *LinearMixer.CONV_OPTIONS)
     decay = "dynamic-scalar"
     matrix_note = ("A_tj = D_tj (q_t.k_j) / max(|sum_l D_tl (q_t.k_l)|, 1), D_tj = exp(sum_{j<l<=t} log f_l + i~_j): "
                    "the normaliser depends on q, k and the gates only, so the cell output is exactly A @ V; "
