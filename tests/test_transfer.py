@@ -148,15 +148,12 @@ def test_kill_and_resume_is_exact(at_train, teacher, blocks, tmp_path, monkeypat
 def test_pipeline_logs_curve_points_and_continues_with_stage3(teacher, blocks, tmp_path):
     params = _params("gla", distill=True, stage0_tokens=64 * 4, eval_every_tokens=128)
 
-    class Tok:  # run_pipeline reads the corpus through the tokenizer; give it blocks directly
-        pass
-
-    import linearize.data as D
+    import linearize.data as D  # run_pipeline reads the corpus through the tokenizer: give it blocks
 
     orig = D.token_blocks
     D.token_blocks = lambda tok, corpus, seq, split, frac, max_blocks=None: blocks if split == "train" else blocks[:2]
     try:
-        out = S.run_pipeline(params, teacher=teacher, tokenizer=Tok(), root=tmp_path, progress=False)
+        out = S.run_pipeline(params, teacher=teacher, tokenizer=None, root=tmp_path, progress=False)
     finally:
         D.token_blocks = orig
     evals = [m["after"] for m in out["run"].metrics() if m.get("event") == "eval"]

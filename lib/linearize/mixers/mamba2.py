@@ -33,7 +33,7 @@ from .registry import register
 class Mamba2(LinearMixer):
     name = "mamba2"
     paper = "Mamba-2 SSD (Dao & Gu 2024)"
-    option_names = ("dt_min", "dt_max", "a_init_range", "d_init", *LinearMixer.CONV_OPTIONS)
+    option_names = ("dt_min", "dt_max", "a_init_range", "d_init", "norm_groups", *LinearMixer.CONV_OPTIONS)
     decay = "dynamic-scalar"
     matrix_note = ("A_ij = (C_i.B_j) dt_j exp(sum_{j<l<=i} dt_l A_h) + D_h [i == j]: the D skip sits on the "
                    "diagonal, so y (before gating/norm) = A @ x exactly.")
