@@ -218,6 +218,20 @@ def test_rebased_kernel_against_fla_naive(t):
     close(o, o_ref.double(), tol=1e-4)
 
 
+@pytest.mark.parametrize("t", [17, 100])
+def test_square_qk_intra_weights_match_naive(t):
+    """square_qk=(a, b): intra-chunk weights (a.b)^2 in the head dim equal phi(a).phi(b); the
+    output (and the no-decay grouped state pass, with an initial state) matches the naive loop."""
+    q, k, v, _ = inputs(t, decay="none")
+    phi = lambda x: (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # noqa: E731
+    s0 = rand(B, H, D * D, DV)
+    ref_o, _ = naive_gla(phi(q), phi(k), v, None)
+    ref_o = ref_o + phi(q) @ s0
+    o, s = K.gla_chunk(phi(q), phi(k), v, None, s0, chunk_size=4, square_qk=(q, k))
+    close(o, ref_o)
+    close(s, K.gla_recurrent(phi(q), phi(k), v, None, s0)[1])
+
+
 def test_hgrn_against_fla_naive():
     """HGRN (elementwise gated recurrence) is gated attention with q = k = 1 per channel."""
     fla = fla_naive("hgrn")
