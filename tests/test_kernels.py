@@ -110,6 +110,36 @@ def test_gated_strong_decay_long_sequence_stays_finite():
     close(a @ v, o)
 
 
+@pytest.mark.parametrize("rate", [0.05, 3.0, 12.0, 40.0])
+def test_gated_per_channel_decay_every_weight_path(rate):
+    """Per-channel decay of a given strength exercises each path of ``_weights``: a 64-chunk
+    factorised at once (0.05 per step), blocks of 16 (3), of 4 (12), and exact segment sums
+    (40 per step: even a 4-block's span is beyond the factorisation limit). Half the channels
+    decay weakly, so a strong channel must not spoil the weak ones' precision."""
+    t = 100
+    q, k, v, _ = inputs(t)
+    torch.manual_seed(3)
+    g = -rate * torch.rand(B, H, t, D, dtype=torch.float64)
+    g[..., : D // 2] *= 0.01
+    ref_o, ref_a = naive_gla(q, k, v, g)
+    close(K.gla_chunk(q, k, v, g, chunk_size=64)[0], ref_o)
+    close(K.gla_matrix(q, k, g, chunk_size=64), ref_a)
+    # float32 against the float64 reference: the factorised path must keep float32 precision
+    o32, _ = K.gla_chunk(*(x.float() for x in (q, k, v, g)), chunk_size=64)
+    close(o32.double(), ref_o, tol=1e-5)
+
+
+def test_gated_factorisation_limit_is_respected():
+    """The path choice reads the decay span: one channel decaying strongly in one block forbids
+    factorising that whole call, a weak decay allows it."""
+    from linearize.kernels import gated
+
+    g = torch.full((1, 1, 64, 4), -0.01)
+    assert gated._factorisable(g)
+    g[0, 0, 40, 2] = -2 * gated.FACTOR_LIMIT
+    assert not gated._factorisable(g)
+
+
 @pytest.mark.parametrize("t", [17, 100])
 def test_gated_initial_state_continues_a_prompt(t):
     q, k, v, g = inputs(t)
@@ -186,6 +216,20 @@ def test_rebased_kernel_against_fla_naive(t):
     phi = lambda x: (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # noqa: E731
     o, _ = K.gated_attention(phi(q * s), phi(k), v, None, chunk_size=CHUNK, normalize=True, backend="torch")
     close(o, o_ref.double(), tol=1e-4)
+
+
+@pytest.mark.parametrize("t", [17, 100])
+def test_square_qk_intra_weights_match_naive(t):
+    """square_qk=(a, b): intra-chunk weights (a.b)^2 in the head dim equal phi(a).phi(b); the
+    output (and the no-decay grouped state pass, with an initial state) matches the naive loop."""
+    q, k, v, _ = inputs(t, decay="none")
+    phi = lambda x: (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # noqa: E731
+    s0 = rand(B, H, D * D, DV)
+    ref_o, _ = naive_gla(phi(q), phi(k), v, None)
+    ref_o = ref_o + phi(q) @ s0
+    o, s = K.gla_chunk(phi(q), phi(k), v, None, s0, chunk_size=4, square_qk=(q, k))
+    close(o, ref_o)
+    close(s, K.gla_recurrent(phi(q), phi(k), v, None, s0)[1])
 
 
 def test_hgrn_against_fla_naive():

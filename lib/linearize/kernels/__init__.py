@@ -46,8 +46,11 @@ def _to(x, dtype):
 
 
 def gated_attention(q, k, v, g=None, *, mode="chunk", initial_state=None, chunk_size=64,
-                    backend="auto", normalize=False, eps=1e-6):
-    """Gated linear attention; ``normalize`` divides by sum_j A_ij + eps (state gets V+1 columns)."""
+                    backend="auto", normalize=False, eps=1e-6, square_qk=None):
+    """Gated linear attention; ``normalize`` divides by sum_j A_ij + eps (state gets V+1 columns).
+
+    ``square_qk``: see ``gla_chunk`` (used by our chunked form only; FLA and the recurrence
+    work on q and k themselves)."""
     _check_mode(mode)
     vv = append_ones(v) if normalize else v
     sd = state_dtype(q.dtype)
@@ -58,7 +61,7 @@ def gated_attention(q, k, v, g=None, *, mode="chunk", initial_state=None, chunk_
                  dtype=fla_dtype(q, k, v), fla_dtypes=FLA_GATED_DTYPES):
         o, s = fla_gated(q, k, vv, g, initial_state)
     else:
-        o, s = gla_chunk(q, k, vv, g, initial_state, chunk_size)
+        o, s = gla_chunk(q, k, vv, g, initial_state, chunk_size, square_qk=square_qk)
     return (split_normaliser(o, eps) if normalize else o), s.to(sd)
 
 

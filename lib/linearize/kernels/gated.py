@@ -8,14 +8,17 @@ One kernel family for every mixer whose state decays multiplicatively:
 All tensors are [B, H, T, D]; g is the *log* decay (<= 0). No scale is applied here: callers
 scale q themselves. The three forms:
 * ``gla_chunk``      chunked parallel form, memory O(T * chunk): intra-chunk weights from
-                     log-space segment sums (per-channel decay: in sub-blocks of 16, see
-                     ``_weights``), then a sequential pass over the chunk states.
+                     log-space segment sums (per-channel decay: one factorised matmul per
+                     chunk where the decay span allows, else blocks, see ``_weights``), then a
+                     sequential pass over the chunk states.
 * ``gla_recurrent``  token by token (``gla_step``) on the state S [B, H, K, V].
 * ``gla_matrix``     A[i, j] = sum_d q_id k_jd exp(sum_{j<l<=i} g_ld) for j <= i, else 0.
-Decays are only ever formed as exp(log-space segment sum), masked to j <= i before exp: never
-as a ratio of cumulative products, so nothing overflows however long the sequence. Across
-blocks the segment sums are plain sums of log decays; inside a block of <= 16 steps (per-channel
-decay) a difference of in-block prefix sums, whose rounding is ~16 ulp of the block's total.
+Decays are only ever formed as exponentials of log-space sums, never as a ratio of cumulative
+products, so nothing overflows however long the sequence. Across blocks the segment sums are
+plain sums of log decays. Inside a block (per-channel decay) the weight is a product of two
+factors e^{b_i - r} e^{r - b_j} of in-block prefix sums b around the block's middle r, used only
+where every |b - r| <= FACTOR_LIMIT (30): both factors stay in float32's normal range and the
+rounding is ~block-length ulp of the block's total, as for a difference of prefix sums.
 
 ``normalize=True`` (in ``gated_attention``) adds the linear-attention normaliser
 o_i = sum_j A_ij v_j / (sum_j A_ij + eps) by running the same kernel on [v, 1]: the last
@@ -52,9 +55,13 @@ def _pad_time(x: torch.Tensor | None, length: int, value: float = 0.0, dim: int 
 
 
 def _suffix(g: torch.Tensor) -> torch.Tensor:
-    """Exclusive suffix sums along -2: out[j] = sum_{l > j} g_l (a plain sum, no differences)."""
-    shifted = torch.cat([torch.zeros_like(g[..., :1, :]), g.flip(-2)[..., :-1, :]], dim=-2)
-    return shifted.cumsum(-2).flip(-2)
+    """Exclusive suffix sums along -2: out[j] = sum_{l > j} g_l (a plain sum, no differences).
+
+    A product with the strictly upper triangular ones matrix: the same plain sum as a reversed
+    cumsum, without the two flips (each a full copy; they were 9% of GLA's fwd+bwd)."""
+    c = g.shape[-2]
+    upper = torch.ones(c, c, dtype=g.dtype, device=g.device).triu(1)
+    return upper @ g
 
 
 def _check(q, k, v, g):
@@ -85,20 +92,61 @@ def _exact_weights(q, k, g):
     return ((q.unsqueeze(-2) * k.unsqueeze(-3)) * seg.exp()).sum(-1)
 
 
-SUB_CHUNK = 16  # smallest block for per-channel decay: exact segment sums cost T * 16 * K
+SUB_CHUNK = 16  # blocks of a chunk when the chunk as a whole cannot be factorised
+EXACT_BLOCK = 4  # below this the [T, T, K] exact segment sums are cheap enough
+# Largest |log factor| the factorised form may use: exp(+-30) keeps every factor and every
+# unmasked product far inside float32's normal range (e^-87 .. e^88), so the factorised
+# weights carry only the rounding of the exact ones.
+FACTOR_LIMIT = 30.0
+NODECAY_GROUP = 16  # chunks whose states the no-decay chunked form holds at once
+
+
+def _factorisable(g: torch.Tensor) -> bool:
+    """Whether every block (last two dims [T, K] of ``g``) spans at most 2 * FACTOR_LIMIT of log
+    decay per channel, so that ``_factored_weights`` stays within +-FACTOR_LIMIT."""
+    b = g.detach().cumsum(-2)
+    mid = b[..., (b.shape[-2] - 1) // 2: (b.shape[-2] - 1) // 2 + 1, :]
+    return bool((b - mid).abs().amax() <= FACTOR_LIMIT) if b.numel() else True
+
+
+def _factored_weights(q, k, g):
+    """W[i, j] = sum_d (q_id e^{b_id - r_d}) (k_jd e^{r_d - b_jd}) masked to j <= i: one matmul.
+
+    b: in-block prefix sums of the log decay, r: b at the block's middle row. Exact up to
+    rounding wherever |b - r| <= FACTOR_LIMIT (``_factorisable``): each product of factors is
+    e^{b_i - b_j} times rounding. Entries j > i can be huge (even inf) and are masked out by
+    ``masked_fill``, whose backward passes no gradient through them."""
+    t = q.shape[-2]
+    b = g.cumsum(-2)
+    r = b[..., (t - 1) // 2: (t - 1) // 2 + 1, :]
+    w = (q * (b - r).exp()) @ (k * (r - b).exp()).transpose(-1, -2)
+    return w.masked_fill(~torch.ones(t, t, dtype=torch.bool, device=q.device).tril(), 0.0)
 
 
 def _weights(q, k, g, block: int):
     """Causal decayed weights W [..., T, T] (as ``_exact_weights``) for any leading dims.
 
-    Per-channel decay is done block by block, so memory is O(T^2 + T * block * K): a diagonal
-    block uses exact segment sums; an off-diagonal block (row block n, row i; column block
-    m < n, column j) splits the segment (j, i] at the block borders into [j's block after j]
-    + [whole blocks m+1..n-1] + [n's block up to i]. Each part is a sum of log decays, so
-    every exponent is <= 0 and nothing overflows however strong the decay."""
+    Scalar or no decay: ``_exact_weights`` (a [T, T] factor). Per-channel decay, cheapest
+    exact form first:
+    1. the whole block factorised into one matmul (``_factored_weights``), when its decay span
+       allows (``_factorisable``, checked over all leading dims at once: one strongly decaying
+       channel anywhere sends the whole call to step 2);
+    2. otherwise split into blocks of ``block`` (a block no longer than ``block`` is split in
+       about four): an off-diagonal block (row block n, row i; column block m < n, column j)
+       splits the segment (j, i] at the block borders into [j's block after j] + [whole blocks
+       m+1..n-1] + [n's block up to i]; each part is a sum of log decays, so every factor is
+       <= 1 and nothing overflows however strong the decay. Diagonal blocks recurse (step 1,
+       else smaller blocks), down to exact segment sums on blocks of EXACT_BLOCK steps.
+    Memory O(T^2 + T * block * K)."""
     t = q.shape[-2]
-    if g is None or g.shape[-1] == 1 or t <= block:
+    if g is None or g.shape[-1] == 1 or t <= 1:
         return _exact_weights(q, k, g)
+    if _factorisable(g):
+        return _factored_weights(q, k, g)
+    if t <= EXACT_BLOCK:
+        return _exact_weights(q, k, g)
+    if t <= block:
+        block = max(EXACT_BLOCK, -(-t // 4))
     *lead, _, dk = q.shape
     n = -(-t // block)
     q, k, g = (_pad_time(x, n * block, dim=-2) for x in (q, k, g))
@@ -110,15 +158,19 @@ def _weights(q, k, g, block: int):
     p = qc.unsqueeze(-3) * (gc.cumsum(-2).unsqueeze(-3) + between.unsqueeze(-2)).exp()  # [..., n, m, c, K]
     kk = kc * _suffix(gc).exp()  # [..., m, c, K]
     blocks = torch.einsum("...nmid,...mjd->...nimj", p, kk)  # [..., n, c, n, c], zero for m >= n
-    # diagonal blocks: the same factorisation on sub-blocks, down to exact 16 x 16 segment sums
-    diag = _weights(qc, kc, gc, SUB_CHUNK) if block > SUB_CHUNK else _exact_weights(qc, kc, gc)
+    diag = _weights(qc, kc, gc, block)  # recursion: factorised, or split further
     eye = torch.eye(n, dtype=q.dtype, device=q.device).view(n, 1, n, 1)
     blocks = blocks + diag.unsqueeze(-2) * eye
     return blocks.reshape(*lead, n * block, n * block)[..., :t, :t]
 
 
-def gla_chunk(q, k, v, g=None, initial_state=None, chunk_size: int = 64):
-    """Chunked parallel form. Returns (o [B,H,T,V], final state S [B,H,K,V])."""
+def gla_chunk(q, k, v, g=None, initial_state=None, chunk_size: int = 64, square_qk=None):
+    """Chunked parallel form. Returns (o [B,H,T,V], final state S [B,H,K,V]).
+
+    ``square_qk=(a, b)``, tensors [B,H,T,d] with q_i.k_j = (a_i.b_j)^2 (the kernel trick of a
+    quadratic feature map q = phi(a), k = phi(b)), no decay: the intra-chunk weights are then
+    computed in a's width d (64) instead of q's (ReBased: 2080). The caller vouches for the
+    identity; only the inter-chunk state uses q and k."""
     _check(q, k, v, g)
     b, h, t, dk = q.shape
     dv = v.shape[-1]
@@ -128,23 +180,40 @@ def gla_chunk(q, k, v, g=None, initial_state=None, chunk_size: int = 64):
     q, k, v, g = (_pad_time(x, n * c) for x in (q, k, v, g))
     qc, kc, vc = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))
     gc = None if g is None else g.reshape(b, h, n, c, g.shape[-1])
-    o_intra = _weights(qc, kc, gc, SUB_CHUNK) @ vc  # [B,H,N,C,V], all chunks at once
-    if gc is None:
-        q_in, k_out, chunk_decay = qc, kc, None
+    if square_qk is not None:
+        if g is not None:
+            raise ValueError("square_qk (a quadratic feature map's kernel trick) needs g=None: no decay")
+        ac, bc = (_pad_time(x, n * c).reshape(b, h, n, c, x.shape[-1]) for x in square_qk)
+        w = (ac @ bc.transpose(-1, -2)).square()
+        w = w.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=q.device).tril(), 0.0)
     else:
-        q_in = qc * gc.cumsum(-2).exp()  # decay from the chunk start to i (inclusive)
-        k_out = kc * _suffix(gc).exp()  # decay from j (exclusive) to the chunk end
-        chunk_decay = gc.sum(-2).exp()  # [B,H,N,Kg]
-    s = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(q.dtype)
+        w = _weights(qc, kc, gc, SUB_CHUNK)
+    o_intra = w @ vc  # [B,H,N,C,V], all chunks at once
+    s0 = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(q.dtype)
+    if gc is None:
+        # no decay: the state before chunk i is s0 + the sum of the earlier chunks' k^T v: per
+        # group of NODECAY_GROUP chunks one batched matmul and a cumsum instead of a Python loop
+        # of small matmuls (groups bound the [chunks, K, V] states a long prefill holds at once)
+        s, outs = s0, []
+        for oi, qg, kg, vg in zip(*(x.split(NODECAY_GROUP, dim=2) for x in (o_intra, qc, kc, vc))):
+            upd = kg.transpose(-1, -2) @ vg  # [B,H,G,K,V]
+            before = torch.cat([s.unsqueeze(2), upd[:, :, :-1]], dim=2).cumsum(2)
+            outs.append(oi + qg @ before)
+            s = before[:, :, -1] + upd[:, :, -1]
+        return torch.cat(outs, dim=2).reshape(b, h, n * c, dv)[:, :, :t], s
+    q_in = qc * gc.cumsum(-2).exp()  # decay from the chunk start to i (inclusive)
+    k_out = kc * _suffix(gc).exp()  # decay from j (exclusive) to the chunk end
+    chunk_decay = gc.sum(-2).exp()  # [B,H,N,Kg]
+    s = s0
     # unbind once: indexing chunk i inside the loop would make backward fill a full-size zero
     # gradient per chunk (quadratic in the number of chunks)
     o_intra, q_in, k_out, vs = (x.unbind(2) for x in (o_intra, q_in, k_out, vc))
-    decays = None if chunk_decay is None else chunk_decay.unsqueeze(-1).unbind(2)
+    decays = chunk_decay.unsqueeze(-1).unbind(2)
     outs = []
     for i in range(n):
         outs.append(o_intra[i] + q_in[i] @ s)
         upd = k_out[i].transpose(-1, -2) @ vs[i]
-        s = upd + (s if decays is None else decays[i] * s)
+        s = upd + decays[i] * s
     o = torch.stack(outs, dim=2).reshape(b, h, n * c, dv)[:, :, :t]
     return o, s
 
