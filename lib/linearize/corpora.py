@@ -11,8 +11,8 @@ Each source is a file that a registry package ships; nothing comes from a hub or
   Split by article, with a fixed salt that no run parameter changes, into
   ``"wiki-val"`` (about a quarter of the articles: the out-of-domain validation set, never
   trained on) and ``"wiki-train"`` (the rest, which a training mix may use).
-* ``"faq"``: An Anarchist FAQ (version 15.3, 143 Markdown sections), GPL-2, from the Debian
-  package ``anarchism`` (``apt-get download``, unpacked with ``dpkg-deb``; nothing is
+* ``"faq"``: An Anarchist FAQ (version 15.3: 130 Markdown pages, of which the 125 sections of
+  prose are kept), GPL-2, from the Debian package ``anarchism`` (``apt-get download``, unpacked with ``dpkg-deb``; nothing is
   installed). :func:`faq_markdown_to_text` unwraps its hard-wrapped lines and drops the
   Markdown emphasis.
 
@@ -38,7 +38,7 @@ from xml.etree import ElementTree
 
 from .paths import cache_dir
 
-CONVERTER_VERSION = 1  # bump when wikitext_to_text / faq_markdown_to_text change their output
+CONVERTER_VERSION = 2  # bump when wikitext_to_text / faq_markdown_to_text change their output
 
 # -- the Wikipedia excerpt ------------------------------------------------------------------
 WIKI_REQUIREMENT = "gensim==4.4.0"
@@ -64,8 +64,8 @@ WIKI_MIN_CHARS = 200  # stubs and disambiguation pages below this carry no prose
 FAQ_PACKAGE = "anarchism"
 FAQ_MARKDOWN_DIR = "usr/share/doc/anarchism/markdown"
 FAQ_COPYRIGHT = "usr/share/doc/anarchism/copyright"
-# Not FAQ prose: link lists and the changelog-like anniversary note.
-FAQ_SKIP = {"alinks", "links", "10years"}
+# Not FAQ prose: link lists, the bibliography, the change log and the anniversary note.
+FAQ_SKIP = {"alinks", "arlinks", "biblio", "new", "10years"}
 
 SOURCES = ("wiki", "wiki-train", "wiki-val", "faq")
 
@@ -297,6 +297,8 @@ def wiki_articles(part: str = "all") -> list[tuple[str, str]]:
 
 # -- Markdown (the FAQ) -------------------------------------------------------------------
 _RE_MD_LINK = re.compile(r"\[([^\]]*)\]\((?:[^()]|\([^()]*\))*\)")
+# The page footer of every section: [‹ previous](x.md "Go to previous page") [up](...) [next ›](...)
+_RE_FAQ_NAV = re.compile(r'"Go to (previous|parent|next) page"\)')
 _RE_MD_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
 _RE_MD_EMPH = re.compile(r"(\*\*|__)(.+?)\1|(?<![\w*])([*_])(?=\S)(.+?)(?<=\S)\3(?![\w*])", re.S)
 
@@ -338,6 +340,7 @@ def faq_markdown_to_text(markdown: str) -> str:
             line = re.sub(r"^([*+-]|\d+\.)\s+", "", line)
         current.append(line)
     flush()
+    paragraphs = [p for p in paragraphs if not _RE_FAQ_NAV.search(p)]
     return "\n\n".join(t for t in map(_markdown_inline, paragraphs) if t)
 
 

@@ -18,7 +18,7 @@ Sources (``source=`` everywhere):
   wiki markup to text (:mod:`linearize.corpora`). ``"wiki-val"`` (21 articles, fixed by a salted
   hash of the title that no run parameter changes) is the out-of-domain validation set
   (``ood_corpus``); ``"wiki-train"`` is the other 85 and may be trained on.
-* ``"faq"``: An Anarchist FAQ 15.3 (128 sections, about 2.6M tokens), GPL-2, from the Debian
+* ``"faq"``: An Anarchist FAQ 15.3 (125 sections, about 2.4M tokens), GPL-2, from the Debian
   package ``anarchism``.
 * ``"mix:<a>,<b>,..."``: the documents of several of the above (or local paths), interleaved
   in a fixed hashed order; ``"mix"`` is ``MIX_DEFAULT`` (``sotu,wiki-train,faq``). Document
