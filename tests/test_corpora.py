@@ -110,7 +110,8 @@ def offline():
     mp = pytest.MonkeyPatch()
 
     def refuse(*a, **k):
-        raise AssertionError(f"a cached corpus tried to run {a[0] if a else k}")
+        raise AssertionError(f"loading a corpus ran {a[0] if a else k}: it is not in the cache yet "
+                             "(`python -m linearize.assets` fetches it) or loading it downloads again")
 
     mp.setattr(subprocess, "run", refuse)
     yield
@@ -182,7 +183,7 @@ def test_ood_check_passes_disjoint_sources_and_catches_a_shared_path(tmp_path):
     with pytest.raises(D.CorpusError, match="overlaps"):
         D.check_ood_disjoint("embedded", "sotu")
     with pytest.raises(D.CorpusError, match="overlaps"):
-        D.check_ood_disjoint(f"mix:sotu,{tmp_path}", str(tmp_path / "." ))
+        D.check_ood_disjoint(f"mix:sotu,{tmp_path}", str(tmp_path / "."))
 
 
 @pytest.mark.parametrize("spec", ["mix:", "mix:sotu,sotu", "mix:sotu,mix", "mix:sotu,fineweb"])
