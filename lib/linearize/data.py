@@ -345,6 +345,18 @@ def check_ood_disjoint(corpus: str, ood_corpus: str) -> None:
                     "with ood_corpus='wiki-val', or set ood_corpus='' to switch it off.")
 
 
+def ood_perplexity_and_kl(student, teacher, blocks: torch.Tensor | None, batch_size: int = 2) -> dict:
+    """``linearize.evaluate.perplexity_and_kl`` on out-of-domain blocks (:func:`ood_blocks`),
+    its keys prefixed ``ood_``: ood_perplexity, ood_teacher_perplexity, ood_kl, ood_n_blocks.
+    ``blocks=None`` (no ood_corpus) gives {}."""
+    if blocks is None:
+        return {}
+    from .evaluate import perplexity_and_kl
+
+    out = perplexity_and_kl(student, teacher, blocks, batch_size=batch_size)
+    return {f"ood_{k}": v for k, v in out.items() if k != "seq_len"}
+
+
 def ood_blocks(tokenizer, params: dict) -> torch.Tensor | None:
     """``params["ood_val_blocks"]`` blocks of ``params["seq_len"]`` tokens spread evenly over
     every document of ``params["ood_corpus"]`` (a few articles' worth, not the first one's),

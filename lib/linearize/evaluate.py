@@ -302,16 +302,6 @@ def perplexity_and_kl(student, teacher, blocks: torch.Tensor, batch_size: int = 
     return out
 
 
-def ood_perplexity_and_kl(student, teacher, blocks: torch.Tensor | None, batch_size: int = 2) -> dict:
-    """:func:`perplexity_and_kl` on out-of-domain blocks (``linearize.data.ood_blocks``), its
-    keys prefixed ``ood_``: ood_perplexity, ood_teacher_perplexity, ood_kl, ood_n_blocks.
-    ``blocks=None`` (no ood_corpus) gives {}."""
-    if blocks is None:
-        return {}
-    out = perplexity_and_kl(student, teacher, blocks, batch_size=batch_size)
-    return {f"ood_{k}": v for k, v in out.items() if k != "seq_len"}
-
-
 # ---- loading a model to evaluate ----
 
 def load_model(source: str | os.PathLike | None = None):

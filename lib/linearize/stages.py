@@ -727,7 +727,7 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
     """Run the requested (and enabled) stages for one student, validating after conversion and
     after each stage. Finished stages are reused, an interrupted stage resumes. Returns a dict
     with the run, the final student and the stage results."""
-    from .data import ood_blocks, token_blocks
+    from .data import token_blocks
     from .teacher import load_teacher
 
     accelerator = make_accelerator(params)
@@ -738,6 +738,8 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
     train_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "train", params["val_fraction"])
     val_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "validation", params["val_fraction"],
                               max_blocks=params["val_blocks"])
+    from .data import ood_blocks
+
     ood = ood_blocks(tokenizer, params)  # None when ood_corpus is ""
     todo = enabled_stages(params, stages)
     first = todo[0] if todo else max(stages) + 1
@@ -783,7 +785,7 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
 
 
 def _log_eval(run, after, student, teacher, val_blocks, params, tokens, wall_s, ood=None):
-    from .evaluate import ood_perplexity_and_kl
+    from .data import ood_perplexity_and_kl
 
     t = time.perf_counter()
     metrics = validate(student, teacher, val_blocks, params)
