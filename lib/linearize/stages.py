@@ -925,13 +925,16 @@ def _run_pipeline(params: dict, stages, teacher, tokenizer, root, progress: bool
     train_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "train", params["val_fraction"])
     val_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "validation", params["val_fraction"],
                               max_blocks=params["val_blocks"])
+    from .data import ood_blocks
+
+    ood = ood_blocks(tokenizer, params)  # None when ood_corpus is ""
     todo = enabled_stages(params, stages)
     first = todo[0] if todo else max(stages) + 1
     student, start = load_student(run, teacher, params, first, train_blocks)
     student = student.to(accelerator.device)
     evals = run.evals()
     if start == "conversion" and "conversion" not in evals:
-        _log_eval(run, "conversion", student, teacher, val_blocks, params, tokens=0, wall_s=0.0)
+        _log_eval(run, "conversion", student, teacher, val_blocks, params, tokens=0, wall_s=0.0, ood=ood)
     results = []
     for stage in todo:
         done = run.done(stage)
@@ -946,7 +949,7 @@ def _run_pipeline(params: dict, stages, teacher, tokenizer, root, progress: bool
         else:
             def on_tokens(model, tokens, wall_s, stage=stage):
                 _log_eval(run, f"stage{stage}@{tokens}", model, teacher, val_blocks, params, tokens=tokens,
-                          wall_s=wall_s)
+                          wall_s=wall_s, ood=ood)
 
             res = train_stage(stage, student, teacher, train_blocks, params, run, start=start,
                               accelerator=accelerator, progress=progress, on_tokens=on_tokens)
@@ -967,7 +970,7 @@ def _run_pipeline(params: dict, stages, teacher, tokenizer, root, progress: bool
                          "over_teacher_fwd": done["median_step_tok_s"] / ref})
         if f"stage{stage}" not in run.evals():
             _log_eval(run, f"stage{stage}", student, teacher, val_blocks, params,
-                      tokens=done["tokens"], wall_s=done["wall_s"])
+                      tokens=done["tokens"], wall_s=done["wall_s"], ood=ood)
         start = f"stage{stage}"
     enabled = enabled_stages(params)
     if run.is_main and (not enabled or enabled[-1] in todo):
@@ -988,9 +991,12 @@ def _log_throughput(run, done, teacher, train_blocks, params, accelerator) -> di
     return done
 
 
-def _log_eval(run, after, student, teacher, val_blocks, params, tokens, wall_s):
+def _log_eval(run, after, student, teacher, val_blocks, params, tokens, wall_s, ood=None):
+    from .data import ood_perplexity_and_kl
+
     t = time.perf_counter()
     metrics = validate(student, teacher, val_blocks, params)
+    metrics.update(ood_perplexity_and_kl(student, teacher, ood, batch_size=params["val_batch_size"]))
     run.log({"event": "eval", "after": after, "tokens": tokens, "stage_wall_s": wall_s,
              "eval_s": time.perf_counter() - t, **metrics})
 
