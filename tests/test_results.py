@@ -60,3 +60,14 @@ def test_tasks_from_an_evaluate_result():
     # acc_norm where defined, LAMBADA's acc otherwise
     assert R.tasks_from_eval(res, "acc_norm")["piqa"]["acc"] == 0.62
     assert R.tasks_from_eval(res, "acc_norm")["lambada_openai"]["acc"] == 0.3
+
+
+def test_missing_stderr_is_lm_evals_sample_formula():
+    # lm-eval without bootstrap leaves acc_stderr out; its mean_stderr of 0/1 scores is
+    # stdev(ddof=1) / sqrt(n)
+    import statistics
+
+    scores = [1, 0, 0, 1, 1, 1, 0, 1]
+    res = {"model": "m", "tasks": {"piqa": {"acc": sum(scores) / 8, "n_docs": 8}}}
+    expected = statistics.stdev(scores) / math.sqrt(8)
+    assert R.tasks_from_eval(res)["piqa"]["stderr"] == pytest.approx(expected)

@@ -99,7 +99,7 @@ def evaluate_tasks(
     output_dir: str | os.PathLike | None = None,
     label: str | None = None,
     bootstrap_iters: int = 1000,
-    per_doc: bool = False,
+    per_doc: bool = True,
     cache: str | os.PathLike | None = None,
     share_context: bool = True,
 ) -> dict:
@@ -109,8 +109,9 @@ def evaluate_tasks(
     Returns ``{"model", "tasks": {name: {"acc", "acc_stderr", "acc_norm", ..., "n_docs"}},
     "limit", "online", "wall_time_s", ...}``; fractions in [0, 1] (tables show percent).
     With ``output_dir`` the dict is also written there as ``eval_<full|limitN>[_online].json``.
-    ``per_doc=True`` also keeps each document's scores (``tasks[name]["per_doc"]``: lists in
-    document order of acc, acc_norm, loglikelihood), e.g. to recompute a metric on a subset.
+    ``per_doc`` (default True) also keeps each document's scores (``tasks[name]["per_doc"]``:
+    lists in document order of acc, acc_norm, loglikelihood): the paired comparisons of
+    :mod:`linearize.compare` and the study page need them, and they cost ~10 bytes a document.
     ``cache``: a path prefix for lm-eval's request cache (SQLite ``<cache>_rank0.db``). Every
     scored request is written as it finishes, so a killed run resumes where it stopped. Its keys
     are the requests only, not the model: give each model (and dtype) its own cache.

@@ -61,9 +61,14 @@ def tasks_from_eval(results: Mapping | None, metric: str = "acc") -> dict:
     for task, m in results["tasks"].items():
         if task not in TASKS:
             continue
-        acc = m.get(metric, m["acc"])
-        stderr = m.get(f"{metric}_stderr", m.get("acc_stderr"))
+        name = metric if metric in m else "acc"
+        acc = m[name]
         docs = m.get("n_docs") or (len(m["per_doc"]["doc_id"]) if m.get("per_doc") else results.get("limit"))
+        stderr = m.get(f"{name}_stderr")
+        if stderr is None and docs is not None and docs > 1:
+            # lm-eval leaves it out when run without bootstrap (bootstrap_iters=0); for a 0/1
+            # score its own formula, sample stddev / sqrt(n), is sqrt(acc (1 - acc) / (n - 1))
+            stderr = math.sqrt(acc * (1 - acc) / (docs - 1))
         if stderr is None or docs is None:
             raise SchemaError(f"the {task} result of {results.get('model', '?')} has no stderr or document "
                               "count: evaluate it again with linearize.evaluate.evaluate_tasks")
