@@ -78,6 +78,23 @@ def _single_process_bootstrap() -> Iterator[None]:
             os.environ["DISABLE_MULTIPROC"] = saved
 
 
+@contextlib.contextmanager
+def _no_env_probe() -> Iterator[None]:
+    """lm-eval's simple_evaluate ends with ``add_env_info``: torch's collect_env, which runs
+    pip and other subprocesses (12.6 s a call on the loaded 2-core machine, a quarter of a
+    20-document evaluation, cProfile of benchmarks/eval_speed.py) for keys that evaluate_tasks
+    never keeps (it returns ``out["results"]`` only). Our results record the versions that
+    matter themselves."""
+    import lm_eval.evaluator as ev
+
+    saved = ev.add_env_info
+    ev.add_env_info = lambda storage: storage.update(pretty_env_info="not collected (linearize.evaluate)")
+    try:
+        yield
+    finally:
+        ev.add_env_info = saved
+
+
 def _task_metrics(raw: Mapping[str, object]) -> dict[str, float]:
     """lm-eval's "acc,none"/"acc_stderr,none" keys -> acc/acc_stderr (only the metrics we use)."""
     out = {}
@@ -139,7 +156,7 @@ def evaluate_tasks(
     try:
         lm_class = SharedContextLM if share_context else HFLM
         lm = lm_class(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-        with _single_process_bootstrap():
+        with _single_process_bootstrap(), _no_env_probe():
             out = simple_evaluate(
                 model=lm,
                 tasks=list(task_objs.values()),
@@ -174,6 +191,7 @@ def evaluate_tasks(
         per_task[name] = metrics
 
     import lm_eval
+    import transformers
 
     results = {
         "model": label or type(model).__name__,
@@ -187,6 +205,8 @@ def evaluate_tasks(
         "device": device,
         "wall_time_s": round(wall, 1),
         "lm_eval_version": lm_eval.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
         "lm_eval_results": out["results"],
     }
     if output_dir is not None:
