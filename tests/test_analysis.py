@@ -107,3 +107,13 @@ def test_runs_without_per_document_results_are_named_not_compared(outputs, tmp_p
     assert record["analysis"]["without_per_doc"] == ["xlstm/cpu-study-kd"]
     assert "xlstm/cpu-study-kd" not in record["analysis"]["margins"]
     assert "`xlstm/cpu-study-kd`" in page.read_text()
+
+
+def test_verdict_against_the_papers_difference():
+    from linearize.analysis import verdict
+
+    assert verdict({"lo": 0.01, "hi": 0.05}, 1.2) == "agrees with the paper"
+    assert verdict({"lo": -0.05, "hi": -0.01}, 1.2) == "contradicts the paper"
+    assert verdict({"lo": -0.01, "hi": 0.02}, 1.2).startswith("undecided")
+    assert verdict({"lo": -0.05, "hi": -0.01}, -0.07) == "a < b; the paper: within 0.5 points"
+    assert verdict({"lo": 0.01, "hi": 0.05}, float("nan")) == "a > b"

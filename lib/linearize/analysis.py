@@ -139,14 +139,22 @@ def analysis(runs, outputs, metric: str = "acc", iters: int = ITERS) -> dict:
     return out
 
 
+# The paper reports averages to two decimals from one run each: a difference below half a
+# point is no finding to confirm or contradict.
+PAPER_TIE = 0.5
+
+
 def verdict(avg: Mapping, paper_diff_percent: float) -> str:
     """Whether our paired interval of the average difference agrees with the paper's sign."""
-    if avg["lo"] > 0 or avg["hi"] < 0:
-        ours = 1 if avg["lo"] > 0 else -1
-        if not math.isfinite(paper_diff_percent) or paper_diff_percent == 0:
-            return "a > b" if ours > 0 else "a < b"
-        return "agrees with the paper" if ours * paper_diff_percent > 0 else "contradicts the paper"
-    return "undecided (interval covers 0)"
+    if not (avg["lo"] > 0 or avg["hi"] < 0):
+        return "undecided (interval covers 0)"
+    ours = "a > b" if avg["lo"] > 0 else "a < b"
+    if not math.isfinite(paper_diff_percent):
+        return ours
+    if abs(paper_diff_percent) < PAPER_TIE:
+        return f"{ours}; the paper: within {PAPER_TIE} points"
+    agree = (avg["lo"] > 0) == (paper_diff_percent > 0)
+    return "agrees with the paper" if agree else "contradicts the paper"
 
 
 def _pm(x) -> str:
