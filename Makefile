@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 FLA_PYTEST_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: env study teacher test test-fast test-slow test-fla lock clean-env
+.PHONY: env study grid publish teacher test test-fast test-slow test-fla lock clean-env
 
 env: $(STAMP)
 
@@ -33,6 +33,16 @@ $(STAMP): pyproject.toml requirements/cpu-lock.txt
 # The main job on the embedded defaults.
 study: env
 	$(PY) -m linearize.runner $(STUDY_ARGS)
+
+# The study of issue 15: all ten students, Table 2 (kd, mm) and the default recipe each, Table 3's
+# ablations for gla and xlstm, 500 documents per task. Resumable: run it again to go on.
+grid: env
+	$(PY) -m linearize.runner --preset cpu-study --students all --grid study $(STUDY_ARGS)
+
+# For maintainers: copy the finished study's page, results.json and figures from outputs/study/
+# into docs/ (`make study` itself writes only under outputs/).
+publish: env
+	$(PY) -m linearize.runner --publish
 
 teacher: env
 	mkdir -p outputs/teacher

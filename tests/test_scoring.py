@@ -60,7 +60,25 @@ def test_contexts_are_batched_by_length_and_read_once(tiny_llama, teacher, monke
         contexts.append(tuple(ids.shape)) if last_only else None) or forward(ids, cache, last_only))
     hflm = HFLM._loglikelihood_tokens
     monkeypatch.setattr(HFLM, "_loglikelihood_tokens", lambda self, r, *a: plain.append(len(r)) or hflm(self, r, *a))
+    rows = []
+    score_plain = lm._score_plain
+    monkeypatch.setattr(lm, "_score_plain", lambda r, idx, *a: rows.append(len(idx)) or score_plain(r, idx, *a))
     lm._loglikelihood_tokens(reqs, True)
     # longest contexts first, at most batch_size (3) documents per forward, each context once
     assert contexts == [(3, 12), (1, 12), (3, 7), (2, 7)]
-    assert plain == [4 + 8 + 1]  # the length-9 and length-3 documents and the lone request
+    # the length-9 and length-3 documents and the lone request: one row each, HFLM not needed
+    assert rows == [4 + 8 + 1] and plain == []
+
+
+def test_plain_rows_project_only_the_scored_positions(tiny_llama, teacher):
+    """The output projection sees one row per continuation token, not every padded position."""
+    _, tok = teacher
+    lm = SharedContextLM(pretrained=tiny_llama, tokenizer=tok, batch_size=4, device="cpu")
+    seen = []
+    handle = tiny_llama.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        reqs = [(("c", "x"), [5, 6, 7, 8, 9], [10, 11]), (("c", "y"), [5, 6], [12]), (("c", "z"), [3] * 20, [4, 4, 4])]
+        lm._score_plain(reqs, [0, 1, 2])
+    finally:
+        handle.remove()
+    assert seen == [(2 + 1 + 3, tiny_llama.config.hidden_size)]

@@ -115,7 +115,7 @@ def fit_readouts(
     device = next(teacher.parameters()).device
     batches = blocks.split(batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # text, not a widget: under papermill a widget bar never reaches the log
 
         batches = tqdm(batches, desc="readout fit", unit="batch")
     try:

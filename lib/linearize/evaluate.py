@@ -48,6 +48,23 @@ def _single_process_bootstrap() -> Iterator[None]:
             os.environ["DISABLE_MULTIPROC"] = saved
 
 
+@contextlib.contextmanager
+def _no_env_probe() -> Iterator[None]:
+    """lm-eval's simple_evaluate ends with ``add_env_info``: torch's collect_env, which runs
+    pip and other subprocesses (12.6 s a call on the loaded 2-core machine, a quarter of a
+    20-document evaluation, cProfile of benchmarks/eval_speed.py) for keys that evaluate_tasks
+    never keeps (it returns ``out["results"]`` only). Our results record the versions that
+    matter themselves."""
+    import lm_eval.evaluator as ev
+
+    saved = ev.add_env_info
+    ev.add_env_info = lambda storage: storage.update(pretty_env_info="not collected (linearize.evaluate)")
+    try:
+        yield
+    finally:
+        ev.add_env_info = saved
+
+
 def _task_metrics(raw: Mapping[str, object]) -> dict[str, float]:
     """lm-eval's "acc,none"/"acc_stderr,none" keys -> acc/acc_stderr (only the metrics we use)."""
     out = {}
@@ -69,7 +86,7 @@ def evaluate_tasks(
     output_dir: str | os.PathLike | None = None,
     label: str | None = None,
     bootstrap_iters: int = 1000,
-    per_doc: bool = False,
+    per_doc: bool = True,
     cache: str | os.PathLike | None = None,
     share_context: bool = True,
 ) -> dict:
@@ -79,8 +96,9 @@ def evaluate_tasks(
     Returns ``{"model", "tasks": {name: {"acc", "acc_stderr", "acc_norm", ..., "n_docs"}},
     "limit", "online", "wall_time_s", ...}``; fractions in [0, 1] (tables show percent).
     With ``output_dir`` the dict is also written there as ``eval_<full|limitN>[_online].json``.
-    ``per_doc=True`` also keeps each document's scores (``tasks[name]["per_doc"]``: lists in
-    document order of acc, acc_norm, loglikelihood), e.g. to recompute a metric on a subset.
+    ``per_doc`` (default True) also keeps each document's scores (``tasks[name]["per_doc"]``:
+    lists in document order of acc, acc_norm, loglikelihood): the paired comparisons of
+    :mod:`linearize.compare` and the study page need them, and they cost ~10 bytes a document.
     ``cache``: a path prefix for lm-eval's request cache (SQLite ``<cache>_rank0.db``). Every
     scored request is written as it finishes, so a killed run resumes where it stopped. Its keys
     are the requests only, not the model: give each model (and dtype) its own cache.
@@ -108,7 +126,7 @@ def evaluate_tasks(
     try:
         lm_class = SharedContextLM if share_context else HFLM
         lm = lm_class(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-        with _single_process_bootstrap():
+        with _single_process_bootstrap(), _no_env_probe():
             out = simple_evaluate(
                 model=lm,
                 tasks=list(task_objs.values()),
@@ -143,6 +161,7 @@ def evaluate_tasks(
         per_task[name] = metrics
 
     import lm_eval
+    import transformers
 
     results = {
         "model": label or type(model).__name__,
@@ -156,6 +175,8 @@ def evaluate_tasks(
         "device": device,
         "wall_time_s": round(wall, 1),
         "lm_eval_version": lm_eval.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
         "lm_eval_results": out["results"],
     }
     if output_dir is not None:

@@ -6,7 +6,11 @@ running the command again resumes after the last finished step, and a step whose
 missing or whose parameters changed (another eval limit, another benchmark model list) is
 redone. The study notebook (05) reads everything before it, so it is redone whenever a step
 before it ran. Parameters flow one way: command line -> notebook parameters cell -> lib ->
-outputs/.
+outputs/. The study page and its figures are written to ``outputs/study/``; ``--publish``
+(``make publish``) copies them into ``docs/``, so a user's run never changes the repository.
+Every step's line says which step of how many it is, the time elapsed and an estimate of what
+is left (from the durations its finished steps recorded); the notebooks' own output, progress
+bars included, streams into the log.
 """
 from __future__ import annotations
 
@@ -86,6 +90,9 @@ def run_step(step: Step, force: bool = False) -> str:
         str(NOTEBOOKS / step.notebook), str(step.output), parameters=step.parameters,
         cwd=str(ROOT), progress_bar=False, log_output=False,
         execution_timeout=CELL_TIMEOUT_S.get(step.notebook),
+        # the cells' own output (training and evaluation progress bars, prints) goes to the
+        # runner's log as it comes, so a long cell is not minutes of silence
+        stdout_file=sys.stdout, stderr_file=sys.stderr,
     )
     if step.notebook == "05_study.ipynb":  # the study as a page that reads without a kernel
         from .study import export_html
@@ -93,6 +100,72 @@ def run_step(step: Step, force: bool = False) -> str:
     seconds = time.perf_counter() - start
     step.marker.write_text(json.dumps({"seconds": seconds, "parameters": step.parameters}))
     return f"done in {seconds:.0f} s"
+
+
+def recorded_seconds(step: Step) -> float | None:
+    """How long a finished step took, from its marker (None when unknown)."""
+    try:
+        seconds = json.loads(step.marker.read_text()).get("seconds")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return float(seconds) if isinstance(seconds, (int, float)) else None
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def estimate_left(remaining: list[Step], durations: dict[str, list[float]]) -> tuple[float, int] | None:
+    """Seconds the ``remaining`` steps will take: each step the median duration of the finished
+    steps of the same notebook (this session's and earlier ones', from their markers), else the
+    median of all finished steps. Returns (seconds, how many durations it rests on), or None
+    before any step has finished."""
+    import statistics
+
+    every = [x for xs in durations.values() for x in xs]
+    if not every:
+        return None
+    overall = statistics.median(every)
+    total = sum(statistics.median(durations[s.notebook]) if durations.get(s.notebook) else overall
+                for s in remaining)
+    return total, len(every)
+
+
+def progress_line(index: int, steps: list[Step], elapsed: float, left: tuple[float, int] | None) -> str:
+    step = steps[index]
+    where = step.output.relative_to(ROOT) if step.output.is_relative_to(ROOT) else step.output
+    eta = (f"about {clock(left[0])} left (from {left[1]} finished step{'s' if left[1] != 1 else ''})"
+           if left else "no estimate yet")
+    return f"[step {index + 1}/{len(steps)}: {step.notebook} -> {where}] elapsed {clock(elapsed)}, {eta}"
+
+
+# What `--publish` copies from a finished study into docs/ (issue 19: `make study` itself writes
+# only under outputs/, so a user's run never dirties the repository).
+def publish(outputs: Path = OUTPUTS, docs: Path = ROOT / "docs") -> list[Path]:
+    """Copy the study's page (results.md), its JSON twin (results.json, validated against the
+    schema) and its figures from ``outputs/study/`` into ``docs/``. Returns the files written."""
+    import shutil
+
+    from .results import read_results
+
+    study = Path(outputs) / "study"
+    page, twin = study / "results.md", study / "results.json"
+    missing = [p for p in (page, twin) if not p.exists()]
+    if missing:
+        raise SystemExit(f"nothing to publish: {', '.join(map(str, missing))} missing; run `make study` "
+                         "(python -m linearize.runner) to the end first.")
+    read_results(twin)  # a page whose twin does not follow the schema is not published
+    docs = Path(docs)
+    (docs / "figures").mkdir(parents=True, exist_ok=True)
+    written = []
+    for src, dst in ((page, docs / "results.md"), (twin, docs / "results.json")):
+        shutil.copyfile(src, dst)
+        written.append(dst)
+    for png in sorted((study / "figures").glob("*.png")):
+        shutil.copyfile(png, docs / "figures" / png.name)
+        written.append(docs / "figures" / png.name)
+    return written
 
 
 # Tokens of the closed-form readout fit in the "-fit" variants: 64 blocks of 128 = 8192 tokens,
@@ -129,6 +202,20 @@ GRIDS = {
     "recipe": ["qkv-fit-at", "qkv-mm-h2h"],  # the new recipe beside the paper's best
     "all": list(VARIANTS),
 }
+# The study of issue 15: the paper's Table 2 (kd, mm) and the default recipe for every student,
+# and Table 3's ablations for the two students the paper ablates (gla, xlstm).
+TABLE3_STUDENTS = ("gla", "xlstm")
+GRIDS["study"] = list(dict.fromkeys(GRIDS["table2"] + GRIDS["default"] + GRIDS["table3"]))
+
+
+def variants_for(arch: str, grid: str) -> list[str]:
+    """The training variants of one student in a grid (all students share one, except in
+    "study", where only TABLE3_STUDENTS get the Table 3 ablations)."""
+    if grid == "study" and arch not in TABLE3_STUDENTS:
+        return list(dict.fromkeys(GRIDS["table2"] + GRIDS["default"]))
+    return GRIDS[grid]
+
+
 DEFAULT_STUDENTS = ["gla", "xlstm", "deltanet"]  # one per kernel family
 # Zero-shot evaluation size per preset: the full tasks take about 10 minutes per model at
 # limit 500 on 2 cores, so the quick preset evaluates a sample.
@@ -159,7 +246,7 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
              dict(common, run_dir=None, limit=limit, output_dir=str(teacher_dir))),
     ]
     for arch in students:
-        for variant in GRIDS[grid]:
+        for variant in variants_for(arch, grid):
             folder = run_dir(arch, preset, variant)
             train = dict(common, arch=arch, preset=preset, run_name=folder.name, **VARIANTS[variant])
             steps += [
@@ -174,7 +261,10 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
     steps.append(Step("04_benchmark.ipynb", bench / "04_benchmark.ipynb",
                       dict(common, models=",".join(["teacher", *students]), lengths=bench_lengths,
                            out=str(bench / "bench.csv"))))
-    steps.append(Step("05_study.ipynb", OUTPUTS / "study" / "05_study.ipynb", dict(outputs=str(OUTPUTS))))
+    study = OUTPUTS / "study"  # the page stays in outputs/: `--publish` copies it into docs/
+    steps.append(Step("05_study.ipynb", study / "05_study.ipynb",
+                      dict(outputs=str(OUTPUTS), figures_dir=str(study / "figures"),
+                           results_page=str(study / "results.md"))))
     return [s for s in steps if (NOTEBOOKS / s.notebook).exists()]
 
 
@@ -233,11 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="cpu-quick", help="params preset (cpu-quick, cpu-study, paper)")
     parser.add_argument("--teacher", default=None, help="teacher name, hub id or folder (default: embedded)")
     parser.add_argument("--force", action="store_true", help="redo finished steps")
+    parser.add_argument("--publish", action="store_true",
+                        help="run nothing: copy the finished study's page, results.json and figures from "
+                             "outputs/study/ into docs/ (for maintainers; `make publish`)")
     parser.add_argument("--no-bench", action="store_true",
                         help="leave out the benchmark step (04): speed and memory depend on the students, "
                              "not on the training variant, so a new grid need not re-measure them")
     args = parser.parse_args(argv)
+    if args.publish:
+        for path in publish():
+            print(f"published {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # progress bars in the kernels redraw at most every 30 s: enough to follow, not a flood in the log
+    os.environ.setdefault("TQDM_MININTERVAL", "30")
     for key, value in MALLOC_ENV.items():  # inherited by the notebook kernels papermill starts
         os.environ.setdefault(key, value)
     if args.students == "all":
@@ -269,8 +368,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_steps(steps: list[Step], args, total: float) -> int:
     ran = False
+    durations: dict[str, list[float]] = {}
     for step in steps:
-        print(f"[{step.notebook} -> {step.output.relative_to(ROOT) if step.output.is_relative_to(ROOT) else step.output}]",
+        if step.finished() and (seconds := recorded_seconds(step)) is not None:
+            durations.setdefault(step.notebook, []).append(seconds)
+    for index, step in enumerate(steps):
+        remaining = [s for s in steps[index:] if args.force or not s.finished()
+                     or (ran and s.notebook == "05_study.ipynb")]
+        print(progress_line(index, steps, time.perf_counter() - total, estimate_left(remaining, durations)),
               flush=True)
         # the study notebook summarises all outputs: stale as soon as anything before it ran
         try:
@@ -281,6 +386,8 @@ def _run_steps(steps: list[Step], args, total: float) -> int:
                   "run the same command again to go on from this step.", file=sys.stderr, flush=True)
             return 1
         ran = ran or outcome != "skipped"
+        if outcome != "skipped" and (seconds := recorded_seconds(step)) is not None:
+            durations.setdefault(step.notebook, []).append(seconds)
         print(f"  {outcome}", flush=True)
     print(f"study finished in {time.perf_counter() - total:.0f} s; results under {OUTPUTS}")
     return 0

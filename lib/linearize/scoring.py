@@ -12,8 +12,11 @@ positions; measured time is less (1.08-1.35x, docs/shared_context.md). Results a
 up to float rounding (tests/test_scoring.py compares both paths on the same requests).
 
 Requests that share no context (LAMBADA, WinoGrande's partial scoring, rolling perplexity),
-contexts of a length too rare to batch, and requests longer than the model's window go through
-HFLM's own batched path unchanged.
+contexts of a length too rare to batch, and requests longer than the model's window are scored
+as HFLM scores them (one right-padded row per request, rows sorted by length and batched), but
+with the output projection and log-softmax only at the continuation positions
+(``_score_plain``): HFLM projects every position onto the vocabulary. Models that are not a
+decoder plus an output projection go through HFLM's own path unchanged.
 """
 from __future__ import annotations
 
@@ -39,6 +42,27 @@ def _cache_argument(model) -> str:
 MIN_BUCKET = 4
 
 
+def plan_requests(requests, max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[list, list[int]]:
+    """How ``SharedContextLM`` scores ``requests`` (lm-eval's (key, context ids, continuation
+    ids) triples): (buckets, plain). A bucket is a list of documents whose contexts have one
+    length, each document the list of request indices that share its context; ``plain`` are
+    the indices scored one row per request."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (_, ctx, cont) in enumerate(requests):
+        if len(ctx) + len(cont) <= max_length + 1 and len(ctx) > 0:  # no left truncation
+            groups[tuple(ctx)].append(i)
+    buckets: dict[int, list[list[int]]] = defaultdict(list)
+    for ctx, idx in groups.items():
+        # Sharing saves the context's tokens once per extra choice but costs a second,
+        # smaller forward: below a context as long as the longest choice it does not pay
+        # (PIQA, goal ~15 tokens and solutions ~25: 0.65x HFLM's speed when shared).
+        if len(idx) > 1 and len(ctx) >= max(len(requests[i][2]) for i in idx):
+            buckets[len(ctx)].append(idx)
+    shared = [b for b in buckets.values() if len(b) >= min_bucket]
+    in_shared = {i for bucket in shared for idx in bucket for i in idx}
+    return shared, [i for i in range(len(requests)) if i not in in_shared]
+
+
 class SharedContextLM(HFLM):
     """HFLM whose loglikelihood runs a context shared by several requests once.
 
@@ -61,21 +85,14 @@ class SharedContextLM(HFLM):
         return out.logits, getattr(out, name)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (_, ctx, cont) in enumerate(requests):
-            if len(ctx) + len(cont) <= self.max_length + 1 and len(ctx) > 0:  # no left truncation
-                groups[tuple(ctx)].append(i)
-        buckets: dict[int, list[list[int]]] = defaultdict(list)
-        for ctx, idx in groups.items():
-            # Sharing saves the context's tokens once per extra choice but costs a second,
-            # smaller forward: below a context as long as the longest choice it does not pay
-            # (PIQA, goal ~15 tokens and solutions ~25: 0.65x HFLM's speed when shared).
-            if len(idx) > 1 and len(ctx) >= max(len(requests[i][2]) for i in idx):
-                buckets[len(ctx)].append(idx)
-        shared = [b for b in buckets.values() if len(b) >= MIN_BUCKET]
-        in_shared = {i for bucket in shared for idx in bucket for i in idx}
-        plain = [i for i in range(len(requests)) if i not in in_shared]
+        shared, plain = plan_requests(requests, self.max_length)
         results: list = [None] * len(requests)
+        if plain and self.project_scored_only and self._split_head() is not None:
+            # one forward per row as HFLM, but the language-model head only at the scored positions
+            fits = [i for i in plain if 0 < len(requests[i][2]) <= self.max_length and len(requests[i][1]) > 0]
+            for i, answer in self._score_plain(requests, fits, disable_tqdm).items():
+                results[i] = answer
+            plain = [i for i in plain if results[i] is None]
         if plain:  # HFLM's path, which also feeds lm-eval's request cache for these
             for i, r in zip(plain, super()._loglikelihood_tokens([requests[i] for i in plain], disable_tqdm,
                                                                 override_bs)):
@@ -83,8 +100,8 @@ class SharedContextLM(HFLM):
         if not shared:
             return results
         per_batch = self.batch_size if isinstance(self.batch_size, int) else 8  # documents per batch
-        pbar = tqdm(total=len(in_shared), disable=disable_tqdm or self.rank != 0,
-                    desc="Scoring shared-context requests")
+        pbar = tqdm(total=sum(len(idx) for bucket in shared for idx in bucket),
+                    disable=disable_tqdm or self.rank != 0, desc="Scoring shared-context requests")
         # longest contexts first, as HFLM: a memory problem shows at once, time estimates are upper bounds
         for bucket in sorted(shared, key=lambda b: -len(requests[b[0][0]][1])):
             for start in range(0, len(bucket), per_batch):
@@ -98,6 +115,65 @@ class SharedContextLM(HFLM):
                     pbar.update(1)
         pbar.close()
         return results
+
+    # False: requests that share no context take HFLM's own path (benchmarks/eval_speed.py
+    # --compare-plain measures both on the same requests)
+    project_scored_only = True
+
+    def _split_head(self):
+        """(body, head) of a causal LM made of a decoder (``.model``, returning hidden states)
+        and an output projection (``get_output_embeddings()``): transformers' Llama and our
+        students both are. None for other models, which keep HFLM's path."""
+        if not hasattr(self, "_body_head"):
+            body = getattr(self.model, "model", None)
+            head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+            self._body_head = (body, head) if isinstance(body, torch.nn.Module) and head is not None else None
+        return self._body_head
+
+    def _score_plain(self, requests, idx: list[int], disable_tqdm: bool = False) -> dict[int, tuple[float, bool]]:
+        """(log-likelihood, greedy) of the requests ``idx`` that share no context, as HFLM
+        scores them (context + continuation[:-1] in one row, right-padded, rows sorted by length,
+        ``batch_size`` rows per forward, left-truncated to the model's window), except that the
+        output projection and the log-softmax run only at each row's continuation positions:
+        HFLM projects every position onto the 49K-token vocabulary (about a fifth of the
+        teacher's forward FLOPs) and log-softmaxes all of them."""
+        body, head = self._split_head()
+        per_batch = self.batch_size if isinstance(self.batch_size, int) else 8
+        rows = []
+        for i in idx:
+            _, ctx, cont = requests[i]
+            inp = (ctx + cont)[-(self.max_length + 1):][:-1]
+            rows.append((i, inp, cont))
+        rows.sort(key=lambda r: -len(r[1]))  # longest first: equal lengths pad little, as HFLM
+        out = {}
+        pbar = tqdm(total=len(rows), disable=disable_tqdm or self.rank != 0, desc="Scoring requests")
+        for start in range(0, len(rows), per_batch):
+            batch = rows[start:start + per_batch]
+            ids = torch.zeros(len(batch), len(batch[0][1]), dtype=torch.long, device=self.device)
+            row_of, col_of = [], []
+            for r, (_, inp, cont) in enumerate(batch):
+                ids[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
+                row_of += [r] * len(cont)
+                col_of += range(len(inp) - len(cont), len(inp))
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                                 enabled=self.mixed_precision_dtype is not None):
+                hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+                logits = head(hidden[torch.tensor(row_of), torch.tensor(col_of)])  # [scored tokens, vocab]
+            logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            target = torch.tensor([t for _, _, cont in batch for t in cont], dtype=torch.long, device=logp.device)
+            token_ll = logp.gather(1, target[:, None])[:, 0]
+            hit = logp.argmax(-1) == target
+            at = 0
+            for i, _, cont in batch:
+                n = len(cont)
+                answer = (float(token_ll[at:at + n].sum()), bool(hit[at:at + n].all()))
+                at += n
+                out[i] = answer
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                pbar.update(1)
+        pbar.close()
+        return out
 
     def _score_docs(self, docs) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of every continuation of ``docs``: lists of requests, one

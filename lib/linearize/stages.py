@@ -630,7 +630,7 @@ def train_stage(
     """Train one stage (1, 2 or 3) of ``student`` against ``teacher`` for its token budget,
     resuming from ``run``'s checkpoint of this stage if there is one."""
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text, not a widget: under papermill a widget bar never reaches the log
 
     if stage not in STAGE_NAMES:
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}.")

@@ -533,8 +533,13 @@ def _link(page: Path, target: Path) -> str:
 
 def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs: list[StudyRun],
                        figures: Mapping[str, Path | list[Path] | None], metric: str = "acc") -> Path:
-    """Write the markdown results page: the tables (built here from ``outputs``) and links to
-    the figures (``figures``: section title -> PNG path(s), None for a missing one)."""
+    """Write the markdown results page: the tables (built here from ``outputs``; every accuracy
+    with its stderr), the paired analyses of :mod:`linearize.analysis` and links to the figures
+    (``figures``: section title -> PNG path(s), None for a missing one); and beside it its JSON
+    twin (``results.json`` for ``results.md``) in the schema of :mod:`linearize.results`."""
+    from .analysis import analysis, analysis_sections, study_record, with_stderr
+    from .results import results_record, write_json
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     teacher_res, teacher_path = teacher_results(outputs)
@@ -561,13 +566,17 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
         "",
         "## Table 2: students without and with matrix mixing",
         "",
-        markdown_table(table2(runs, outputs, metric)),
+        markdown_table(with_stderr(table2(runs, outputs, metric), runs, outputs, metric)),
         "",
         "## Table 3: Q/K/V copy, matrix mixing and hidden-to-hidden ablations",
         "",
-        markdown_table(table3(runs, outputs, metric)),
+        markdown_table(with_stderr(table3(runs, outputs, metric), runs, outputs, metric)),
         "",
     ]
+    # what separates students: margins, the ranking against the paper's, paired comparisons
+    paired = analysis(runs, outputs, metric)
+    for section in analysis_sections(paired):
+        lines += [section, ""]
     if any("fit" in r.variant.split("-") for r in runs):
         lines += [
             "## Beyond the paper: closed-form readout fit after conversion",
@@ -575,7 +584,7 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
             "`fit`: every layer's o_proj solved by ridge least squares to the teacher's attention output "
             "(`linearize.calibrate`), before any training." + _fit_stage2_note(runs),
             "",
-            markdown_table(table_fit(runs, outputs, metric)),
+            markdown_table(with_stderr(table_fit(runs, outputs, metric), runs, outputs, metric)),
             "",
         ]
     lines += [
@@ -592,6 +601,9 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
             continue
         lines += [f"![{title}]({_link(path, t)})" for t in targets] + [""]
     path.write_text("\n".join(lines))
+    # the page's JSON twin (schema: linearize.results), written from the same runs
+    teacher, records = study_record(runs, outputs, metric)
+    write_json(path.with_suffix(".json"), results_record(teacher, records, analysis=paired))
     return path
 
 

@@ -1,0 +1,212 @@
+"""The study's results record and its paired analyses, for the results page of
+:mod:`linearize.study`.
+
+* :func:`study_record` turns the runs found under ``outputs/`` into the schema of
+  :mod:`linearize.results` (teacher record + one record per run);
+* :func:`with_stderr` puts each accuracy cell of a paper-format table beside its stderr;
+* :func:`analysis` computes what separates students: each run's above-chance margin with a
+  bootstrap interval, the Spearman rank correlation of our Table 2 ranking with the paper's, and
+  paired comparisons of the variants of one student (paired bootstrap of the six-task average,
+  McNemar per task), each set beside the paper's difference where the paper has both rows;
+* :func:`analysis_sections` lays them out as markdown.
+
+All of it needs per-document correctness (``evaluate_tasks(..., per_doc=True)``, the default);
+a run evaluated without it is listed as such and left out of the paired analyses.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+from . import compare as C
+from . import results as R
+from .evaluate import AVG, COLUMNS
+
+# Paired questions inside one student: (variant a, variant b, what a - b measures).
+PAIRS = (
+    ("mm", "kd", "matrix mixing (stage 1), no QKV copy"),
+    ("qkv", "kd", "QKV copy"),
+    ("qkv-mm", "qkv", "matrix mixing after QKV copy"),
+    ("qkv-mm-h2h", "qkv-mm", "hidden-to-hidden alignment (stage 2)"),
+    ("qkv-mm-h2h", "mm-h2h", "QKV copy in the full recipe"),
+    ("qkv-mm-h2h", "kd", "full recipe against distillation alone"),
+)
+ITERS = 2000  # bootstrap resamples on the page: interval ends move by < 0.1 point beyond this
+
+
+def _stages_total(run, key: str):
+    """Sum of ``key`` over the run's finished stages' done.json (None when none finished)."""
+    values = []
+    for stage in run.stages_done:
+        path = run.dir / f"stage{stage}" / "done.json"
+        if path.exists():
+            value = json.loads(path.read_text()).get(key)
+            if value is not None:
+                values.append(value)
+    return sum(values) if values else None
+
+
+def _last_eval(run, key: str):
+    for after in ("stage3", "stage2", "stage1", "conversion"):
+        if key in run.evals.get(after, {}):
+            return run.evals[after][key]
+    return None
+
+
+def study_record(runs, outputs, metric: str = "acc") -> tuple[dict, list[dict]]:
+    """(teacher record, run records) of :mod:`linearize.results` for the runs under ``outputs``."""
+    from .study import teacher_name, teacher_results
+
+    res, _ = teacher_results(outputs)
+    ppl = [r.evals[a]["teacher_perplexity"] for r in runs for a in r.evals if "teacher_perplexity" in r.evals[a]]
+    name = str(res["model"]).removeprefix("teacher: ") if res else (teacher_name(runs, outputs) or "unknown")
+    teacher = R.teacher_record(name, ppl[0] if ppl else None, R.tasks_from_eval(res, metric))
+    records = [R.run_record(r.arch, r.variant, bool(r.params.get("hybrid", False)), _stages_total(r, "tokens"),
+                            _stages_total(r, "wall_s"), _last_eval(r, "perplexity"), _last_eval(r, "kl"),
+                            R.tasks_from_eval(r.results, metric), run=r.label, preset=r.preset)
+               for r in runs]
+    return teacher, records
+
+
+def with_stderr(frame, runs, outputs, metric: str = "acc"):
+    """A copy of a ``study.paper_table`` frame whose task and Avg. cells read 'acc ± stderr'
+    (percent), looked up by each row's run (or the teacher)."""
+    from .study import teacher_results
+
+    by_run = {r.label: r.results for r in runs}
+    teacher, _ = teacher_results(outputs) if outputs is not None else (None, None)
+    out = frame.copy()
+    cols = [*COLUMNS.values(), AVG]
+    for col in cols:
+        out[col] = out[col].astype(object)
+    for key, row in frame.iterrows():
+        res = teacher if row["run"] == "teacher" else by_run.get(row["run"])
+        tasks = R.tasks_from_eval(res, metric) if res else {}
+        for task, col in COLUMNS.items():
+            out.at[key, col] = R.cell(tasks[task]["acc"], tasks[task]["stderr"], 2) if task in tasks else R.MISSING
+        acc, se = R.average(tasks)
+        out.at[key, AVG] = R.cell(acc, se, 2)
+    return out
+
+
+def _correct(results, metric):
+    if results is None:
+        return None
+    try:
+        return C.correctness(results, metric if metric in ("acc", "acc_norm") else "acc")
+    except C.CompareError:
+        return None
+
+
+def analysis(runs, outputs, metric: str = "acc", iters: int = ITERS) -> dict:
+    """Margins, the Table 2 rank correlation and the within-student paired comparisons."""
+    from .study import TABLE2_VARIANTS, paper_average, teacher_results
+
+    teacher_res, _ = teacher_results(outputs)
+    teacher_doc = _correct(teacher_res, metric)
+    docs = {r.label: _correct(r.results, metric) for r in runs}
+    out = {"chance": dict(C.CHANCE), "iters": iters, "metric": metric,
+           "without_per_doc": [r.label for r in runs if r.results is not None and docs[r.label] is None],
+           "margins": {}, "spearman_table2": None, "pairs": []}
+    full = [t for t in R.TASKS]
+    if teacher_doc and all(t in teacher_doc for t in full):
+        for r in runs:
+            d = docs[r.label]
+            if d and all(t in d for t in full):
+                try:
+                    out["margins"][r.label] = C.margin_bootstrap(d, teacher_doc, full, iters=iters)
+                except C.CompareError as err:
+                    out["margins"][r.label] = {"error": str(err)}
+    table2 = {r.paper_label: docs[r.label] for r in runs
+              if r.variant in TABLE2_VARIANTS and docs[r.label] and all(t in docs[r.label] for t in full)}
+    reference = {label: paper_average(label) for label in table2}
+    reference = {k: v for k, v in reference.items() if math.isfinite(v)}
+    if len(reference) >= 3:
+        out["spearman_table2"] = C.spearman_bootstrap(table2, reference, full, iters=iters)
+    by_key = {(r.arch, r.variant): r for r in runs}
+    for arch in dict.fromkeys(r.arch for r in runs):
+        for va, vb, question in PAIRS:
+            a, b = by_key.get((arch, va)), by_key.get((arch, vb))
+            if not (a and b and docs[a.label] and docs[b.label]):
+                continue
+            tasks = [t for t in full if t in docs[a.label] and t in docs[b.label]]
+            res = C.compare(docs[a.label], docs[b.label], tasks, iters=iters)
+            paper = paper_average(a.paper_label) - paper_average(b.paper_label)
+            out["pairs"].append({"arch": arch, "a": a.label, "b": b.label, "question": question,
+                                 "paper_diff": paper / 100 if math.isfinite(paper) else None,
+                                 "verdict": verdict(res["avg"], paper), **res})
+    return out
+
+
+# The paper reports averages to two decimals from one run each: a difference below half a
+# point is no finding to confirm or contradict.
+PAPER_TIE = 0.5
+
+
+def verdict(avg: Mapping, paper_diff_percent: float) -> str:
+    """Whether our paired interval of the average difference agrees with the paper's sign."""
+    if not (avg["lo"] > 0 or avg["hi"] < 0):
+        return "undecided (interval covers 0)"
+    ours = "a > b" if avg["lo"] > 0 else "a < b"
+    if not math.isfinite(paper_diff_percent):
+        return ours
+    if abs(paper_diff_percent) < PAPER_TIE:
+        return f"{ours}; the paper: within {PAPER_TIE} points"
+    agree = (avg["lo"] > 0) == (paper_diff_percent > 0)
+    return "agrees with the paper" if agree else "contradicts the paper"
+
+
+def _pm(x) -> str:
+    return R.MISSING if x is None or not math.isfinite(x) else f"{100 * x:+.2f}"
+
+
+def analysis_sections(result: Mapping) -> list[str]:
+    """Markdown sections for the page."""
+    sections = []
+    sp = result.get("spearman_table2")
+    lines = ["## Ranking against the paper's Table 2", ""]
+    if sp:
+        lines += [f"Spearman rank correlation of our six-task average with the paper's Avg. over the "
+                  f"{sp['n']} Table 2 rows we have: **{sp['rho']:.2f}** (95% bootstrap interval over documents "
+                  f"{sp['lo']:.2f} to {sp['hi']:.2f}, {sp['iters']} resamples; documents per task: "
+                  + ", ".join(f"{R.LABELS[t]} {n}" for t, n in sp["docs"].items()) + ")."]
+    else:
+        lines += ["Needs at least three Table 2 runs (`kd` or `mm`) evaluated on all six tasks with "
+                  "per-document results."]
+    sections.append("\n".join(lines))
+    margins = result.get("margins") or {}
+    if margins:
+        rows = ["## Above-chance margin", "",
+                "(student Avg. - chance Avg.) / (teacher Avg. - chance Avg.): 1 keeps all of the teacher's "
+                "lead over chance, 0 is chance. 95% interval from resampling documents (the same for "
+                "student and teacher).", "", "| run | margin | 95% interval |", "|---|---:|---:|"]
+        for label, m in margins.items():
+            if "error" in m:
+                rows.append(f"| {label} | - | {m['error']} |")
+            else:
+                rows.append(f"| {label} | {m['margin']:.3f} | {m['lo']:.3f} to {m['hi']:.3f} |")
+        sections.append("\n".join(rows))
+    pairs = result.get("pairs") or []
+    rows = ["## Paired comparisons within a student", "",
+            "On the same documents: a - b in accuracy points, the six-task average with its 95% paired "
+            "bootstrap interval and p-value, and McNemar's exact p per task (discordant documents only). "
+            "`paper` is the paper's a - b in Avg. where it has both rows; the verdict says whether our "
+            "interval excludes 0 and, if so, whether it has the paper's sign."]
+    if pairs:
+        head = ["a", "b", "question", "Avg. a - b [95%]", "p", "paper", "verdict",
+                *(f"McNemar {R.LABELS[t]}" for t in R.TASKS)]
+        rows += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+        for p in pairs:
+            avg = p["avg"]
+            mc = [C.format_p(p["mcnemar"][t]["p"]) if t in p["mcnemar"] else R.MISSING for t in R.TASKS]
+            rows.append("| " + " | ".join([p["a"], p["b"], p["question"],
+                                           f"{_pm(avg['diff'])} [{_pm(avg['lo'])}, {_pm(avg['hi'])}]",
+                                           C.format_p(avg["p"]), _pm(p["paper_diff"]), p["verdict"], *mc]) + " |")
+    else:
+        rows += ["", "No student has two variants of these pairs evaluated with per-document results yet."]
+    if result.get("without_per_doc"):
+        rows += ["", "Evaluated without per-document results (left out; rerun notebook 03): "
+                 + ", ".join(f"`{x}`" for x in result["without_per_doc"]) + "."]
+    sections.append("\n".join(rows))
+    return sections

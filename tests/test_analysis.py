@@ -1,0 +1,119 @@
+"""The study page's JSON twin and paired analyses, on a synthetic outputs folder (no model).
+
+Run folders and evaluation files are written in the formats linearize.stages and
+linearize.evaluate write them, with per-document scores drawn at chosen accuracies; the page
+and its twin are then checked against numbers recomputed here from those same documents."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from linearize import compare as C
+from linearize import results as R
+from linearize import study
+
+TASKS = list(R.TASKS)
+N = 300
+SKILL = {("gla", "kd"): 0.05, ("gla", "mm"): 0.0, ("xlstm", "kd"): 0.02, ("deltanet", "kd"): -0.08,
+         ("retnet", "kd"): 0.0}
+
+
+def _eval_file(folder, label, offset, rng):
+    tasks = {}
+    for t in TASKS:
+        acc = (rng.random(N) < C.CHANCE[t] + 0.15 + offset).astype(float)
+        p = acc.mean()
+        tasks[t] = {"acc": p, "acc_stderr": math.sqrt(p * (1 - p) / (N - 1)), "n_docs": N,
+                    "per_doc": {"doc_id": list(range(N)), "acc": acc.tolist()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"eval_limit{N}.json").write_text(json.dumps({"model": label, "tasks": tasks, "limit": N,
+                                                            "online": False}))
+    return tasks
+
+
+@pytest.fixture
+def outputs(tmp_path):
+    rng = np.random.default_rng(0)
+    out = tmp_path / "outputs"
+    _eval_file(out / "teacher", "teacher: tiny", 0.1, rng)
+    for (arch, variant), offset in SKILL.items():
+        run = out / arch / f"cpu-study-{variant}"
+        run.mkdir(parents=True)
+        params = dict(arch=arch, run_name=run.name, preset="cpu-study", teacher="tiny", qkv_copy=False,
+                      matrix_mixing=variant == "mm", h2h=False, distill=True)
+        (run / "params.yaml").write_text(yaml.safe_dump(params))
+        events = [{"event": "eval", "after": "stage3", "perplexity": 100.0 + offset, "kl": 1.5,
+                   "teacher_perplexity": 40.0}]
+        (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, events)))
+        for stage in ([1, 3] if variant == "mm" else [3]):
+            (run / f"stage{stage}").mkdir()
+            (run / f"stage{stage}" / "done.json").write_text(json.dumps({"tokens": 1000 * stage, "wall_s": 60.0}))
+        _eval_file(run, f"{arch}/{run.name}", offset, rng)
+    return out
+
+
+def test_page_twin_follows_the_schema_and_recomputes_from_the_documents(outputs, tmp_path):
+    runs = study.find_runs(outputs)
+    page = study.write_results_page(tmp_path / "docs" / "results.md", outputs, runs, {})
+    record = R.read_results(page.with_suffix(".json"))
+    assert record["teacher"]["name"] == "tiny" and record["teacher"]["ppl"] == 40.0
+    gla_mm = next(r for r in record["runs"] if r["arch"] == "gla" and r["variant"] == "mm")
+    assert gla_mm["tokens"] == 4000 and gla_mm["wall_s"] == 120.0 and gla_mm["kl"] == 1.5
+    saved = json.loads((outputs / "gla" / "cpu-study-mm" / f"eval_limit{N}.json").read_text())
+    for t in TASKS:
+        assert gla_mm["tasks"][t] == {"acc": saved["tasks"][t]["acc"], "stderr": saved["tasks"][t]["acc_stderr"],
+                                      "docs": N}
+    text = page.read_text()
+    se = saved["tasks"]["piqa"]["acc_stderr"]
+    assert f"{100 * saved['tasks']['piqa']['acc']:.2f} ± {100 * se:.2f}" in text  # cells carry their stderr
+
+    analysis = record["analysis"]
+    # Spearman over the four kd rows + gla mm, against the paper's Avg.
+    sp = analysis["spearman_table2"]
+    docs = {r.paper_label: C.correctness(r.results) for r in runs}
+    ours = [np.mean([np.mean(list(docs[k][t].values())) for t in TASKS]) for k in sp["models"]]
+    from scipy.stats import spearmanr
+
+    assert sp["rho"] == pytest.approx(spearmanr(ours, [study.paper_average(k) for k in sp["models"]]).statistic)
+    assert sp["n"] == 5 and sp["lo"] <= sp["rho"] <= sp["hi"]
+    assert f"**{sp['rho']:.2f}**" in text
+    # one paired comparison: gla mm against gla kd, the average difference from the documents
+    (pair,) = [p for p in analysis["pairs"] if p["arch"] == "gla"]
+    a, b = docs["Llama-GLA + MM"], docs["Llama-GLA"]
+    diff = np.mean([np.mean(list(a[t].values())) - np.mean(list(b[t].values())) for t in TASKS])
+    assert pair["avg"]["diff"] == pytest.approx(diff)
+    assert pair["paper_diff"] == pytest.approx((47.78 - 47.85) / 100)
+    only_a = sum(1 for i in range(N) if a["piqa"][i] > b["piqa"][i])
+    only_b = sum(1 for i in range(N) if a["piqa"][i] < b["piqa"][i])
+    assert pair["mcnemar"]["piqa"]["p"] == pytest.approx(C.mcnemar_exact(only_a, only_b))
+    # margins: each run's from its own documents and the teacher's
+    teacher = json.loads((outputs / "teacher" / f"eval_limit{N}.json").read_text())
+    t_avg = np.mean([teacher["tasks"][t]["acc"] for t in TASKS])
+    g_avg = np.mean([gla_mm["tasks"][t]["acc"] for t in TASKS])
+    assert analysis["margins"]["gla/cpu-study-mm"]["margin"] == pytest.approx(C.above_chance_margin(g_avg, t_avg))
+
+
+def test_runs_without_per_document_results_are_named_not_compared(outputs, tmp_path):
+    path = outputs / "xlstm" / "cpu-study-kd" / f"eval_limit{N}.json"
+    res = json.loads(path.read_text())
+    for m in res["tasks"].values():
+        del m["per_doc"]
+    path.write_text(json.dumps(res))
+    runs = study.find_runs(outputs)
+    page = study.write_results_page(tmp_path / "results.md", outputs, runs, {})
+    record = R.read_results(page.with_suffix(".json"))
+    assert record["analysis"]["without_per_doc"] == ["xlstm/cpu-study-kd"]
+    assert "xlstm/cpu-study-kd" not in record["analysis"]["margins"]
+    assert "`xlstm/cpu-study-kd`" in page.read_text()
+
+
+def test_verdict_against_the_papers_difference():
+    from linearize.analysis import verdict
+
+    assert verdict({"lo": 0.01, "hi": 0.05}, 1.2) == "agrees with the paper"
+    assert verdict({"lo": -0.05, "hi": -0.01}, 1.2) == "contradicts the paper"
+    assert verdict({"lo": -0.01, "hi": 0.02}, 1.2).startswith("undecided")
+    assert verdict({"lo": -0.05, "hi": -0.01}, -0.07) == "a < b; the paper: within 0.5 points"
+    assert verdict({"lo": 0.01, "hi": 0.05}, float("nan")) == "a > b"

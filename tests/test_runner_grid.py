@@ -1,0 +1,106 @@
+"""The study grid through the runner: a second run skips every finished step, progress lines
+with an estimate of what is left, and publishing into docs/ as a separate command.
+
+papermill is replaced by a fake that writes the executed notebook and counts calls, so the
+runner's own logic (plan, markers, parameters, skip) runs on the real plan of the full grid
+without starting ~100 kernels; tests/test_runner.py runs real notebooks."""
+import json
+import re
+
+import pytest
+
+from linearize import runner
+from linearize.mixers import available
+
+
+@pytest.fixture
+def fake_papermill(tmp_path, monkeypatch):
+    import papermill
+
+    import linearize.study
+
+    calls = []
+
+    def execute(src, out, parameters=None, **kwargs):
+        calls.append((src, out, parameters))
+        with open(out, "w") as fh:
+            fh.write("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(linearize.study, "export_html", lambda src, dst: dst)
+    monkeypatch.setattr(runner, "OUTPUTS", tmp_path / "outputs")
+    return calls
+
+
+ARGS = ["--students", "all", "--grid", "study", "--preset", "cpu-study"]
+
+
+def test_second_run_of_the_study_grid_skips_every_step(fake_papermill, capsys):
+    steps = runner.plan(available(), "cpu-study", grid="study")
+    assert runner.main(ARGS) == 0
+    assert len(fake_papermill) == len(steps)
+    first = capsys.readouterr().out
+    assert f"[step 1/{len(steps)}: 00_teacher.ipynb" in first
+    assert f"[step {len(steps)}/{len(steps)}: 05_study.ipynb" in first
+    fake_papermill.clear()
+    assert runner.main(ARGS) == 0
+    second = capsys.readouterr().out
+    assert fake_papermill == []  # nothing executed again
+    assert second.count("  skipped") == len(steps)
+    # another evaluation size redoes the evaluations and the study page, nothing else
+    assert runner.main([*ARGS, "--eval-limit", "600"]) == 0
+    redone = {runner.Path(src).name for src, _, _ in fake_papermill}
+    assert redone == {"03_evaluate.ipynb", "05_study.ipynb"}
+    assert sum(1 for s in steps if s.notebook == "03_evaluate.ipynb") + 1 == len(fake_papermill)
+
+
+def test_study_grid_gives_table3_ablations_to_gla_and_xlstm_only():
+    steps = runner.plan(available(), "cpu-study", grid="study")
+    runs = {(s.output.parent.parent.name, s.output.parent.name) for s in steps if s.notebook == "02_distill.ipynb"}
+    assert len(available()) == 10
+    for arch in available():
+        mine = {name.removeprefix("cpu-study-") for a, name in runs if a == arch}
+        expected = {"kd", "mm", "qkv-mm-h2h"} | ({"qkv", "qkv-mm", "mm-h2h"} if arch in ("gla", "xlstm") else set())
+        assert mine == expected, arch
+    evals = [s for s in steps if s.notebook == "03_evaluate.ipynb"]
+    assert all(s.parameters["limit"] >= 500 for s in evals)  # the study preset separates students
+
+
+def test_the_study_page_is_written_under_outputs_not_docs():
+    study = runner.plan(["gla"], "cpu-quick")[-1]
+    assert study.notebook == "05_study.ipynb"
+    for key in ("results_page", "figures_dir"):
+        assert runner.Path(study.parameters[key]).is_relative_to(runner.OUTPUTS)
+
+
+def test_estimate_uses_the_median_of_the_same_notebook_else_of_all():
+    steps = [runner.Step(nb, runner.Path(f"/x/{i}.ipynb")) for i, nb in
+             enumerate(["02_distill.ipynb", "02_distill.ipynb", "03_evaluate.ipynb", "04_benchmark.ipynb"])]
+    assert runner.estimate_left(steps, {}) is None
+    durations = {"02_distill.ipynb": [100.0, 300.0, 200.0], "03_evaluate.ipynb": [50.0]}
+    left, n = runner.estimate_left(steps, durations)
+    # distill median 200 twice, evaluate 50, benchmark: the median of all four durations (150)
+    assert (left, n) == (200 + 200 + 50 + 150, 4)
+    line = runner.progress_line(1, steps, 3725.0, (left, n))
+    assert line.startswith("[step 2/4: 02_distill.ipynb") and "elapsed 1:02:05" in line
+    assert re.search(r"about 0:10:00 left \(from 4 finished steps\)", line)
+
+
+def test_publish_copies_page_twin_and_figures_and_refuses_without_them(tmp_path):
+    from linearize import results as R
+
+    outputs, docs = tmp_path / "outputs", tmp_path / "docs"
+    with pytest.raises(SystemExit, match="nothing to publish"):
+        runner.publish(outputs, docs)
+    study = outputs / "study"
+    (study / "figures").mkdir(parents=True)
+    (study / "figures" / "validation.png").write_bytes(b"png")
+    tasks = {t: R.task_record(0.5, 0.02, 500) for t in R.TASKS}
+    R.write_results(study / "results.md", study / "results.json", R.teacher_record("t", 50.0, tasks), [])
+    written = runner.publish(outputs, docs)
+    assert sorted(p.relative_to(docs).as_posix() for p in written) == [
+        "figures/validation.png", "results.json", "results.md"]
+    assert json.loads((docs / "results.json").read_text())["teacher"]["name"] == "t"
+    (study / "results.json").write_text('{"teacher": {}}')  # a twin off the schema is not published
+    with pytest.raises(R.SchemaError):
+        runner.publish(outputs, docs)
