@@ -5,6 +5,7 @@
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/eval_speed.py --run outputs/gla/cpu-study-kd
     ... --profile /tmp/eval.prof     # also a cProfile of the evaluation, top entries printed
     ... --compare-plain --limit 40   # LAMBADA/WinoGrande: projection at scored positions vs HFLM's
+    ... --student gla --forward-ratio --plain-shapes 4x64   # plain forward, teacher against student
     .venv/bin/python benchmarks/eval_speed.py --count-tokens --limit 500   # no model: tokens each scorer feeds
 
 One process, side by side: first the model's plain forward (no cache, no grad) on batches of
@@ -124,6 +125,21 @@ def count_tokens(names, limit: int, batch: int = 8) -> dict:
     return out
 
 
+@torch.no_grad()
+def forward_ratio(teacher, student, label: str, batch: int, seq: int) -> None:
+    """Plain-forward tokens per CPU-second (what this process did, nearly independent of other
+    load) and per wall second, teacher / student / teacher, on one random [batch, seq] block."""
+    ids = torch.randint(0, teacher.config.vocab_size, (batch, seq))
+    for name, m in (("teacher", teacher), (label, student), ("teacher", teacher)):
+        m(input_ids=ids)
+        c, w = time.process_time(), time.perf_counter()
+        for _ in range(2):
+            m(input_ids=ids)
+        print(f"{name}: {2 * ids.numel() / (time.process_time() - c):.0f} tok per CPU-s, "
+              f"{2 * ids.numel() / (time.perf_counter() - w):.0f} tok/s wall, load {os.getloadavg()[0]:.1f}",
+              flush=True)
+
+
 def compare_plain(model, tok, names, args) -> dict:
     """Wall time of the plain-row tasks with SharedContextLM.project_scored_only on and off,
     alternating the order per task, and whether every document gets the same accuracy."""
@@ -163,6 +179,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compare-plain", action="store_true",
                    help="only time the requests that share no context (LAMBADA, WinoGrande) with the output "
                         "projection at the scored positions against HFLM's full projection, alternating")
+    p.add_argument("--forward-ratio", action="store_true",
+                   help="only the plain forward of the teacher against --student (tokens per CPU-second), "
+                        "on the first --plain-shapes block")
     p.add_argument("--count-tokens", action="store_true",
                    help="no model: count the tokens and vocabulary projections each scorer needs at --limit")
     p.add_argument("--profile", type=Path, default=None, help="write a cProfile of the evaluation here")
@@ -176,7 +195,11 @@ def main(argv=None) -> dict:
     if args.student:
         from linearize.convert import convert
 
+        teacher = model
         model, label = convert(model, args.student, qkv_copy=True).eval(), f"{args.student} (fresh conversion)"
+        if args.forward_ratio:
+            b, t = map(int, args.plain_shapes.split(",")[0].split("x"))
+            return forward_ratio(teacher, model, args.student, b, t)
     model.eval()
     load = os.getloadavg()
     print(f"{label}: {args.threads} threads, limit {args.limit}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
