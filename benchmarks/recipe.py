@@ -30,9 +30,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "cpu-recipe"
-TASKS = ("lambada_openai", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag")
-CHANCE = {"lambada_openai": 0.0, "winogrande": 0.5, "piqa": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25,
-          "hellaswag": 0.25}
 
 # name -> (overrides of the cpu-recipe preset, what it is)
 RECIPES: dict[str, tuple[dict, str]] = {
@@ -113,6 +110,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from linearize.evaluate import evaluate_tasks, load_model
+    from linearize.results import TASKS
 
     torch.set_num_threads(args.threads)
     limit = None if args.limit in (None, 0) else args.limit
@@ -148,25 +146,27 @@ def _metrics(folder: Path) -> list[dict]:
 
 
 def _tasks_record(res: dict | None) -> dict:
-    if not res:
-        return {}
-    return {t: {"acc": r["acc"], "stderr": r.get("acc_stderr"), "docs": r.get("n_docs")}
-            for t, r in res["tasks"].items() if t in TASKS}
+    from linearize.results import tasks_from_eval
+
+    return tasks_from_eval(res)
 
 
 def margin(student: dict, teacher: dict) -> float | None:
-    """(student avg - chance avg) / (teacher avg - chance avg) over the tasks both have."""
-    common = [t for t in TASKS if t in student and t in teacher]
-    if len(common) < len(TASKS):
+    """(student avg - chance avg) / (teacher avg - chance avg), only when both have all six tasks
+    on the same number of documents (linearize.compare.above_chance_margin)."""
+    from linearize.compare import above_chance_margin
+    from linearize.results import TASKS, average
+
+    if not all(t in student and t in teacher and student[t]["docs"] == teacher[t]["docs"] for t in TASKS):
         return None
-    s = sum(student[t]["acc"] for t in common) / len(common)
-    te = sum(teacher[t]["acc"] for t in common) / len(common)
-    c = sum(CHANCE[t] for t in common) / len(common)
-    return (s - c) / (te - c)
+    return above_chance_margin(average(student)[0], average(teacher)[0])
 
 
 def collect(root: Path, limit: int) -> dict:
-    """The recipe.json data: one record per run folder ``outputs/<arch>/recipe-<name>``."""
+    """The recipe.json data (linearize.results' schema, with each run's ``curve``, ``fit_tokens``
+    and ``margin`` added): one record per run folder ``outputs/<arch>/recipe-<name>``."""
+    from linearize.results import results_record, run_record, teacher_record
+
     teacher_res = _eval_path(root / "teacher-recipe", limit)
     teacher_tasks = _tasks_record(json.loads(teacher_res.read_text())) if teacher_res.exists() else {}
     runs, teacher_ppl = [], None
@@ -193,13 +193,11 @@ def collect(root: Path, limit: int) -> dict:
         res_path = _eval_path(folder, limit)
         tasks = _tasks_record(json.loads(res_path.read_text())) if res_path.exists() else {}
         last = curve[-1]
-        runs.append({"arch": params["arch"], "variant": folder.name.removeprefix("recipe-"),
-                     "hybrid": bool(params.get("hybrid_window")), "tokens": last["tokens"],
-                     "fit_tokens": fit["tokens"] if fit else 0, "wall_s": last["wall_s"], "ppl": last["ppl"],
-                     "kl": last["kl"], "tasks": tasks,
-                     "margin": margin(tasks, teacher_tasks) if teacher_tasks else None, "curve": curve})
-    return {"teacher": {"name": "SmolLM2-135M-Instruct (embedded)", "ppl": teacher_ppl, "tasks": teacher_tasks},
-            "runs": runs}
+        runs.append(run_record(params["arch"], folder.name.removeprefix("recipe-"), bool(params.get("hybrid_window")),
+                               last["tokens"], last["wall_s"], last["ppl"], last["kl"], tasks,
+                               fit_tokens=fit["tokens"] if fit else 0,
+                               margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve))
+    return results_record(teacher_record("SmolLM2-135M-Instruct (embedded)", teacher_ppl, teacher_tasks), runs)
 
 
 def _load_average() -> float:
@@ -212,7 +210,9 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    js.write_text(json.dumps(data, indent=1) + "\n")
+    from linearize.results import TASKS, write_json
+
+    write_json(js, data)
     t_ppl = data["teacher"]["ppl"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in data["runs"]:
