@@ -335,3 +335,81 @@ def test_fixed_mix_is_a_buffer_and_learned_mix_trains():
     x = torch.randn(1, 9, HIDDEN, dtype=torch.float64)
     learned(x, rope(9, batch=1))[0].square().mean().backward()
     assert learned.hybrid.mix_logit.grad.abs().min() > 0
+
+
+# ---------------------------------------------------------------------------------------
+# params, stage identity, runner, study, bench
+# ---------------------------------------------------------------------------------------
+def test_params_fill_mixer_options_and_old_identities_still_match():
+    from linearize import params as P
+    from linearize.stages import stage_identity
+
+    off = P.resolve("gla", "cpu-quick")
+    assert off["hybrid_window"] == 0 and not any(k.startswith("hybrid") for k in off["mixer_options"])
+    ident = stage_identity(off, 3, "conversion")
+    assert not any(k.startswith("hybrid") for k in ident)  # a run folder from before the hybrid matches
+    on = P.resolve("gla", "cpu-quick", {"hybrid_window": 64, "hybrid_sinks": 2})
+    assert on["mixer_options"] == {"hybrid_window": 64, "hybrid_sinks": 2, "hybrid_mix": H.DEFAULT_MIX}
+    ident_on = stage_identity(on, 3, "conversion")
+    assert ident_on["hybrid_window"] == 64 and ident_on["hybrid_sinks"] == 2
+    with pytest.raises(P.ParamsError, match="use the keys hybrid_window"):
+        P.resolve("gla", "cpu-quick", {"mixer_options": {"hybrid_window": 8}})
+    with pytest.raises(P.ParamsError, match="strictly between"):
+        P.resolve("gla", "cpu-quick", {"hybrid_window": 8, "hybrid_mix": 0.0})
+
+
+def test_runner_plans_hybrid_runs_and_the_study_labels_them(tmp_path):
+    from linearize import runner, study
+
+    steps = runner.plan(["gla"], "cpu-quick", hybrid_windows=(0, 64))
+    aligns = [s for s in steps if s.notebook == "01_align.ipynb"]
+    assert [s.output.parent.name for s in aligns] == ["cpu-quick-qkv-mm-h2h", "cpu-quick-qkv-mm-h2h-w64"]
+    assert aligns[1].parameters["overrides"] == {"hybrid_window": 64}
+    assert "overrides" not in aligns[0].parameters
+    bench = [s for s in steps if s.notebook == "04_benchmark.ipynb"]
+    if bench:
+        assert bench[0].parameters["models"] == "teacher,gla,gla+w64"
+    # the study reads the variant from the parameters a run stored
+    from linearize import params as P
+
+    stored = P.resolve("gla", "cpu-quick", {"hybrid_window": 64})
+    assert study.variant_of(stored) == "qkv-mm-h2h-w64"
+    assert study.variant_of(aligns[1].parameters) == "qkv-mm-h2h-w64"
+    assert study.variant_of(P.resolve("gla", "cpu-quick")) == "qkv-mm-h2h"
+    assert study.variant_suffix("qkv-mm-h2h-w64") == " + QKV + MM + H2H + window 64 (hybrid, beyond the paper)"
+    assert study.variant_suffix("qkv-mm-h2h") == " + QKV + MM + H2H"
+    import yaml
+
+    for name, extra in (("cpu-quick-qkv-mm-h2h-w64", {"hybrid_window": 64}), ("cpu-quick-qkv-mm-h2h", {})):
+        folder = tmp_path / "gla" / name
+        folder.mkdir(parents=True)
+        (folder / "params.yaml").write_text(yaml.safe_dump(P.resolve("gla", "cpu-quick", extra)))
+    runs = study.find_runs(tmp_path)
+    assert {r.dir.name: r.hybrid for r in runs} == {"cpu-quick-qkv-mm-h2h-w64": True, "cpu-quick-qkv-mm-h2h": False}
+    assert list(study.runs_frame(runs)["hybrid"]) == [r.hybrid for r in runs]
+    table = study.table_hybrid(runs)
+    assert any("beyond the paper" in label for label in table.index)
+    # the paper's table shows the plain run only, never the hybrid under the paper's label
+    assert list(study.table3(runs)["run"].loc[lambda c: c != "-"]) == ["gla/cpu-quick-qkv-mm-h2h"]
+
+
+def test_bench_measures_a_hybrid_like_every_student(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from linearize import bench
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "teacher")
+    rows = bench.run(["deltanet", "deltanet+w8"], [16, 32], teacher=str(tmp_path / "teacher"), threads=1, steps=2,
+                     prefill_chunk=8, bandwidth_mib=16, isolate=False, log=lambda *_: None)
+    assert not any(r["error"] for r in rows)
+    state = {(r["model"], r["context"]): r["state_compact_mib"] for r in rows}
+    assert state[("deltanet+w8", 16)] == state[("deltanet+w8", 32)]  # constant: the ring buffer
+    # the window cache on top of the linear state: 2 layers x K, V x 2 KV heads x (8 + 4 sinks) x 16 x 4 bytes + count
+    extra = (2 * (2 * 2 * (8 + H.DEFAULT_SINKS) * 16 * 4 + 8)) / 2**20
+    assert state[("deltanet+w8", 32)] - state[("deltanet", 32)] == pytest.approx(extra, rel=1e-9)
+    with pytest.raises(bench.BenchError, match="deltanet\\+w64"):
+        bench.build_model("deltanet+64", str(tmp_path / "teacher"), torch.float32, "cpu")

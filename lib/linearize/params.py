@@ -36,6 +36,12 @@ DEFAULTS: dict[str, Any] = {
     "chunk_size": 64,
     "backend": "auto",
     "mixer_options": {},
+    # beyond the paper: an exact softmax window of hybrid_window tokens (0 = off) plus the first
+    # hybrid_sinks positions beside the student's linear branch, mixed per head by a learned gate
+    # that starts at hybrid_mix on the window (linearize.mixers.hybrid); copied into mixer_options
+    "hybrid_window": 0,
+    "hybrid_sinks": 4,
+    "hybrid_mix": 0.9,
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
     # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
     "readout_fit_tokens": 0,
@@ -130,7 +136,27 @@ def resolve(arch: str | None = None, preset: str | None = None, overrides: dict 
     for key in params:
         params[key] = _as_number(key, params[key])
     _check_values(params)
+    params["mixer_options"] = _with_hybrid(params)
     return params
+
+
+def _with_hybrid(p: dict) -> dict:
+    """``mixer_options`` with the hybrid keys the mixer reads (unchanged when hybrid_window is 0,
+    so the stage identities of runs made before the hybrid existed still match)."""
+    from .mixers import hybrid
+
+    options = dict(p["mixer_options"])
+    wanted = hybrid.options_of(p["hybrid_window"], p["hybrid_sinks"], p["hybrid_mix"])
+    given = {k: options[k] for k in hybrid.OPTION_KEYS if k in options}
+    clash = {k: v for k, v in given.items() if k not in wanted or wanted[k] != v}
+    if clash:
+        raise ParamsError(f"mixer_options {clash} set the hybrid window directly; use the keys hybrid_window, "
+                          "hybrid_sinks and hybrid_mix instead (they fill mixer_options).")
+    try:
+        hybrid.settings(wanted)
+    except ValueError as err:
+        raise ParamsError(str(err)) from None
+    return {**options, **wanted}
 
 
 def _as_number(key: str, value):

@@ -164,7 +164,9 @@ class Run:
 
 # Keys that change what a run computes only when switched on: they enter a stage's identity
 # only then, so run folders written before the key existed keep matching with it off.
-_OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge")}
+_OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge"),
+                  # beyond the paper: the softmax window (also in mixer_options, where the mixer reads it)
+                  "hybrid_window": ("hybrid_window", "hybrid_sinks", "hybrid_mix")}
 
 
 def stage_identity(params: dict, stage: int, start: str) -> dict:
