@@ -413,3 +413,29 @@ def test_bench_measures_a_hybrid_like_every_student(tmp_path):
     assert state[("deltanet+w8", 32)] - state[("deltanet", 32)] == pytest.approx(extra, rel=1e-9)
     with pytest.raises(bench.BenchError, match="deltanet\\+w64"):
         bench.build_model("deltanet+64", str(tmp_path / "teacher"), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stages_train_the_gate_of_a_hybrid(stage, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from linearize import params as P
+    from linearize import stages as S
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=64)).eval().requires_grad_(False)
+    blocks = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    params = P.resolve("deltanet", overrides=dict(
+        seq_len=16, batch_size=4, val_blocks=2, val_batch_size=2, run_name="h", qkv_copy=True, warmup_fraction=0.0,
+        decay_fraction=0.0, hybrid_window=4, hybrid_sinks=1, **{f"stage{stage}_tokens": 64 * 2,
+                                                                 f"stage{stage}_lr": 1e-2}))
+    run = S.Run(params, root=tmp_path)
+    student, _ = S.load_student(run, teacher, params, stage)
+    assert all(m.hybrid is not None and m.hybrid.window == 4 for m in student.mixers)
+    before = [m.hybrid.mix_logit.detach().clone() for m in student.mixers]
+    res = S.train_stage(stage, student, teacher, blocks, params, run, progress=False)
+    losses = [m["loss"] for m in run.metrics() if m.get("event") == "step" and m["stage"] == stage]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert all(not torch.equal(b, m.hybrid.mix_logit) for b, m in zip(before, res.student.mixers))
