@@ -356,19 +356,22 @@ def test_params_fill_mixer_options_and_old_identities_still_match():
         P.resolve("gla", "cpu-quick", {"mixer_options": {"hybrid_window": 8}})
     with pytest.raises(P.ParamsError, match="strictly between"):
         P.resolve("gla", "cpu-quick", {"hybrid_window": 8, "hybrid_mix": 0.0})
+    with pytest.raises(P.ParamsError, match="exact attention already"):
+        P.resolve("softmax", "cpu-quick", {"hybrid_window": 8})
 
 
 def test_runner_plans_hybrid_runs_and_the_study_labels_them(tmp_path):
     from linearize import runner, study
 
-    steps = runner.plan(["gla"], "cpu-quick", hybrid_windows=(0, 64))
+    steps = runner.plan(["gla", "softmax"], "cpu-quick", hybrid_windows=(0, 64))
     aligns = [s for s in steps if s.notebook == "01_align.ipynb"]
-    assert [s.output.parent.name for s in aligns] == ["cpu-quick-qkv-mm-h2h", "cpu-quick-qkv-mm-h2h-w64"]
+    assert [str(s.output.parent.relative_to(s.output.parents[2])) for s in aligns] == [
+        "gla/cpu-quick-qkv-mm-h2h", "gla/cpu-quick-qkv-mm-h2h-w64", "softmax/cpu-quick-qkv-mm-h2h"]
     assert aligns[1].parameters["overrides"] == {"hybrid_window": 64}
     assert "overrides" not in aligns[0].parameters
     bench = [s for s in steps if s.notebook == "04_benchmark.ipynb"]
     if bench:
-        assert bench[0].parameters["models"] == "teacher,gla,gla+w64"
+        assert bench[0].parameters["models"] == "teacher,gla,softmax,gla+w64"
     # the study reads the variant from the parameters a run stored
     from linearize import params as P
 

@@ -156,6 +156,9 @@ def _with_hybrid(p: dict) -> dict:
         hybrid.settings(wanted)
     except ValueError as err:
         raise ParamsError(str(err)) from None
+    if wanted and p["arch"] == "softmax":
+        raise ParamsError("hybrid_window is for the subquadratic students: the softmax student is exact "
+                          "attention already; set hybrid_window=0 for it.")
     return {**options, **wanted}
 
 

@@ -142,7 +142,7 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
 
     ``hybrid_windows``: 0 is the plain student; each w > 0 adds the student with a w-token
     softmax window beside it (beyond the paper), in ``<preset>-<variant>-w<w>`` and benchmarked
-    as ``<student>+w<w>``."""
+    as ``<student>+w<w>`` (not for the softmax student, which is exact attention already)."""
     from .mixers import available
 
     unknown = [s for s in students if s not in available() and s != "llama"]
@@ -163,6 +163,8 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
     for arch in students:
         for variant in GRIDS[grid]:
             for window in hybrid_windows:  # beyond the paper when window > 0: the hybrid student
+                if window and arch in ("softmax", "llama"):
+                    continue  # exact attention already: the window is for the subquadratic students
                 folder = run_dir(arch, preset, variant + (f"-w{window}" if window else ""))
                 train = dict(common, arch=arch, preset=preset, run_name=folder.name, **VARIANTS[variant])
                 if window:
@@ -176,7 +178,7 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
                          dict(run_dir=str(folder), limit=limit, compare_teacher=False)),
                 ]
     bench = OUTPUTS / "bench"
-    hybrids = [f"{s}+w{w}" for s in students for w in hybrid_windows if w]
+    hybrids = [f"{s}+w{w}" for s in students for w in hybrid_windows if w and s not in ("softmax", "llama")]
     steps.append(Step("04_benchmark.ipynb", bench / "04_benchmark.ipynb",
                       dict(common, models=",".join(["teacher", *students, *hybrids]), lengths=bench_lengths,
                            out=str(bench / "bench.csv"))))
