@@ -1,7 +1,7 @@
 """Hybrid students (beyond the paper) at conversion, no training: how far each starts from the teacher.
 
-For each student: the plain conversion, the hybrid with a softmax window at its default
-starting mix (``hybrid_mix`` 0.9 on the window), and the window alone (mix fixed at 1: the
+For each student: the plain conversion, the hybrid with a softmax window at each starting mix
+of ``--mixes`` (``hybrid_mix``, the window's weight; default 0.9), and the window alone (mix fixed at 1: the
 linear branch switched off). Validation perplexity and per-token KL(p_T || p_S) on held-out
 blocks of the embedded corpus, and optionally (``--decode``) decode speed and state size of the
 plain and the hybrid student measured side by side in this process:
@@ -53,6 +53,7 @@ def main():
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--mixes", default="0.9", help="starting window weights (hybrid_mix) to measure, e.g. 0.9,0.99")
     parser.add_argument("--decode", type=int, default=0, metavar="CONTEXT",
                         help="also time decode steps after a CONTEXT-token prompt (0: off)")
     parser.add_argument("--steps", type=int, default=16)
@@ -67,7 +68,7 @@ def main():
     record = {"teacher": {"ppl": base}, "window": args.window, "sinks": args.sinks, "seq_len": args.seq_len,
               "blocks": int(blocks.shape[0]), "threads": torch.get_num_threads(), "runs": []}
     hybrid = {"hybrid_window": args.window, "hybrid_sinks": args.sinks}
-    configs = [("plain", {}), ("hybrid, mix 0.9", hybrid),
+    configs = [("plain", {}), *((f"hybrid, mix {m:g}", {**hybrid, "hybrid_mix": float(m)}) for m in map(float, args.mixes.split(","))),
                ("window only (mix 1)", {**hybrid, "hybrid_mix": 1.0, "hybrid_learn_mix": False})]
     for arch in args.students.split(","):
         for label, options in configs:
@@ -76,7 +77,7 @@ def main():
             with torch.no_grad():
                 r = perplexity_and_kl(student, teacher, blocks)
             row = {"arch": arch, "config": label, "hybrid": bool(options), "ppl": r["perplexity"], "kl": r["kl"]}
-            if args.decode and label != "window only (mix 1)":
+            if args.decode and label in (configs[0][0], configs[1][0]):  # speed does not depend on the mix
                 row["decode_ms"], row["state_bytes"] = decode_speed(student, args.decode, args.steps)
                 row["decode_ms"] *= 1e3
                 row["loadavg"] = os.getloadavg()[0]
