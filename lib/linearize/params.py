@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     # that starts at hybrid_mix on the window (linearize.mixers.hybrid); copied into mixer_options
     "hybrid_window": 0,
     "hybrid_sinks": 4,
-    "hybrid_mix": 0.9,
+    "hybrid_mix": 0.99,
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
     # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
     "readout_fit_tokens": 0,
