@@ -344,8 +344,15 @@ def build_model(name: str, teacher: str | None, dtype, device: str):
     from . import mixers
     from .convert import convert
 
-    if name not in mixers.available():
-        raise BenchError(f"Unknown model {name!r}: use {TEACHER!r} or a student: {', '.join(mixers.available())}.")
+    from .mixers.hybrid import parse_name
+
+    try:
+        arch, _ = parse_name(name)  # 'deltanet+w64': a hybrid student (beyond the paper)
+    except ValueError as err:
+        raise BenchError(str(err)) from None
+    if arch not in mixers.available():
+        raise BenchError(f"Unknown model {name!r}: use {TEACHER!r} or a student: {', '.join(mixers.available())}"
+                         " (a hybrid with a softmax window: <student>+w<window>, e.g. deltanet+w64).")
     student = convert(model, name, qkv_copy=True).requires_grad_(False)
     del model
     return student, StudentSession

@@ -83,7 +83,17 @@ def student_config(
     backend: str = "auto",
     qkv_copy: bool | None = None,
 ) -> LinearizedLlamaConfig:
-    """The student's config: every Llama field of the teacher plus the mixer choice."""
+    """The student's config: every Llama field of the teacher plus the mixer choice.
+
+    ``arch`` may name a hybrid (beyond the paper), e.g. 'deltanet+w64': the student with a
+    64-token softmax window, the same as ``mixer_options={'hybrid_window': 64}``."""
+    from .mixers import hybrid
+
+    try:
+        arch, named = hybrid.parse_name(arch)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    mixer_options = {**(mixer_options or {}), **named}
     fields = teacher_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path",
                 "quantization_config", "dtype", "torch_dtype"):
@@ -130,6 +140,8 @@ def convert(
             f"qkv_copy=True but the {config.mixer!r} mixer has no key projection: q/v/o are copied where "
             "it has them, the teacher's k_proj is not used."
         )
+        if getattr(mixer, "hybrid", None) is not None:
+            message = message[:-1] + " by the mixer (its hybrid softmax window keeps a copy of it)."
         warnings.warn(message, stacklevel=2)
         notes.append((-1, message))
     student.conversion_notes = notes

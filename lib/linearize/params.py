@@ -46,6 +46,12 @@ DEFAULTS: dict[str, Any] = {
     "chunk_size": 64,
     "backend": "auto",
     "mixer_options": {},
+    # beyond the paper: an exact softmax window of hybrid_window tokens (0 = off) plus the first
+    # hybrid_sinks positions beside the student's linear branch, mixed per head by a learned gate
+    # that starts at hybrid_mix on the window (linearize.mixers.hybrid); copied into mixer_options
+    "hybrid_window": 0,
+    "hybrid_sinks": 4,
+    "hybrid_mix": 0.99,
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
     # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
     # decay gates set per head from the teacher's attention distances (linearize.gate_init; an
@@ -156,11 +162,34 @@ def resolve(arch: str | None = None, preset: str | None = None, overrides: dict 
     for key in params:
         params[key] = _as_number(key, params[key])
     _check_values(params)
+    params["mixer_options"] = _with_hybrid(params)
     return params
 
 
 # keys whose default is None but whose value, when set, is a number of this type
 _NUMBER_TYPES = {"stop_after_steps": int, "grad_clip": float}
+
+
+def _with_hybrid(p: dict) -> dict:
+    """``mixer_options`` with the hybrid keys the mixer reads (unchanged when hybrid_window is 0,
+    so the stage identities of runs made before the hybrid existed still match)."""
+    from .mixers import hybrid
+
+    options = dict(p["mixer_options"])
+    wanted = hybrid.options_of(p["hybrid_window"], p["hybrid_sinks"], p["hybrid_mix"])
+    given = {k: options[k] for k in hybrid.OPTION_KEYS if k in options}
+    clash = {k: v for k, v in given.items() if k not in wanted or wanted[k] != v}
+    if clash:
+        raise ParamsError(f"mixer_options {clash} set the hybrid window directly; use the keys hybrid_window, "
+                          "hybrid_sinks and hybrid_mix instead (they fill mixer_options).")
+    try:
+        hybrid.settings(wanted)
+    except ValueError as err:
+        raise ParamsError(str(err)) from None
+    if wanted and p["arch"] == "softmax":
+        raise ParamsError("hybrid_window is for the subquadratic students: the softmax student is exact "
+                          "attention already; set hybrid_window=0 for it.")
+    return {**options, **wanted}
 
 
 def _as_number(key: str, value):

@@ -227,9 +227,14 @@ def run_dir(arch: str, preset: str, variant: str) -> Path:
 
 
 def plan(students: list[str], preset: str, teacher: str | None = None, grid: str = "default",
-         bench_lengths: str = "128,512,2048,8192", eval_limit: int | None | str = "preset") -> list[Step]:
+         bench_lengths: str = "128,512,2048,8192", eval_limit: int | None | str = "preset",
+         hybrid_windows: tuple[int, ...] = (0,)) -> list[Step]:
     """The ordered steps of a study: teacher, then per student and variant align -> distill ->
-    evaluate, then the benchmark and the study notebook (which reads outputs/ only)."""
+    evaluate, then the benchmark and the study notebook (which reads outputs/ only).
+
+    ``hybrid_windows``: 0 is the plain student; each w > 0 adds the student with a w-token
+    softmax window beside it (beyond the paper), in ``<preset>-<variant>-w<w>`` and benchmarked
+    as ``<student>+w<w>`` (not for the softmax student, which is exact attention already)."""
     from .mixers import available
 
     unknown = [s for s in students if s not in available() and s != "llama"]
@@ -245,21 +250,29 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
         Step("03_evaluate.ipynb", teacher_dir / "03_evaluate.ipynb",
              dict(common, run_dir=None, limit=limit, output_dir=str(teacher_dir))),
     ]
+    if any(w < 0 for w in hybrid_windows) or not hybrid_windows:
+        raise SystemExit(f"hybrid windows must be >= 0 (0: the plain student), got {list(hybrid_windows)}")
     for arch in students:
         for variant in variants_for(arch, grid):
-            folder = run_dir(arch, preset, variant)
-            train = dict(common, arch=arch, preset=preset, run_name=folder.name, **VARIANTS[variant])
-            steps += [
-                Step("01_align.ipynb", folder / "01_align.ipynb", train),
-                Step("02_distill.ipynb", folder / "02_distill.ipynb",
-                     {k: v for k, v in train.items() if k not in ("matrix_mixing", "h2h")}),
-                Step("03_evaluate.ipynb", folder / "03_evaluate.ipynb",
-                     # the teacher's row comes from the teacher step above, evaluated once
-                     dict(run_dir=str(folder), limit=limit, compare_teacher=False)),
-            ]
+            for window in hybrid_windows:  # beyond the paper when window > 0: the hybrid student
+                if window and arch in ("softmax", "llama"):
+                    continue  # exact attention already: the window is for the subquadratic students
+                folder = run_dir(arch, preset, variant + (f"-w{window}" if window else ""))
+                train = dict(common, arch=arch, preset=preset, run_name=folder.name, **VARIANTS[variant])
+                if window:
+                    train["overrides"] = {**train.get("overrides", {}), "hybrid_window": window}
+                steps += [
+                    Step("01_align.ipynb", folder / "01_align.ipynb", train),
+                    Step("02_distill.ipynb", folder / "02_distill.ipynb",
+                         {k: v for k, v in train.items() if k not in ("matrix_mixing", "h2h")}),
+                    Step("03_evaluate.ipynb", folder / "03_evaluate.ipynb",
+                         # the teacher's row comes from the teacher step above, evaluated once
+                         dict(run_dir=str(folder), limit=limit, compare_teacher=False)),
+                ]
     bench = OUTPUTS / "bench"
+    hybrids = [f"{s}+w{w}" for s in students for w in hybrid_windows if w and s not in ("softmax", "llama")]
     steps.append(Step("04_benchmark.ipynb", bench / "04_benchmark.ipynb",
-                      dict(common, models=",".join(["teacher", *students]), lengths=bench_lengths,
+                      dict(common, models=",".join(["teacher", *students, *hybrids]), lengths=bench_lengths,
                            out=str(bench / "bench.csv"))))
     study = OUTPUTS / "study"  # the page stays in outputs/: `--publish` copies it into docs/
     steps.append(Step("05_study.ipynb", study / "05_study.ipynb",
@@ -320,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="context lengths for the benchmark")
     parser.add_argument("--eval-limit", default="preset", type=_eval_limit,
                         help="documents per task (an int, 'none' for all, or 'preset')")
+    parser.add_argument("--hybrid", default="0",
+                        help="softmax-window sizes per student, comma-separated: 0 = the plain student, w > 0 = "
+                             "the hybrid with a w-token window (beyond the paper); e.g. 0,64 runs both")
     parser.add_argument("--preset", default="cpu-quick", help="params preset (cpu-quick, cpu-study, paper)")
     parser.add_argument("--teacher", default=None, help="teacher name, hub id or folder (default: embedded)")
     parser.add_argument("--force", action="store_true", help="redo finished steps")
@@ -350,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset not in presets():
         parser.error(f"unknown preset {args.preset!r}; valid presets: {', '.join(presets())}")
     total = time.perf_counter()
-    steps = plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, args.eval_limit)
+    try:
+        windows = tuple(int(w) for w in args.hybrid.split(",") if w.strip())
+    except ValueError:
+        raise SystemExit(f"--hybrid takes comma-separated window sizes like 0,64, got {args.hybrid!r}") from None
+    steps = plan(students, args.preset, args.teacher, args.grid, args.bench_lengths, args.eval_limit, windows)
     if args.no_bench:
         steps = [s for s in steps if s.notebook != "04_benchmark.ipynb"]
     validate_plan(steps)

@@ -195,7 +195,9 @@ class Run:
 # Keys that change what a run computes only when switched on: they enter a stage's identity
 # only then, so run folders written before the key existed keep matching with it off.
 _OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge"),
-                  "gate_init_tokens": ("gate_init_tokens",)}
+                  "gate_init_tokens": ("gate_init_tokens",),
+                  # beyond the paper: the softmax window (also in mixer_options, where the mixer reads it)
+                  "hybrid_window": ("hybrid_window", "hybrid_sinks", "hybrid_mix")}
 
 
 # Stage keys added after runs were made: they enter the identity only away from the value every

@@ -68,7 +68,35 @@ def variant_of(params: Mapping) -> str:
     parts = [name for key, name in (("qkv_copy", "qkv"), ("readout_fit_tokens", "fit"),
                                     ("attention_transfer", "at"), ("matrix_mixing", "mm"),
                                     ("h2h", "h2h")) if flat.get(key)]
-    return "-".join(parts) or "kd"
+    # beyond the paper: a hybrid (softmax window) is its own variant, "<variant>-w64", never
+    # shown as the paper's row of the same recipe
+    window = _hybrid_part(flat)
+    return "-".join(parts + [window] if window else parts) or "kd"
+
+
+def _hybrid_part(params: Mapping) -> str:
+    """'w64' (or 'w64s2' for other than the default sinks) for a hybrid run, else ''."""
+    from .mixers import hybrid
+
+    if not hybrid.is_hybrid(params):
+        return ""
+    options = {**(params.get("mixer_options") or {})}
+    for key in ("hybrid_window", "hybrid_sinks"):
+        if params.get(key) is not None and params.get("hybrid_window"):
+            options[key] = params[key]
+    return hybrid.format_name("", options).lstrip("+")
+
+
+def variant_suffix(variant: str) -> str:
+    """The label after "Llama-<student>": the paper's for its variants, and for a hybrid the
+    recipe's then " + window 64 (hybrid, beyond the paper)"."""
+    base, _, last = variant.rpartition("-")
+    m = re.fullmatch(r"w(\d+)(?:s(\d+))?", last)
+    if not m:
+        return VARIANT_SUFFIX.get(variant, " + " + variant)
+    sinks = f", {m[2]} sinks" if m[2] is not None else ""
+    head = VARIANT_SUFFIX.get(base or "kd", " + " + (base or "kd"))
+    return f"{head} + window {m[1]}{sinks} (hybrid, beyond the paper)"
 
 
 # Names evaluate.save_results gives (evaluate.RESULTS_FILE); other eval_* files in a run folder
@@ -130,7 +158,14 @@ class StudyRun:
     @property
     def paper_label(self) -> str:
         name = PAPER_NAMES.get(self.arch, self.arch)
-        return f"Llama-{name}{VARIANT_SUFFIX.get(self.variant, ' + ' + self.variant)}"
+        return f"Llama-{name}{variant_suffix(self.variant)}"
+
+    @property
+    def hybrid(self) -> bool:
+        """A student with a softmax window beside its linear branch (beyond the paper)."""
+        from .mixers.hybrid import is_hybrid
+
+        return is_hybrid(self.params)
 
     @property
     def finished(self) -> bool:
@@ -185,10 +220,11 @@ def runs_frame(runs: list[StudyRun]):
     import pandas as pd
 
     return pd.DataFrame([{
-        "run": r.label, "student": r.arch, "variant": r.variant, "preset": r.preset,
+        "run": r.label, "student": r.arch, "variant": r.variant, "hybrid": r.hybrid, "preset": r.preset,
         "stages done": ",".join(map(str, r.stages_done)) or MISSING, "finished": r.finished,
         "zero-shot": r.results_path.name if r.results_path else MISSING,
-    } for r in runs], columns=["run", "student", "variant", "preset", "stages done", "finished", "zero-shot"])
+    } for r in runs], columns=["run", "student", "variant", "hybrid", "preset", "stages done", "finished",
+                               "zero-shot"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,7 +294,7 @@ def paper_table(runs: list[StudyRun], variants, outputs: str | os.PathLike | Non
     for arch in dict.fromkeys(r.arch for r in runs):
         for variant in variants:
             mine = [r for r in runs if r.arch == arch and r.variant == variant]
-            label = f"Llama-{PAPER_NAMES.get(arch, arch)}{VARIANT_SUFFIX.get(variant, ' + ' + variant)}"
+            label = f"Llama-{PAPER_NAMES.get(arch, arch)}{variant_suffix(variant)}"
             paper = paper_average(label)
             if not mine and math.isnan(paper):
                 continue
@@ -288,6 +324,14 @@ def table2(runs, outputs=None, metric="acc"):
 def table3(runs, outputs=None, metric="acc"):
     """The paper's Table 3: Q/K/V copy, matrix mixing and hidden-to-hidden ablations."""
     return paper_table(runs, TABLE3_VARIANTS, outputs, metric)
+
+
+def table_hybrid(runs, outputs=None, metric="acc"):
+    """Beyond the paper: every hybrid run (a softmax window beside the student) next to the run
+    of the same student and recipe without the window."""
+    hybrid = [r.variant for r in runs if r.hybrid]
+    variants = dict.fromkeys(v for h in hybrid for v in (h.rpartition("-")[0] or "kd", h))
+    return paper_table([r for r in runs if r.variant in variants], list(variants), outputs, metric)
 
 
 def table_fit(runs, outputs=None, metric="acc"):

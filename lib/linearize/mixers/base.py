@@ -69,11 +69,18 @@ class TokenMixer(nn.Module):
     @classmethod
     def declared_options(cls) -> set[str]:
         return {n for klass in cls.__mro__ for n in vars(klass).get("option_names", ())}
+    # whether options["hybrid_window"] > 0 (a softmax window beside the mixer, beyond the paper) works
+    supports_hybrid: ClassVar[bool] = False
 
     def __init__(self, config: MixerConfig, layer_idx: int = 0):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        if config.options.get("hybrid_window") and not self.supports_hybrid:
+            raise ValueError(
+                f"the {self.name!r} mixer takes no hybrid window (hybrid_window={config.options['hybrid_window']}): "
+                "softmax attention is exact already; the window is for the subquadratic students"
+            )
 
     # --- the three forms -------------------------------------------------------------
     def forward(

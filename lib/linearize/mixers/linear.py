@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from . import hybrid as _hybrid
 from .base import CoreOut, MixerConfig, TokenMixer
 from .common import ShortConv, apply_rope, merge_heads, repeat_kv, split_heads
 
@@ -147,6 +148,7 @@ class LinearMixer(TokenMixer):
     normalize: ClassVar[bool] = False  # gated family: divide by sum_j A_ij + eps
     option_names = ("rope", "norm_eps")
     CONV_OPTIONS = ("conv_size", "conv_init")  # declared by the subclasses that call add_conv
+    supports_hybrid: ClassVar[bool] = True  # options["hybrid_window"] > 0 adds a softmax window (mixers.hybrid)
 
     def __init__(self, config: MixerConfig, layer_idx: int = 0):
         super().__init__(config, layer_idx)
@@ -159,6 +161,8 @@ class LinearMixer(TokenMixer):
         self.use_rope = bool(self.option("rope", False))
         self.eps = float(self.option("norm_eps", 1e-6))
         self.convs = nn.ModuleDict()
+        # beyond the paper: an exact softmax window beside the linear branch (None = off)
+        self.hybrid = _hybrid.build(config, type(self))
 
     # ---- helpers for subclasses ---------------------------------------------------------
     def option(self, name, default):
@@ -230,14 +234,27 @@ class LinearMixer(TokenMixer):
         f = self.features(x, position_embeddings, state, new_state)
         o, kstate = self._run(f, mode, state)
         new_state.update(kstate)
-        return self.output(o, x if f.out_input is None else f.out_input), new_state
+        out_input = x if f.out_input is None else f.out_input
+        if self.hybrid is not None:
+            o_window = self.hybrid.attend(self, x, position_embeddings, state, mode, new_state)
+            return self.hybrid.combine(self, o, out_input, o_window), new_state
+        return self.output(o, out_input), new_state
 
     def core(self, x, position_embeddings=None, mode="chunk") -> CoreOut:
         f = self.features(x, position_embeddings, None, {})
         o, _ = self._run(f, mode, None)
+        if self.hybrid is not None:  # the two kernel outputs mixed (see mixers.hybrid on the values)
+            o = self.hybrid.mix(o, self.hybrid.attend(self, x, position_embeddings, None, mode, {}))
         return CoreOut(o=o, v=f.v)
 
     def mixing_matrix(self, x, position_embeddings=None) -> torch.Tensor:
+        a = self.linear_matrix(x, position_embeddings)
+        if self.hybrid is not None:
+            a = self.hybrid.mix(a, self.hybrid.matrix(self, x, position_embeddings))
+        return a
+
+    def linear_matrix(self, x, position_embeddings=None) -> torch.Tensor:
+        """The linear branch's A alone (the whole mixing matrix unless the mixer is a hybrid)."""
         f = self.features(x, position_embeddings, None, {})
         a = self.kernel.matrix(self, f)
         if f.diag is not None:
@@ -249,7 +266,15 @@ class LinearMixer(TokenMixer):
         the kernel state in ``kernels.state_dtype(dtype)`` (float32 for fp16/bf16, as FLA keeps it)."""
         state = {f"conv_{n}": m.init_state(batch_size, device, dtype) for n, m in self.convs.items()}
         state.update(self.kernel.init_state(self, batch_size, device, kernels.state_dtype(dtype)))
+        if self.hybrid is not None:
+            state.update(self.hybrid.init_state(batch_size, device, dtype))
         return state
+
+    def copy_from_attention(self, attn, qkv_copy: bool = True) -> list[str]:
+        notes = super().copy_from_attention(attn, qkv_copy)
+        if self.hybrid is not None:
+            notes += self.hybrid.copy_from_attention(attn, qkv_copy)
+        return notes
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:

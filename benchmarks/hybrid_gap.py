@@ -1,0 +1,122 @@
+"""Hybrid students (beyond the paper) at conversion, no training: how far each starts from the teacher.
+
+For each student: the plain conversion, the hybrid with a softmax window at each starting mix
+of ``--mixes`` (``hybrid_mix``, the window's weight; default 0.9), and the window alone (mix fixed at 1: the
+linear branch switched off). Validation perplexity and per-token KL(p_T || p_S) on held-out
+blocks of the embedded corpus, and optionally (``--decode``) decode speed and state size of the
+plain and the hybrid student measured side by side in this process:
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/hybrid_gap.py [--window 64 --seq-len 256]
+
+``--out PAGE.md`` writes the table as a page and ``PAGE.json`` beside it (the same numbers).
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from linearize.convert import convert
+from linearize.data import token_blocks
+from linearize.evaluate import perplexity_and_kl
+from linearize.modeling import MixerCache
+from linearize.teacher import load_teacher
+
+
+def decode_speed(student, context: int, steps: int) -> tuple[float, int]:
+    """(median seconds per decode step after a ``context``-token prompt, state bytes)."""
+    ids = torch.randint(0, student.config.vocab_size, (1, context))
+    cache = MixerCache(len(student.model.layers))
+    with torch.inference_mode():
+        logits = student(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            token = student(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(
+                -1, keepdim=True)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], cache.nbytes()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--students", default="gla,deltanet,xlstm")
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--mixes", default="0.9", help="starting window weights (hybrid_mix) to measure, e.g. 0.9,0.99")
+    parser.add_argument("--decode", type=int, default=0, metavar="CONTEXT",
+                        help="also time decode steps after a CONTEXT-token prompt (0: off)")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--out", default=None, help="write the table as a markdown page here (+ .json beside)")
+    args = parser.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    warnings.filterwarnings("ignore", message=".*k_proj.*")
+    teacher, tok = load_teacher()
+    blocks = token_blocks(tok, split="validation", seq_len=args.seq_len, max_blocks=args.blocks)
+    with torch.no_grad():
+        base = perplexity_and_kl(teacher, None, blocks)["perplexity"]
+    record = {"teacher": {"ppl": base}, "window": args.window, "sinks": args.sinks, "seq_len": args.seq_len,
+              "blocks": int(blocks.shape[0]), "threads": torch.get_num_threads(), "runs": []}
+    hybrid = {"hybrid_window": args.window, "hybrid_sinks": args.sinks}
+    configs = [("plain", {}), *((f"hybrid, mix {m:g}", {**hybrid, "hybrid_mix": float(m)}) for m in map(float, args.mixes.split(","))),
+               ("window only (mix 1)", {**hybrid, "hybrid_mix": 1.0, "hybrid_learn_mix": False})]
+    for arch in args.students.split(","):
+        for label, options in configs:
+            torch.manual_seed(0)
+            student = convert(teacher, arch, mixer_options=options).requires_grad_(False)
+            with torch.no_grad():
+                r = perplexity_and_kl(student, teacher, blocks)
+            row = {"arch": arch, "config": label, "hybrid": bool(options), "ppl": r["perplexity"], "kl": r["kl"]}
+            if args.decode and label in (configs[0][0], configs[1][0]):  # speed does not depend on the mix
+                row["decode_ms"], row["state_bytes"] = decode_speed(student, args.decode, args.steps)
+                row["decode_ms"] *= 1e3
+                row["loadavg"] = os.getloadavg()[0]
+            record["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            del student
+    record["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = table(record, args)
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        command = "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/hybrid_gap.py " + shlex.join(sys.argv[1:])
+        out.write_text("\n".join([
+            "# Hybrid students at conversion (beyond the paper)", "",
+            "Generated by `benchmarks/hybrid_gap.py` (numbers also in the `.json` beside this page); "
+            "reproduce with:", "", f"    {command}", "",
+            f"Started {started}, finished {record['finished']}. Float32 on the CPU, no training.", "",
+            *lines, ""]))
+        out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def table(record, args) -> list[str]:
+    lines = [f"Teacher perplexity on {record['blocks']} x {record['seq_len']} validation tokens: "
+             f"{record['teacher']['ppl']:.2f}. Window {record['window']} tokens + {record['sinks']} sinks.", ""]
+    decode = any("decode_ms" in r for r in record["runs"])
+    head = "| student | configuration | ppl | KL |" + (" decode ms | state KiB | load |" if decode else "")
+    lines += [head, "|---|---|---:|---:|" + ("---:|---:|---:|" if decode else "")]
+    for r in record["runs"]:
+        cells = [r["arch"], r["config"], f"{r['ppl']:,.1f}", f"{r['kl']:.3f}"]
+        if decode:
+            cells += ([f"{r['decode_ms']:.1f}", f"{r['state_bytes'] / 1024:.0f}", f"{r['loadavg']:.1f}"]
+                      if "decode_ms" in r else ["-", "-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
+    if decode:
+        lines += ["", f"Decode: median of {args.steps} steps after a {args.decode}-token prompt, batch 1, "
+                  "measured one after the other in one process on a shared machine (load = 1-minute load "
+                  "average at the time): compare ratios, not absolute speeds."]
+    return lines
+
+
+if __name__ == "__main__":
+    main()
