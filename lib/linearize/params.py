@@ -307,7 +307,7 @@ def _check_kinds(p: dict) -> None:
         raise ParamsError(f"seed must be a whole number, got {p['seed']!r}.")
     # An enabled stage must train at least one step: fewer tokens used to train one step anyway.
     step_tokens = p["batch_size"] * p["seq_len"]
-    for stage, switch in ((1, "matrix_mixing"), (2, "h2h"), (3, "distill")):
+    for stage, switch in ((0, "attention_transfer"), (1, "matrix_mixing"), (2, "h2h"), (3, "distill")):
         if p[switch] and p[f"stage{stage}_tokens"] < step_tokens:
             raise ParamsError(
                 f"stage{stage}_tokens={p[f'stage{stage}_tokens']} is less than one step (batch_size x seq_len = "
@@ -316,7 +316,12 @@ def _check_kinds(p: dict) -> None:
     if options:
         from . import mixers
 
-        declared = mixers.get(p["arch"]).declared_options()
+        cls = mixers.get(p["arch"])
+        declared = set(cls.declared_options())
+        if getattr(cls, "supports_hybrid", False):
+            from .mixers import hybrid
+
+            declared |= set(hybrid.OPTION_KEYS)  # filled from hybrid_window & co. by resolve
         unknown = sorted(str(k) for k in set(options) - declared)
         if unknown:
             raise ParamsError(
