@@ -28,18 +28,21 @@ heads = "all"              # "all" or a list of head indices
 corpus = "embedded"        # corpus for validation perplexity
 seq_len = 512
 eval_blocks = 16           # validation blocks for perplexity; 0 means all
-output_dir = "outputs/teacher"
+output_dir = None          # None: outputs/teacher of the project ($LINEARIZE_OUTPUTS/teacher); relative: under the project root
 
 # %%
+from linearize import notebook_params
+notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 import json, time
 from pathlib import Path
 import torch
 from linearize.teacher import load_teacher, iter_layers
 from linearize.data import token_blocks
 from linearize.evaluate import perplexity_and_kl
+from linearize.paths import OUTPUTS, project_path
 from linearize.viz import plot_attention_heads
 
-out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
+out = project_path(output_dir, OUTPUTS / "teacher"); out.mkdir(parents=True, exist_ok=True)
 start = time.perf_counter()
 model, tok = load_teacher(teacher)
 load_s = time.perf_counter() - start
@@ -84,4 +87,6 @@ print(f"validation perplexity on {blocks.shape[0]} x {seq_len} tokens of {corpus
 summary = dict(teacher=teacher, parameters=n_params, load_seconds=load_s, prompt=prompt, completion=completion,
                validation_blocks=int(blocks.shape[0]), seq_len=seq_len, corpus=corpus,
                validation_perplexity=metrics["perplexity"])
-(out / "teacher.json").write_text(json.dumps(summary, indent=2))
+summary_path = out / "teacher.json"
+summary_path.write_text(json.dumps(summary, indent=2))
+print(f"wrote {summary_path}")

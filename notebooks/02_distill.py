@@ -26,8 +26,8 @@ qkv_copy = True             # copy the teacher's Q/K/V/O (Table 2 of the paper t
 seed = 0
 teacher = None              # None: the preset's (embedded SmolLM2-135M-Instruct); or hub id / folder
 corpus = None               # None: the preset's (embedded State of the Union corpus)
-overrides = {}              # any other key of linearize.params.DEFAULTS, e.g. {"seq_len": 256}
-output_root = None          # None: outputs/
+overrides = {}              # any other key of linearize.params.DEFAULTS, e.g. {"seq_len": 256} (or as a JSON/YAML string)
+output_root = None          # None: the project's outputs/ ($LINEARIZE_OUTPUTS); relative: under the project root
 
 stage3_tokens = None        # None: the preset's budget
 kd_alpha = None             # None: the preset's (1.0)
@@ -35,12 +35,18 @@ kd_temperature = None
 stage3_train = None         # None: "all"; or "mixers", "no-embeddings"
 
 # %%
+from linearize import notebook_params
+notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 import json, time
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 import yaml
 from linearize import params as P, stages as S
+from linearize.paths import OUTPUTS, project_path
+
+overrides = notebook_params.as_mapping(overrides, "overrides")  # papermill -p passes '{"seq_len": 32}' as a string
+output_root = str(project_path(output_root, OUTPUTS))
 
 notebook_values = dict(run_name=run_name, qkv_copy=qkv_copy, seed=seed, teacher=teacher, corpus=corpus, stage3_tokens=stage3_tokens, kd_alpha=kd_alpha, kd_temperature=kd_temperature, stage3_train=stage3_train)
 # a notebook value left at None defers to `overrides`, then to the student's settings and the preset

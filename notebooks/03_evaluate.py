@@ -37,20 +37,23 @@ show_paper = True       # append the paper's rows
 kl_blocks = 8           # validation blocks for perplexity / KL (0: skip)
 seq_len = 256
 corpus = "embedded"
-output_dir = None       # the teacher's results folder, written or reused (None: outputs/teacher)
+output_dir = None       # the teacher's results folder, written or reused (None: outputs/teacher); relative: under the project root
 
 # %%
+from linearize import notebook_params
+notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 import json
 from pathlib import Path
 import pandas as pd
 from linearize import evaluate as E
-from linearize.paths import OUTPUTS
+from linearize.paths import OUTPUTS, project_path
 from linearize.teacher import load_teacher
 
 teacher_model, teacher_tok = load_teacher(teacher)
 teacher_label = f"teacher: {teacher or 'smollm2-135m-instruct'}"
-teacher_dir = Path(output_dir) if output_dir else OUTPUTS / "teacher"
+teacher_dir = project_path(output_dir, OUTPUTS / "teacher")
 if run_dir:
+    run_dir = project_path(run_dir, OUTPUTS)
     model, tok, label = E.load_model(run_dir)
     out = Path(run_dir)
 else:

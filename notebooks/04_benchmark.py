@@ -33,7 +33,7 @@
 models = "teacher,gla,deltanet,xlstm,mamba2"   # "teacher" and/or students (linearize.mixers.available())
 lengths = "128,512,2048,8192"                  # context lengths; the teacher stops at its limit (8192)
 student_lengths = "16384"                      # extra lengths for students only, beyond the teacher's limit
-out = None                                     # CSV path; None: outputs/bench/bench.csv. PNGs go beside it
+out = None                                     # CSV path; None: outputs/bench/bench.csv (relative: under the project root). PNGs go beside it
 threads = 2
 dtype = "float32"                              # one dtype per run (mixed dtypes slow CPU attention unevenly)
 steps = 32                                     # timed decode steps per point
@@ -42,14 +42,15 @@ device = "cpu"                                 # cpu, cuda or auto
 reuse_csv = False                              # True: only read an existing CSV and plot it
 
 # %%
+from linearize import notebook_params
+notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 import time
 from pathlib import Path
-import pandas as pd
 from IPython.display import Image, display
 from linearize import bench
-from linearize.paths import OUTPUTS
+from linearize.paths import OUTPUTS, project_path
 
-out = Path(out) if out else OUTPUTS / "bench" / "bench.csv"
+out = project_path(out, OUTPUTS / "bench" / "bench.csv")
 names = bench.as_list(models)
 base, extra = bench.as_list(lengths, int), bench.as_list(student_lengths, int)
 if reuse_csv:
@@ -67,8 +68,6 @@ else:
 
 # %%
 print(bench.format_table(rows))
-df = pd.DataFrame(rows)
-df
 
 # %% [markdown]
 # ## The targets

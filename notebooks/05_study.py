@@ -25,7 +25,7 @@
 # A cell we have not measured shows `-`; nothing is filled in.
 
 # %% tags=["parameters"]
-outputs = "outputs"               # the study's outputs folder
+outputs = None                    # None: the project's outputs/ ($LINEARIZE_OUTPUTS); relative paths: under the project root
 students = None                   # None: every run found; or "gla,xlstm" / run labels "gla/cpu-quick-kd"
 explorer_texts = [
     "The capital of France is Paris. It has been the capital since the Middle Ages, and it is famous for",
@@ -39,11 +39,16 @@ metric = "acc"                    # "acc" (the paper's) or "acc_norm"
 explorer_keep = 2                 # students held in memory at once by the explorer
 
 # %%
+from linearize import notebook_params
+notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 from pathlib import Path
 from IPython.display import Image, Markdown, display
-from linearize import study
+from linearize import study, viz
+from linearize.paths import OUTPUTS, ROOT, project_path
 
-figures = Path(figures_dir)
+outputs = project_path(outputs, OUTPUTS)
+figures = project_path(figures_dir, ROOT / "docs" / "figures")
+results_page = project_path(results_page, ROOT / "docs" / "results.md")
 runs = study.find_runs(outputs, students)
 page_figures = {}
 print(f"{len(runs)} run(s) under {outputs}; teacher: {study.teacher_name(runs, outputs)}")
@@ -90,7 +95,9 @@ display(Image(filename=str(png))) if png else print("no training steps logged ye
 
 # %% [markdown]
 # ## Speed and memory against context (benchmark)
-# From `outputs/bench/bench.csv`: decode and prefill tokens/s, cache/state size and peak memory, log-2 context axis.
+# From `outputs/bench/bench.csv`: decode and prefill tokens/s, cache/state size and peak memory, log-2 context axis. The table rounds the numbers (the CSV keeps them in full).
+#
+# *Roofline tokens/s* is the fastest a decode step could run if it only had to read every weight and the whole cache/state once at the memory bandwidth measured in the same run (bytes per step / bandwidth); the measured decode speed stays below it, and `fraction` in the CSV says how close it gets. The teacher has no point beyond its context limit (8192 tokens for SmolLM2), so its curves stop where the students' go on.
 
 # %%
 pngs = page_figures["Speed and memory against context"] = study.bench_figures(outputs, figures)
@@ -99,11 +106,11 @@ if pngs:
     for png in pngs:
         display(Image(filename=str(png)))
 else:
-    print(f"no benchmark yet: {Path(outputs) / 'bench' / 'bench.csv'} is missing (notebooks/04_benchmark.ipynb)")
+    print(f"no benchmark yet: {outputs / 'bench' / 'bench.csv'} is missing (notebooks/04_benchmark.ipynb)")
 
 # %% [markdown]
 # ## Attention explorer
-# Each student layer sees the teacher's input to that layer (as in stage 1), so a map shows how well that mixer alone imitates the teacher's attention head. The bars give the matrix-mixing distance per layer (what stage 1 minimises). The static view below is the widget's first view, so the exported HTML shows it without a kernel.
+# Each student layer sees the teacher's input to that layer (as in stage 1), so a map shows how well that mixer alone imitates the teacher's attention head. The bars give the matrix-mixing distance per layer (what stage 1 minimises). The static views below (the widget's first view and a grid of a few layers and heads) are images, so the exported HTML page shows them without a kernel.
 
 # %%
 explorer = study.build_explorer(runs, explorer_texts, max_tokens, keep=explorer_keep, outputs=outputs) if runs else None
@@ -116,10 +123,32 @@ else:
     print("no student runs to explore yet")
 
 # %% [markdown]
-# Interactive (needs a running kernel): pick student, example, layer and head.
+# ### Per layer: how far each student is from the teacher before and after each alignment stage
+# From each run's `metrics.jsonl`: the per-layer loss of stage 1 (matrix-mixing distance, what the maps above
+# show) and of stage 2 (hidden-state distance) at the first logged step (dashed, before the stage has done much)
+# and the last (solid). A run without stages 1-2 (`kd`, `qkv`) has no line here.
 
 # %%
-explorer.widget() if explorer is not None else None
+alignment = viz.plot_layer_alignment(study.layer_losses_frame(runs))
+if alignment is not None:
+    page_figures["Per-layer distance to the teacher before and after alignment"] = viz.save_png(
+        alignment, figures / "layer_alignment.png")
+    display(Image(filename=str(figures / "layer_alignment.png")))
+else:
+    print("no run logged per-layer losses (stages 1-2 did not run)")
+
+# %% [markdown]
+# ### Interactive explorer
+# Pick student, example, layer and head: teacher and student maps on one colour scale (the teacher's), their
+# difference on a diverging scale, and the per-layer distance of that student on that example.
+#
+# **In the exported HTML page (read offline) the explorer below is empty**: its controls need a running kernel,
+# and the widget's scripts (require.js, the widget manager) would come from a CDN. The static views above show
+# the same maps; open the notebook in JupyterLab to explore.
+
+# %%
+explorer_widget = explorer.widget() if explorer is not None else None
+display(explorer_widget) if explorer_widget is not None else print("no student runs to explore yet")
 
 # %% [markdown]
 # ## Results page
