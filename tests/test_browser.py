@@ -102,12 +102,21 @@ def lab(small_outputs):
     nbformat.write(nb, served / "notebooks" / "05_study.ipynb")
 
     port, token = _free_port(), secrets.token_hex(16)
+    # every cell in the DOM (JupyterLab 4 otherwise leaves cells out of view unrendered), no news prompt
+    settings = root / "lab-settings"
+    (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        '{"windowingMode": "none"}')
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        '{"fetchNews": "false", "checkForUpdates": false}')
     env = dict(os.environ, LINEARIZE_OUTPUTS=str(outputs), JUPYTER_CONFIG_DIR=str(root / "jupyter-config"),
                JUPYTER_RUNTIME_DIR=str(root / "jupyter-runtime"), JUPYTERLAB_WORKSPACES_DIR=str(root / "ws"),
+               JUPYTERLAB_SETTINGS_DIR=str(settings),
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT / "lib"), os.environ.get("PYTHONPATH")) if p))
     log = open(root / "jupyterlab.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={served}", "--ServerApp.open_browser=False",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
         cwd=served / "notebooks", env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -155,74 +164,90 @@ def test_study_notebook_runs_in_jupyterlab_and_every_explorer_control_redraws(la
             page.set_default_timeout(120_000)
             page.goto(f"{url}/lab/tree/notebooks/05_study.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=180_000)
-            # the kernel is up when the toolbar's status says Idle
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=180_000)
+            # the kernel is up when the status bar says so, and every cell is on the page
+            page.get_by_text(re.compile(r"\(ipykernel\) \| Idle")).first.wait_for(timeout=240_000)
+            cells = len([c for c in nb_cells() if c.cell_type == "code"])
+            page.wait_for_function(f"document.querySelectorAll('.jp-Notebook .jp-CodeCell').length >= {cells}")
             page.locator("#jp-MainMenu").get_by_text("Run", exact=True).click()
             page.get_by_text("Run All Cells", exact=True).click()
-
-            images = page.locator(".jp-OutputArea-output img.widget-image")
-            deadline = time.monotonic() + 600
-            while images.count() < 2 or page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() == 0:
-                errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
-                tracebacks = [t for t in errors.all_inner_texts() if "Traceback" in t or "Error" in t]
-                assert not tracebacks, tracebacks[0][-2000:]
-                assert time.monotonic() < deadline, "the notebook did not finish within 10 minutes"
-                time.sleep(2)
-            tracebacks = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.stderr']")
-            assert not [t for t in tracebacks.all_inner_texts() if "Traceback" in t]
-            assert (site / "results.md").exists()  # the page went where the parameters say, not docs/
-
-            box = page.locator(".widget-vbox").filter(has=images.first).last
-            maps, distance = images.nth(0), images.nth(1)
-
-            def shots():
-                for img in (maps, distance):
-                    img.scroll_into_view_if_needed()
-                    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle())
-                return [_image_stats(img.screenshot()) for img in (maps, distance)]
-
-            def settle(before, which):
-                """Wait until the image(s) in ``which`` differ from ``before``; return the new stats."""
-                deadline = time.monotonic() + 120
-                while True:
-                    now = shots()
-                    if all(now[i][0] != before[i][0] for i in which):
-                        return now
-                    assert time.monotonic() < deadline, f"images {which} did not change"
-                    time.sleep(0.5)
-
-            def assert_drawn(stats, what):
-                for (digest, ink, size), name in zip(stats, ("maps", "distance")):
-                    assert size[0] > 400 and size[1] > 100, (what, name, size)
-                    assert ink > 0.03, f"{name} image nearly blank after {what}: {ink:.3f} of pixels drawn"
-
-            start = shots()
-            assert_drawn(start, "opening")
-
-            def slider(name):
-                return box.locator(".widget-slider").filter(has=page.locator(f"label:text-is('{name}')"))
-
-            def dropdown(name):
-                return box.locator(".widget-dropdown").filter(has=page.locator(f"label:text-is('{name}')")).locator("select")
-
-            # layer: the maps and the highlighted bar change
-            slider("layer").locator(".noUi-handle").focus()
-            page.keyboard.press("ArrowRight")
-            after_layer = settle(start, (0, 1))
-            assert_drawn(after_layer, "layer")
-            # head: the maps change (the per-layer bars are the same for every head)
-            slider("head").locator(".noUi-handle").focus()
-            page.keyboard.press("ArrowRight")
-            after_head = settle(after_layer, (0,))
-            assert_drawn(after_head, "head")
-            # example and student: both images change
-            dropdown("example").select_option(index=1)
-            after_example = settle(after_head, (0, 1))
-            assert_drawn(after_example, "example")
-            dropdown("student").select_option(index=1)
-            after_student = settle(after_example, (0, 1))
-            assert_drawn(after_student, "student")
-            # no progress bar inside the explorer when a student loads
-            assert "Loading weights" not in box.inner_text()
+            try:
+                _wait_and_check(page, site)
+            except BaseException:
+                page.screenshot(path=str(site.parent / "browser-failure.png"), full_page=True)
+                raise
         finally:
             browser.close()
+
+
+def nb_cells():
+    return nbformat.read(ROOT / "notebooks" / "05_study.ipynb", as_version=4).cells
+
+
+def _wait_and_check(page, site):
+    """Wait for the run to finish, then turn each explorer control and check both images."""
+
+    images = page.locator(".jp-OutputArea-output img.widget-image")
+    page.locator(".jp-Notebook .jp-Cell").last.scroll_into_view_if_needed()
+    deadline = time.monotonic() + 600
+    while images.count() < 2 or page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() == 0:
+        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+        tracebacks = [t for t in errors.all_inner_texts() if "Traceback" in t or "Error" in t]
+        assert not tracebacks, tracebacks[0][-2000:]
+        assert time.monotonic() < deadline, "the notebook did not finish within 10 minutes"
+        time.sleep(2)
+    tracebacks = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.stderr']")
+    assert not [t for t in tracebacks.all_inner_texts() if "Traceback" in t]
+    assert (site / "results.md").exists()  # the page went where the parameters say, not docs/
+
+    box = page.locator(".widget-vbox").filter(has=images.first).last
+    maps, distance = images.nth(0), images.nth(1)
+
+    def shots():
+        for img in (maps, distance):
+            img.scroll_into_view_if_needed()
+            page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle())
+        return [_image_stats(img.screenshot()) for img in (maps, distance)]
+
+    def settle(before, which):
+        """Wait until the image(s) in ``which`` differ from ``before``; return the new stats."""
+        deadline = time.monotonic() + 120
+        while True:
+            now = shots()
+            if all(now[i][0] != before[i][0] for i in which):
+                return now
+            assert time.monotonic() < deadline, f"images {which} did not change"
+            time.sleep(0.5)
+
+    def assert_drawn(stats, what):
+        for (digest, ink, size), name in zip(stats, ("maps", "distance")):
+            assert size[0] > 400 and size[1] > 100, (what, name, size)
+            assert ink > 0.03, f"{name} image nearly blank after {what}: {ink:.3f} of pixels drawn"
+
+    start = shots()
+    assert_drawn(start, "opening")
+
+    def slider(name):
+        return box.locator(".widget-slider").filter(has=page.locator(f"label:text-is('{name}')"))
+
+    def dropdown(name):
+        return box.locator(".widget-dropdown").filter(has=page.locator(f"label:text-is('{name}')")).locator("select")
+
+    # layer: the maps and the highlighted bar change
+    slider("layer").locator(".noUi-handle").focus()
+    page.keyboard.press("ArrowRight")
+    after_layer = settle(start, (0, 1))
+    assert_drawn(after_layer, "layer")
+    # head: the maps change (the per-layer bars are the same for every head)
+    slider("head").locator(".noUi-handle").focus()
+    page.keyboard.press("ArrowRight")
+    after_head = settle(after_layer, (0,))
+    assert_drawn(after_head, "head")
+    # example and student: both images change
+    dropdown("example").select_option(index=1)
+    after_example = settle(after_head, (0, 1))
+    assert_drawn(after_example, "example")
+    dropdown("student").select_option(index=1)
+    after_student = settle(after_example, (0, 1))
+    assert_drawn(after_student, "student")
+    # no progress bar inside the explorer when a student loads
+    assert "Loading weights" not in box.inner_text()

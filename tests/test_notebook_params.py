@@ -58,3 +58,22 @@ def test_papermill_typo_fails_and_overrides_string_is_read(tmp_path):
                               kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
     printed = "".join(o.get("text", "") for o in out.cells[-1].outputs)
     assert "arch: xlstm" in printed and "seq_len: 32" in printed and "batch_size: 3" in printed
+
+
+def test_every_parameter_the_runner_passes_is_defined_by_its_notebook():
+    from linearize import runner
+
+    for grid in runner.GRIDS:
+        for step in runner.plan(["gla", "deltanet"], "cpu-quick", grid=grid):
+            nb = nbformat.read(ROOT / "notebooks" / step.notebook, as_version=4)
+            cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+            injected = "# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in step.parameters.items())
+            NP.check_sources(cell.source, injected)
+
+
+def test_path_parameters_resolve_under_the_project_root(tmp_path):
+    from linearize.paths import OUTPUTS, project_path
+
+    assert project_path(None, OUTPUTS) == OUTPUTS and project_path("", OUTPUTS) == OUTPUTS
+    assert project_path("docs/figures", OUTPUTS) == ROOT / "docs" / "figures"  # not the working directory
+    assert project_path(tmp_path, OUTPUTS) == tmp_path
