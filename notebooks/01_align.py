@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 01 · Alignment: matrix mixing and hidden-to-hidden
 #
-# Converts the teacher into the student `arch` and runs the two layer-local alignment stages of MOHAWK (STUDY.md, pipeline steps 2-3): stage 1 pulls each mixer's materialised mixing matrix towards the teacher's attention, stage 2 pulls each student layer's output towards the teacher's, from the teacher's layer inputs. Only mixer parameters train. Validation perplexity and per-token KL to the teacher are recorded after conversion and after each stage. The run lives in `outputs/<arch>/<run_name>/`; running again resumes (an interrupted stage continues from its checkpoint, a finished one is reused), and `02_distill` continues from it.
+# Converts the teacher into the student `arch` and runs the two layer-local alignment stages of MOHAWK (docs/study.md, pipeline steps 2-3): stage 1 pulls each mixer's materialised mixing matrix towards the teacher's attention, stage 2 pulls each student layer's output towards the teacher's, from the teacher's layer inputs. Only mixer parameters train. Validation perplexity and per-token KL to the teacher are recorded after conversion and after each stage. The run lives in `outputs/<arch>/<run_name>/`; running again resumes (an interrupted stage continues from its checkpoint, a finished one is reused), and `02_distill` continues from it.
 
 # %% tags=["parameters"]
 arch = "gla"                # student mixer: linearize.mixers.available()

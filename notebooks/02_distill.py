@@ -16,7 +16,7 @@
 # %% [markdown]
 # # 02 · End-to-end distillation
 #
-# Stage 3 (STUDY.md, pipeline step 4): L = CE + alpha * KL(p_T || p_S), the KL averaged per token. Starts from the last finished alignment stage of the same run (`01_align`), or from a fresh conversion when there is none. Records validation perplexity and KL after the stage, and the distillation throughput against a plain forward+backward of the teacher measured in the same process.
+# Stage 3 (docs/study.md, pipeline step 4): L = CE + alpha * KL(p_T || p_S), the KL averaged per token. Starts from the last finished alignment stage of the same run (`01_align`), or from a fresh conversion when there is none. Records validation perplexity and KL after the stage, and the distillation throughput against a plain forward+backward of the teacher measured in the same process.
 
 # %% tags=["parameters"]
 arch = "gla"                # student mixer: linearize.mixers.available()

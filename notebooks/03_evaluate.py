@@ -17,7 +17,7 @@
 # # 03 · Evaluate: the paper's six tasks, perplexity and KL
 #
 # Zero-shot lm-evaluation-harness on LAMBADA (OpenAI), WinoGrande, ARC-Easy, ARC-Challenge, PIQA
-# and HellaSwag (STUDY.md, pipeline step 5), from the embedded data (`linearize.tasks`) or lm-eval's
+# and HellaSwag (docs/study.md, pipeline step 5), from the embedded data (`linearize.tasks`) or lm-eval's
 # hub tasks with `online=True`. Evaluates a run's student (`run_dir`) or a teacher (`teacher`),
 # saves `eval_<full|limitN>.json` in the run folder, and shows the table in the paper's format
 # (unnormalised accuracy, percent) beside the teacher measured with the same settings and the
