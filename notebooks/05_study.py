@@ -113,7 +113,8 @@ else:
 # Each student layer sees the teacher's input to that layer (as in stage 1), so a map shows how well that mixer alone imitates the teacher's attention head. The bars give the matrix-mixing distance per layer (what stage 1 minimises). The static views below (the widget's first view and a grid of a few layers and heads) are images, so the exported HTML page shows them without a kernel.
 
 # %%
-explorer = study.build_explorer(runs, explorer_texts, max_tokens, keep=explorer_keep, outputs=outputs) if runs else None
+with viz.quiet_loading():  # no weight-loading progress bars among the figures
+    explorer = study.build_explorer(runs, explorer_texts, max_tokens, keep=explorer_keep, outputs=outputs) if runs else None
 if explorer is not None:
     pngs = page_figures["Attention alignment (explorer's first view)"] = study.save_explorer_view(explorer, figures)
     for png in pngs:
