@@ -226,19 +226,21 @@ def _wait_and_check(page, site):
     start = shots()
     assert_drawn(start, "opening")
 
+    # the controls in the order the explorer lays them out: (student, example), (layer, head);
+    # noUiSlider handles carry role="slider"
     def slider(name):
-        return box.locator(".widget-slider").filter(has=page.locator(f"label:text-is('{name}')"))
+        return box.get_by_role("slider").nth(("layer", "head").index(name))
 
     def dropdown(name):
-        return box.locator(".widget-dropdown").filter(has=page.locator(f"label:text-is('{name}')")).locator("select")
+        return box.locator("select").nth(("student", "example").index(name))
 
     # layer: the maps and the highlighted bar change
-    slider("layer").locator(".noUi-handle").focus()
+    slider("layer").focus()
     page.keyboard.press("ArrowRight")
     after_layer = settle(start, (0, 1))
     assert_drawn(after_layer, "layer")
     # head: the maps change (the per-layer bars are the same for every head)
-    slider("head").locator(".noUi-handle").focus()
+    slider("head").focus()
     page.keyboard.press("ArrowRight")
     after_head = settle(after_layer, (0,))
     assert_drawn(after_head, "head")
