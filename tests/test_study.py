@@ -6,7 +6,7 @@ students x two variants, ``evaluate`` on one task (limit 4) for the teacher and 
 four runs (the fourth stays unevaluated, so its cells must read '-'), and ``bench.run`` in
 process at two lengths. The tables are then checked against the files those steps wrote,
 05_study executes under papermill on that folder, with extra cells that drive the explorer's
-widget in its kernel (nbclient syncs an Output widget's content back to it, as a browser would).
+widget in its kernel (the PNG bytes its two ipywidgets.Image widgets hold after each control change).
 """
 import hashlib
 import inspect
@@ -180,9 +180,27 @@ def test_explorer_maps_are_the_teachers_and_the_widget_switches(tmp_path):
     box.controls["example"].value = 1
     assert calls == [("gla", 0, 0, 0), ("gla", 2, 0, 0), ("gla", 2, 3, 0), ("deltanet", 2, 3, 0),
                      ("deltanet", 2, 3, 1)]
-    import matplotlib.pyplot as plt
+    # what the widget shows are the PNG bytes of its images: drawn, not blank, and the last view
+    import io
 
-    plt.close("all")
+    import numpy as np
+    from PIL import Image
+
+    for name, min_size in (("maps", (800, 300)), ("distance", (600, 150))):
+        img = np.asarray(Image.open(io.BytesIO(box.images[name].value)).convert("L"))
+        assert img.shape[1] >= min_size[0] and img.shape[0] >= min_size[1], (name, img.shape)
+        assert (img < 235).mean() > 0.05, f"{name} image is nearly blank"
+    assert box.status.value == ""
+    # token labels on both axes, named query/key; teacher and student share one colour scale
+    fig = ex.maps_figure("deltanet", 2, 3, 1)
+    teacher_ax, student_ax, diff_ax = fig.axes[:3]
+    tokens = [repr(t)[1:-1] for t in ex.tokens(1)]
+    assert [t.get_text() for t in teacher_ax.get_xticklabels()] == tokens
+    assert [t.get_text() for t in student_ax.get_yticklabels()] == tokens
+    assert teacher_ax.get_xlabel().startswith("key") and teacher_ax.get_ylabel().startswith("query")
+    t_im, s_im, d_im = (ax.get_images()[0] for ax in (teacher_ax, student_ax, diff_ax))
+    assert t_im.get_clim() == s_im.get_clim() == (0, pytest.approx(ex.maps("deltanet", 1, 2)[0][3].max().item()))
+    assert d_im.get_clim()[0] == -d_im.get_clim()[1] and d_im.get_cmap().name == "RdBu_r"
 
 
 # --- on the real tiny run -------------------------------------------------------------------
@@ -233,13 +251,12 @@ def test_runs_and_tables_match_what_the_steps_wrote(tiny_study):
 
 def _with_widget_probe(notebook: Path, path: Path) -> None:
     """05_study plus cells that build the explorer's widget and, after each control change,
-    print digests of the images its Output area holds (nbclient, like a browser, sends an
-    Output widget's content back to the kernel)."""
+    print digests of the PNGs its two Image widgets hold (what the browser shows are those bytes)."""
     import nbformat
 
     def probe(tag):
-        return (f"import hashlib\nprint({tag!r}, [hashlib.sha1(o['data']['image/png'].encode()).hexdigest()"
-                " for o in box.output.outputs if 'image/png' in o.get('data', {})])")
+        return (f"import hashlib\nprint({tag!r}, [hashlib.sha1(box.images[k].value).hexdigest()"
+                " for k in ('maps', 'distance')])")
 
     cells = [
         "box = explorer.widget()\nbox", probe("start"),
@@ -277,7 +294,7 @@ def test_study_notebook_writes_tables_figures_page_html_and_its_widget_switches(
                         parameters=dict(outputs=str(outputs), figures_dir=str(figures), results_page=str(page),
                                         explorer_texts=TEXTS, max_tokens=16))
     expected = ["validation.png", "training_curves.png", "decode_speed.png", "prefill_speed.png", "memory.png",
-                "explorer_maps.png", "explorer_distance.png"]
+                "explorer_maps.png", "explorer_distance.png", "explorer_grid.png", "layer_alignment.png"]
     for name in expected:
         assert (figures / name).stat().st_size > 5_000, name
 
@@ -301,7 +318,7 @@ def test_study_notebook_writes_tables_figures_page_html_and_its_widget_switches(
 
     nb = nbformat.read(executed, as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    # the widget: each control change put new figures into its Output area
+    # the widget: each control change put new figures into its images
     seen = _probe_digests(nb)
     assert list(seen) == ["start", "layer", "head", "student"]
     assert all(len(d) == 2 for d in seen.values()), seen  # maps figure + distance figure each time

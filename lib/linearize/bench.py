@@ -656,38 +656,13 @@ def check_targets(rows: Sequence[dict], low: int = 128, high: int = 8192) -> lis
 # ---------------------------------------------------------------------------------------
 def plot(rows_or_csv, out_dir: str | os.PathLike) -> list[Path]:
     """Decode speed, prefill speed and memory against context (log x); PNGs into ``out_dir``."""
-    import matplotlib.pyplot as plt
     import pandas as pd
-    import seaborn as sns
+
+    from .viz import plot_bench, save_png  # one style per model across the study's figures
 
     rows = read_csv(rows_or_csv) if isinstance(rows_or_csv, (str, os.PathLike)) else list(rows_or_csv)
     df = pd.DataFrame([r for r in rows if not r.get("error")])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sns.set_theme(style="whitegrid")
-    written = []
-    figures = [
-        ("decode_speed.png", [("decode_tok_s", "decode tokens/s"), ("roofline_tok_s", "roofline tokens/s")]),
-        ("prefill_speed.png", [("prefill_tok_s", "prefill tokens/s")]),
-        ("memory.png", [("state_mib", "cache / state MiB"), ("peak_rss_mib", "peak RSS MiB")]),
-    ]
-    for name, panels in figures:
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-        for ax, (col, label) in zip(axes[0], panels):
-            sns.lineplot(data=df, x="context", y=col, hue="model", marker="o", ax=ax)
-            ax.set_xscale("log", base=2)
-            if col in ("state_mib",):
-                ax.set_yscale("log")
-            ax.set_xlabel("context tokens")
-            ax.set_ylabel(label)
-        dtype = ",".join(sorted(df["dtype"].astype(str).unique())) if len(df) else ""
-        fig.suptitle(f"{name[:-4].replace('_', ' ')} ({dtype}, {df['threads'].iloc[0] if len(df) else '?'} threads)")
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
+    return [save_png(fig, Path(out_dir) / name, dpi=120) for name, fig in plot_bench(df).items()]
 
 
 # ---------------------------------------------------------------------------------------

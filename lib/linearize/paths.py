@@ -13,6 +13,16 @@ ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = Path(os.environ.get("LINEARIZE_OUTPUTS", ROOT / "outputs"))
 
 
+def project_path(value: str | os.PathLike | None, default: Path) -> Path:
+    """A folder or file named by a notebook parameter: None or "" gives ``default``; a relative
+    path is taken under the project root, not the working directory, so a notebook started in
+    JupyterLab (working directory notebooks/), by papermill or by the runner finds the same one."""
+    if value in (None, ""):
+        return Path(default)
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else ROOT / path
+
+
 def cache_dir(*parts: str) -> Path:
     base = os.environ.get("LINEARIZE_CACHE")
     if base is None:

@@ -396,67 +396,43 @@ def steps_frame(runs: list[StudyRun]):
     return pd.DataFrame(records, columns=["run", "student", "variant", "stage", "step", "tokens", "loss"])
 
 
-def _legend_outside(fig, ax):
-    handles, labels = ax.get_legend_handles_labels()
-    for a in fig.axes:
-        if a.get_legend():
-            a.get_legend().remove()
-    if handles:
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+def layer_losses_frame(runs: list[StudyRun]):
+    """Per-layer loss of stages 1 and 2 at the first ("before") and last ("after") logged step of
+    each run (the layer_losses that stages.py logs with every step): run, student, variant, stage,
+    when, step, layer, loss."""
+    import pandas as pd
+
+    records = []
+    for r in runs:
+        steps = [m for m in _read_metrics(r.dir / "metrics.jsonl") if m.get("event") == "step" and m.get("layer_losses")]
+        for stage in sorted({m["stage"] for m in steps}):
+            logged = [m for m in steps if m["stage"] == stage]
+            for when, m in (("before", logged[0]), ("after", logged[-1])):
+                records += [{"run": r.label, "student": r.arch, "variant": r.variant, "stage": stage, "when": when,
+                             "step": m["step"], "layer": i, "loss": v} for i, v in enumerate(m["layer_losses"])]
+    return pd.DataFrame(records, columns=["run", "student", "variant", "stage", "when", "step", "layer", "loss"])
 
 
 def plot_training_curves(runs: list[StudyRun], path: str | os.PathLike) -> Path | None:
     """Loss against tokens seen, one panel per stage, one line per run (log y when the losses span
     more than a decade); PNG at ``path``.
     None when no run logged a step."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     from .stages import STAGE_NAMES
+    from .viz import plot_training_curves as draw, save_png
 
-    df = steps_frame(runs)
-    if df.empty:
-        return None
-    stages = sorted(df["stage"].unique())
-    sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, len(stages), figsize=(5.2 * len(stages), 3.8), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
-        part = df[df["stage"] == stage]
-        sns.lineplot(data=part, x="tokens", y="loss", hue="run", ax=ax, hue_order=[r.label for r in runs])
-        _log_if_wide(ax, part["loss"].tolist())
-        ax.set_title(f"stage {stage}: {STAGE_NAMES.get(int(stage), '')}", fontsize=10)
-        ax.set_xlabel("tokens seen in this stage")
-    _legend_outside(fig, axes[0][0])
-    fig.tight_layout()
-    return _save(fig, path)
+    fig = draw(steps_frame(runs), STAGE_NAMES)
+    return None if fig is None else save_png(fig, path)
 
 
 def plot_validation(runs: list[StudyRun], path: str | os.PathLike) -> Path | None:
     """Validation perplexity and KL after conversion and each stage, one line per run."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
+    from .viz import plot_validation as draw, save_png
 
-    records = [{"run": r.label, "after": a, "perplexity": r.evals[a].get("perplexity"), "KL": r.evals[a].get("kl")}
-               for r in runs for a in STAGE_EVALS if a in r.evals]
-    if not records:
-        return None
-    df = pd.DataFrame(records)
-    df["after"] = pd.Categorical(df["after"], categories=list(STAGE_EVALS), ordered=True)
-    sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, col in zip(axes, ("perplexity", "KL")):
-        sns.pointplot(data=df, x="after", y=col, hue="run", ax=ax, order=list(STAGE_EVALS), markers="o")
-        _log_if_wide(ax, df[col].tolist())
-        ax.set_xlabel("")
+    records = [{"run": r.label, "variant": r.variant, "after": a, "perplexity": r.evals[a].get("perplexity"),
+                "KL": r.evals[a].get("kl")} for r in runs for a in STAGE_EVALS if a in r.evals]
     teacher_ppl = [r.evals[a]["teacher_perplexity"] for r in runs for a in r.evals if "teacher_perplexity" in r.evals[a]]
-    if teacher_ppl:
-        axes[0].axhline(teacher_ppl[0], color="black", ls="--", lw=1, label="teacher")
-    axes[0].set_title("validation perplexity", fontsize=10)
-    axes[1].set_title("per-token KL(teacher || student)", fontsize=10)
-    _legend_outside(fig, axes[0])
-    fig.tight_layout()
-    return _save(fig, path)
+    fig = draw(records, STAGE_EVALS, teacher_ppl[0] if teacher_ppl else None)
+    return None if fig is None else save_png(fig, path)
 
 
 def bench_figures(outputs: str | os.PathLike, figures_dir: str | os.PathLike) -> list[Path]:
@@ -482,18 +458,16 @@ def bench_table(outputs: str | os.PathLike):
     csv = Path(outputs) / "bench" / "bench.csv"
     if not csv.exists():
         return None
-    cols = ["model", "context", "prefill_tok_s", "decode_tok_s", "peak_rss_mib", "state_mib", "roofline_tok_s",
-            "dtype", "error"]
+    cols = {"model": None, "context": None, "prefill_tok_s": "{:.1f}", "decode_tok_s": "{:.1f}",
+            "roofline_tok_s": "{:.1f}", "peak_rss_mib": "{:.0f}", "state_mib": "{:.3g}", "dtype": None, "error": None}
     df = pd.DataFrame(bench.read_csv(csv))
-    return df[[c for c in cols if c in df.columns]]
-
-
-def _log_if_wide(ax, values) -> None:
-    """Log y only when the values span more than a decade: a short tiny-run curve on a log axis
-    gets unreadable tick labels and shows nothing a linear axis does not."""
-    values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
-    if values and max(values) / min(values) > 10:
-        ax.set_yscale("log")
+    if "error" in df and not df["error"].fillna("").astype(str).str.strip().any():
+        df = df.drop(columns="error")  # no failed point: no empty column
+    df = df[[c for c in cols if c in df.columns]].copy()
+    for col, fmt in cols.items():  # rounded for reading; bench.csv keeps the full numbers
+        if fmt and col in df:
+            df[col] = df[col].map(lambda v: MISSING if v is None or v == "" or v != v else fmt.format(float(v)))
+    return df.set_index(["model", "context"])
 
 
 def _save(fig, path) -> Path:
@@ -562,10 +536,13 @@ def save_explorer_view(explorer, figures_dir: str | os.PathLike, student: str | 
                        head: int = 0, example: int = 0) -> list[Path]:
     """The explorer's static view (by default the widget's first view: first student, layer 0,
     head 0, example 0) as two PNGs: maps side by side and distance per layer."""
+    from .viz import save_png
+
     student = student or next(iter(explorer.students))
     maps, distances = explorer.figure(student, layer, head, example)
     figures_dir = Path(figures_dir)
-    return [_save(maps, figures_dir / "explorer_maps.png"), _save(distances, figures_dir / "explorer_distance.png")]
+    return [save_png(maps, figures_dir / "explorer_maps.png"), save_png(distances, figures_dir / "explorer_distance.png"),
+            save_png(explorer.grid_figure(student, example=example), figures_dir / "explorer_grid.png")]
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,10 @@
-"""Plots shared by the notebooks: attention heads, maps side by side, curves."""
+"""Plots shared by the notebooks: attention heads, the attention explorer, and the study's
+figures (training curves, validation, benchmark), all with one style per model.
+
+The explorer and the study's figures draw on ``matplotlib.figure.Figure`` objects with the Agg
+canvas, never on pyplot's global figure list: a widget callback that drew through pyplot and an
+``Output`` area came back blank or cut off in 17 of 30 redraws in JupyterLab (issue 19), and a
+figure that is never registered with pyplot cannot be shown twice or leak."""
 from __future__ import annotations
 
 import math
@@ -35,30 +41,155 @@ def plot_attention_heads(attn, tokens: list[str] | None = None, heads=None, titl
     return fig
 
 
-def plot_maps_side_by_side(teacher_map, student_map, title: str = "", tokens: list[str] | None = None):
-    """Teacher map, student map and their difference for one head. Maps: [T, T]."""
+# ---------------------------------------------------------------------------------------
+# One style per model, in every figure
+# ---------------------------------------------------------------------------------------
+# (colour, marker, line style) per model; the teacher is black so that no student is ever
+# mistaken for it. Line styles differ too, so that two models with equal values (GLA's and
+# xLSTM's decode roofline) both stay visible.
+MODEL_STYLES = {
+    "teacher": ("black", "s", "-"),
+    "gla": ("tab:blue", "o", "-"),
+    "xlstm": ("tab:orange", "^", (0, (5, 3))),
+    "deltanet": ("tab:green", "D", (0, (1, 2))),
+    "mamba2": ("tab:red", "v", (0, (6, 2, 1, 2))),
+    "retnet": ("tab:purple", "P", (0, (3, 2))),
+    "hgrn2": ("tab:brown", "X", (0, (8, 2, 1, 2, 1, 2))),
+    "metala": ("tab:pink", "<", (0, (2, 1))),
+    "rebased": ("tab:olive", ">", (0, (4, 1, 1, 1))),
+    "hedgehog": ("tab:cyan", "h", (0, (10, 3))),
+    "llama": ("tab:gray", "*", "-"),
+}
+# Variants of one student share its colour and marker and differ by line style.
+VARIANT_LINESTYLES = {"kd": (0, (1, 1)), "mm": (0, (4, 2)), "qkv": (0, (2, 1, 1, 1)), "qkv-mm": (0, (6, 2, 1, 2)),
+                      "qkv-mm-h2h": "-", "mm-h2h": (0, (8, 3)), "qkv-fit": (0, (3, 1, 1, 1, 1, 1)),
+                      "qkv-fit-mm-h2h": (0, (10, 2, 2, 2))}
+UNKNOWN_STYLE = ("tab:gray", "*", "-")
+
+
+def model_style(name: str, variant: str | None = None) -> dict:
+    """Matplotlib keywords (color, marker, linestyle) for a model: a student name ("gla"), a run
+    label ("gla/cpu-quick-kd") or "teacher". The colour and marker depend only on the student,
+    so a model looks the same in every figure; a variant (a run's figures) sets the line style."""
+    arch = str(name).split("/")[0].lower()
+    color, marker, linestyle = MODEL_STYLES.get(arch, UNKNOWN_STYLE)
+    if variant is not None:
+        linestyle = VARIANT_LINESTYLES.get(variant, "-")
+    return {"color": color, "marker": marker, "linestyle": linestyle}
+
+
+def run_style(label: str, variant: str | None = None) -> dict:
+    return model_style(label, variant)
+
+
+def new_figure(width: float, height: float):
+    """A Figure with an Agg canvas that pyplot does not track (nothing to close, nothing shown twice)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (Agg), for an ``ipywidgets.Image``."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def save_png(fig, path, dpi: int = 110):
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def legend_outside(fig, axes, title: str | None = None, fontsize: float = 10) -> None:
+    """One legend for the figure, right of the axes, so that it covers no data."""
+    seen = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+        if ax.get_legend():
+            ax.get_legend().remove()
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside right center", fontsize=fontsize,
+                   title=title, title_fontsize=fontsize, frameon=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Teacher / student attention maps
+# ---------------------------------------------------------------------------------------
+def _token_axes(ax, tokens, fontsize=6):
+    if tokens is None:
+        return
+    ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], fontsize=fontsize)
+    ax.set_xlabel("key (token attended to)", fontsize=9)
+    ax.set_ylabel("query (token attending)", fontsize=9)
+
+
+def plot_maps_side_by_side(teacher_map, student_map, title: str = "", tokens: list[str] | None = None, fig=None):
+    """Teacher map, student map and student - teacher for one head. Maps: [T, T].
+
+    Teacher and student share one colour scale, the teacher's [0, max]: the student's
+    materialised matrix is not normalised (GLA's ran from -5 to 3.7), and a scale stretched to
+    it turned the teacher's map uniformly dark. Student values outside the scale are clipped
+    (the colour bar's arrows; the panel title gives their real range). The difference has its
+    own symmetric diverging scale."""
     t, s = _as_numpy(teacher_map), _as_numpy(student_map)
     diff = s - t
-    lim = max(abs(diff).max(), 1e-9)
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
-    vmax = max(t.max(), s.max(), 1e-9)
-    for ax, m, name, kw in (
-        (axes[0], t, "teacher (softmax)", dict(cmap="viridis", vmin=0, vmax=vmax)),
-        (axes[1], s, "student (materialised)", dict(cmap="viridis", vmin=min(0, s.min()), vmax=vmax)),
-        (axes[2], diff, "student - teacher", dict(cmap="RdBu_r", vmin=-lim, vmax=lim)),
-    ):
-        im = ax.imshow(m, **kw)
-        ax.set_title(name, fontsize=10)
-        ax.set_xticks([]), ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
-    fig.tight_layout()
+    lim = max(float(np.abs(diff).max()), 1e-9)
+    vmax = max(float(t.max()), 1e-9)
+    fig = fig or new_figure(16, 6.2)
+    axes = fig.subplots(1, 3)
+    shared = dict(cmap="viridis", vmin=0, vmax=vmax)
+    axes[0].imshow(t, **shared)
+    axes[0].set_title("teacher (softmax)", fontsize=10)
+    im = axes[1].imshow(s, **shared)
+    clipped = s.min() < 0 or s.max() > vmax
+    axes[1].set_title(f"student (materialised){', values %.2g..%.2g, clipped' % (s.min(), s.max()) if clipped else ''}",
+                      fontsize=10)
+    extend = "both" if s.min() < 0 and s.max() > vmax else "min" if s.min() < 0 else "max" if s.max() > vmax else "neither"
+    fig.colorbar(im, ax=axes[:2], shrink=0.8, extend=extend, label="attention weight (shared scale)")
+    im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    axes[2].set_title("student - teacher", fontsize=10)
+    fig.colorbar(im, ax=axes[2], shrink=0.8, label="difference")
+    for ax in axes:
+        _token_axes(ax, tokens)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
 # ---------------------------------------------------------------------------------------
 # Attention-alignment explorer (teacher softmax maps vs students' materialised matrices)
 # ---------------------------------------------------------------------------------------
+def quiet_loading():
+    """Context in which transformers and the hub draw no progress bars (the "Loading weights"
+    bar would otherwise appear inside the explorer when a student loads)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def quiet():
+        from transformers.utils import logging as hf_logging
+
+        was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was:
+                hf_logging.enable_progress_bar()
+
+    return quiet()
+
+
 class AttentionExplorer:
     """Teacher and student maps per (student, example, layer, head), computed lazily.
 
@@ -86,7 +217,8 @@ class AttentionExplorer:
         if key not in self._cache:
             from .teacher import iter_layers
 
-            model = self.students[student]
+            with quiet_loading():
+                model = self.students[student]
             maps = []
             for tr in iter_layers(self.teacher, self.inputs[example]):
                 layer = model.model.layers[tr.index]
@@ -105,44 +237,253 @@ class AttentionExplorer:
         return np.array([matrix_mixing_loss(t[None], s[None]).item() for t, s in self._layers(student, example)])
 
     def tokens(self, example: int) -> list[str]:
-        return [t.replace("\u0120", " ") for t in self.tokenizer.convert_ids_to_tokens(self.inputs[example][0])]
+        return [t.replace("\u0120", " ").replace("\u010a", "\n")
+                for t in self.tokenizer.convert_ids_to_tokens(self.inputs[example][0])]
+
+    def maps_figure(self, student: str, layer: int = 0, head: int = 0, example: int = 0):
+        a_t, a_s = self.maps(student, example, layer)
+        norm = torch.linalg.matrix_norm(a_t[head] - a_s[head]).item()
+        return plot_maps_side_by_side(a_t[head], a_s[head], tokens=self.tokens(example),
+                                      title=f"{student}: layer {layer}, head {head}, example {example}; "
+                                            f"||A_teacher - A_student||_F = {norm:.3f}")
+
+    def distance_figure(self, student: str, layer: int = 0, example: int = 0):
+        d = self.distances(student, example)
+        fig = new_figure(11, 2.8)
+        ax = fig.subplots()
+        color = model_style(student)["color"]
+        ax.bar(range(len(d)), d, color=[color if i == layer else "lightgray" for i in range(len(d))],
+               edgecolor="black", linewidth=0.5)
+        ax.set_xticks(range(len(d)))
+        ax.set_xlabel("layer (shown layer in colour)", fontsize=10)
+        ax.set_ylabel("matrix-mixing distance", fontsize=10)
+        ax.set_title(f"{student}, example {example}: distance to the teacher's attention per layer "
+                     "(Frobenius norm, summed over heads)", fontsize=10)
+        return fig
 
     def figure(self, student: str, layer: int = 0, head: int = 0, example: int = 0):
-        """The static view: maps side by side and the per-layer distance (for HTML export)."""
-        a_t, a_s = self.maps(student, example, layer)
-        fig = plot_maps_side_by_side(a_t[head], a_s[head], title=f"{student}: layer {layer}, head {head}, "
-                                     f"||A_T - A_S||_F = {torch.linalg.matrix_norm(a_t[head] - a_s[head]).item():.3f}")
-        d = self.distances(student, example)
-        fig2, ax = plt.subplots(figsize=(11, 2.4))
-        ax.bar(range(len(d)), d, color=["tab:orange" if i == layer else "tab:blue" for i in range(len(d))])
-        ax.set_xlabel("layer"), ax.set_ylabel("matrix-mixing distance")
-        ax.set_title(f"{student}: distance to the teacher's attention per layer (sum over heads)")
-        fig2.tight_layout()
-        return fig, fig2
+        """The view for one choice of controls: (maps figure, per-layer distance figure)."""
+        return self.maps_figure(student, layer, head, example), self.distance_figure(student, layer, example)
+
+    def grid_figure(self, student: str, layers=None, heads=None, example: int = 0):
+        """A static grid of teacher and student maps for a few layers and heads (first, middle,
+        last by default), for a page that is read without a kernel."""
+        layers = sorted({0, self.num_layers // 2, self.num_layers - 1}) if layers is None else list(layers)
+        heads = sorted({0, self.num_heads // 2}) if heads is None else list(heads)
+        cols = [(layer, head) for layer in layers for head in heads]
+        fig = new_figure(2.6 * len(cols) + 1.2, 5.6)
+        axes = fig.subplots(2, len(cols), squeeze=False)
+        im = None
+        for j, (layer, head) in enumerate(cols):
+            a_t, a_s = self.maps(student, example, layer)
+            t, s = _as_numpy(a_t[head]), _as_numpy(a_s[head])
+            vmax = max(float(t.max()), 1e-9)
+            for i, (m, who) in enumerate(((t, "teacher"), (s, "student"))):
+                ax = axes[i][j]
+                im = ax.imshow(m, cmap="viridis", vmin=0, vmax=vmax)
+                ax.set_xticks([]), ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"{who}\nquery", fontsize=9)
+                if i == 1:
+                    ax.set_xlabel("key", fontsize=9)
+        fig.colorbar(im, ax=axes, shrink=0.8, extend="both", label="weight (each column: teacher's scale)")
+        fig.suptitle(f"{student}, example {example}: teacher (top) and student (bottom) maps", fontsize=11)
+        return fig
 
     def widget(self):
-        """ipywidgets controls (student, layer, head, example) over ``figure``."""
+        """ipywidgets controls (student, example, layer, head) over two ``ipywidgets.Image``s.
+
+        Each redraw renders PNG bytes from fresh Agg figures and sets them on the images, so
+        what the browser shows is exactly those bytes; an error shows in the status line."""
         import ipywidgets as w
-        from IPython.display import display
 
         student = w.Dropdown(options=list(self.students), description="student")
         layer = w.IntSlider(0, 0, self.num_layers - 1, description="layer")
         head = w.IntSlider(0, 0, self.num_heads - 1, description="head")
         example = w.Dropdown(options=[(f"{i}: {self.tokenizer.decode(ids[0][:8])}...", i)
                                       for i, ids in enumerate(self.inputs)], description="example")
-        out = w.Output()
+        maps_image = w.Image(format="png", layout=w.Layout(width="100%", max_width="1200px"))
+        distance_image = w.Image(format="png", layout=w.Layout(width="100%", max_width="1100px"))
+        status = w.HTML()
 
         def redraw(*_):
-            with out:
-                out.clear_output(wait=True)
-                for fig in self.figure(student.value, layer.value, head.value, example.value):
-                    display(fig)
-                    plt.close(fig)
+            args = (student.value, layer.value, head.value, example.value)
+            status.value = "drawing..."
+            try:
+                maps_fig, distance_fig = self.figure(*args)
+                maps_image.value = png_bytes(maps_fig)
+                distance_image.value = png_bytes(distance_fig)
+                status.value = ""
+            except Exception as err:  # shown where the user looks, not in the kernel's log
+                status.value = f"<b>could not draw {args}:</b> {type(err).__name__}: {err}"
+                raise
 
         for control in (student, layer, head, example):
             control.observe(redraw, names="value")
         redraw()
-        box = w.VBox([w.HBox([student, example]), w.HBox([layer, head]), out])
+        box = w.VBox([w.HBox([student, example]), w.HBox([layer, head]), status, maps_image, distance_image])
         box.controls = dict(student=student, layer=layer, head=head, example=example)
-        box.output = out
+        box.images = dict(maps=maps_image, distance=distance_image)
+        box.status = status
         return box
+
+
+# ---------------------------------------------------------------------------------------
+# Per-layer alignment before and after each stage
+# ---------------------------------------------------------------------------------------
+def plot_layer_alignment(frame, title: str = ""):
+    """Per-layer loss at the first and last logged step of stages 1 (matrix mixing) and 2
+    (hidden-to-hidden), one panel per stage, one colour per student, dashed before / solid after.
+    ``frame``: rows of (run, student, variant, stage, when, step, layer, loss) from
+    ``study.layer_losses_frame``. None when the frame is empty."""
+    if frame is None or len(frame) == 0:
+        return None
+    stages = sorted(frame["stage"].unique())
+    fig = new_figure(6.5 * len(stages) + 2.5, 3.8)
+    axes = fig.subplots(1, len(stages), squeeze=False)[0]
+    names = {1: "stage 1: matrix-mixing distance", 2: "stage 2: hidden-state distance"}
+    for ax, stage in zip(axes, stages):
+        part = frame[frame["stage"] == stage]
+        for (run, when), rows in part.groupby(["run", "when"], sort=False):
+            style = model_style(run)
+            rows = rows.sort_values("layer")
+            ax.plot(rows["layer"], rows["loss"], color=style["color"], marker=style["marker"], markersize=6,
+                    markerfacecolor="none" if when == "before" else style["color"],
+                    linestyle="--" if when == "before" else "-", alpha=0.6 if when == "before" else 0.9,
+                    label=f"{run} ({when}: step {int(rows['step'].iloc[0])})")
+        ax.set_title(names.get(int(stage), f"stage {stage}"), fontsize=11)
+        ax.set_xlabel("layer", fontsize=10)
+        ax.set_ylabel("loss per layer", fontsize=10)
+        values = part["loss"][part["loss"] > 0]
+        if len(values) and values.max() / values.min() > 10:
+            ax.set_yscale("log")
+    legend_outside(fig, axes, fontsize=8)
+    fig.suptitle(title or "How far each student layer is from the teacher's: first (dashed) and last (solid) "
+                          "logged step of each alignment stage", fontsize=11)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------
+# The study's figures (linearize.study and linearize.bench call these)
+# ---------------------------------------------------------------------------------------
+def _log_if_wide(ax, values) -> None:
+    """Log y only when the values span more than a decade (a short curve on a log axis gets
+    unreadable tick labels and shows nothing a linear axis does not)."""
+    values = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    if values and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+
+
+def plot_training_curves(steps, stage_names: dict, runs_variants: dict | None = None):
+    """Loss against tokens seen, one panel per stage (stacked, so that each is page-wide and its
+    text readable), one line per run in its model's colour, marker and variant line style.
+    ``steps``: rows of (run, variant, stage, tokens, loss). None when empty."""
+    if steps is None or len(steps) == 0:
+        return None
+    stages = sorted(steps["stage"].unique())
+    fig = new_figure(10, 3.0 * len(stages) + 0.6)
+    axes = fig.subplots(len(stages), 1, squeeze=False)[:, 0]
+    for ax, stage in zip(axes, stages):
+        part = steps[steps["stage"] == stage]
+        for run, rows in part.groupby("run", sort=False):
+            style = model_style(run, rows["variant"].iloc[0] if "variant" in rows else None)
+            ax.plot(rows["tokens"], rows["loss"], label=run, color=style["color"], linestyle=style["linestyle"],
+                    marker=style["marker"], markevery=max(1, len(rows) // 8), markersize=5, alpha=0.85, lw=1.5)
+        _log_if_wide(ax, part["loss"].tolist())
+        ax.set_title(f"stage {stage}: {stage_names.get(int(stage), '')}", fontsize=12)
+        ax.set_xlabel("tokens seen in this stage", fontsize=11)
+        ax.set_ylabel("training loss", fontsize=11)
+        ax.tick_params(labelsize=10)
+        ax.grid(alpha=0.3)
+    legend_outside(fig, axes, title="run", fontsize=10)
+    return fig
+
+
+def plot_validation(records, stage_order, teacher_perplexity: float | None = None):
+    """Validation perplexity and KL after conversion and each stage, one line per run (model
+    colour and marker, variant line style, points slightly offset so that equal values of two
+    runs stay visible). ``records``: dicts with run, variant, after, perplexity, KL."""
+    if not records:
+        return None
+    import pandas as pd
+
+    df = pd.DataFrame(records)
+    order = list(stage_order)
+    runs = list(dict.fromkeys(df["run"]))
+    fig = new_figure(13, 4.2)
+    axes = fig.subplots(1, 2)
+    for ax, col in zip(axes, ("perplexity", "KL")):
+        for i, run in enumerate(runs):
+            rows = df[df["run"] == run].copy()
+            rows["x"] = rows["after"].map(order.index) + 0.06 * (i - (len(runs) - 1) / 2)
+            rows = rows.sort_values("x")
+            style = model_style(run, rows["variant"].iloc[0])
+            ax.plot(rows["x"], rows[col], label=run, color=style["color"], marker=style["marker"],
+                    linestyle=style["linestyle"], markersize=6, alpha=0.85)
+        ax.set_xticks(range(len(order)), [f"after {a}" for a in order], fontsize=10)
+        _log_if_wide(ax, df[col].tolist())
+        ax.grid(alpha=0.3)
+    if teacher_perplexity is not None:
+        axes[0].axhline(teacher_perplexity, **{**model_style("teacher"), "marker": None}, ls="--", lw=1, label="teacher")
+    axes[0].set_title("validation perplexity (lower is better)", fontsize=12)
+    axes[1].set_title("per-token KL(teacher || student)", fontsize=12)
+    legend_outside(fig, axes, title="run", fontsize=10)
+    return fig
+
+
+ROOFLINE_CAPTION = ("Roofline tokens/s: the fastest a decode step could run if it only had to read every weight "
+                    "and the whole cache/state once at the memory bandwidth measured in the same run "
+                    "(bytes per step / bandwidth); the measured speed is below it.")
+
+
+def plot_bench(df, teacher_limit: int | None = None) -> dict:
+    """Decode speed (with its roofline), prefill speed and memory against context, log-2 x axis,
+    one colour and marker per model; {file name: Figure}. A context where the students were
+    measured and the teacher was not gets a note saying why."""
+    out = {}
+    if df is None or len(df) == 0:
+        return out
+    models = list(dict.fromkeys(df["model"]))
+    dtype = ",".join(sorted(df["dtype"].astype(str).unique())) if "dtype" in df else "?"
+    threads = df["threads"].iloc[0] if "threads" in df else "?"
+    teacher_ctx = set(df[df["model"] == "teacher"]["context"]) if "teacher" in models else set()
+    missing = sorted(set(df["context"]) - teacher_ctx) if teacher_ctx else []
+    figures = {
+        "decode_speed.png": [("decode_tok_s", "decode tokens/s"), ("roofline_tok_s", "roofline tokens/s")],
+        "prefill_speed.png": [("prefill_tok_s", "prefill tokens/s")],
+        "memory.png": [("state_mib", "cache / state MiB"), ("peak_rss_mib", "peak RSS MiB")],
+    }
+    for name, panels in figures.items():
+        fig = new_figure(6.2 * len(panels) + 2, 4.6)
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, (col, label) in zip(axes, panels):
+            if col not in df:
+                ax.set_visible(False)
+                continue
+            for i, model in enumerate(models):
+                rows = df[df["model"] == model].sort_values("context")
+                style = model_style(model)
+                # lines that coincide (GLA's roofline and xLSTM's) stay visible: open markers of
+                # different shapes and sizes, transparency
+                ax.plot(rows["context"], rows[col], label=model, color=style["color"], marker=style["marker"],
+                        markersize=9 - 1.2 * (i % 4), markerfacecolor="none", markeredgewidth=1.6,
+                        linestyle=style["linestyle"], lw=1.6, alpha=0.8)
+            ax.set_xscale("log", base=2)
+            if col == "state_mib":
+                ax.set_yscale("log")
+            ax.set_xlabel("context tokens (log 2)", fontsize=11)
+            ax.set_ylabel(label, fontsize=11)
+            ax.grid(alpha=0.3)
+        legend_outside(fig, axes, title="model", fontsize=10)
+        caption = f"{dtype}, {threads} threads."
+        if missing:
+            caption += (f" The teacher has no point at {', '.join(map(str, missing))} tokens: beyond its context "
+                        f"limit ({teacher_limit or max(teacher_ctx)} tokens).")
+        if name == "decode_speed.png":
+            caption += " " + ROOFLINE_CAPTION
+        fig.suptitle(f"{name[:-4].replace('_', ' ')}", fontsize=12)
+        fig.text(0.01, -0.02, caption, fontsize=9, wrap=True, va="top")
+        out[name] = fig
+    return out

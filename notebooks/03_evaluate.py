@@ -1,23 +1,30 @@
-"""Write notebooks/03_evaluate.ipynb (run: python notebooks/_build_evaluate.py).
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-Generated so that its code stays reviewable here; edit this file and re-run it rather than
-editing the .ipynb by hand.
-"""
-from nbformat.v4 import new_code_cell, new_markdown_cell
+# %% [markdown]
+# # 03 · Evaluate: the paper's six tasks, perplexity and KL
+#
+# Zero-shot lm-evaluation-harness on LAMBADA (OpenAI), WinoGrande, ARC-Easy, ARC-Challenge, PIQA
+# and HellaSwag (docs/study.md, pipeline step 5), from the embedded data (`linearize.tasks`) or lm-eval's
+# hub tasks with `online=True`. Evaluates a run's student (`run_dir`) or a teacher (`teacher`),
+# saves `eval_<full|limitN>.json` in the run folder, and shows the table in the paper's format
+# (unnormalised accuracy, percent) beside the teacher measured with the same settings and the
+# paper's rows (its teacher was SmolLM-360M, its LAMBADA the mean of standard and OpenAI).
+# For a student it also reports validation perplexity and per-token KL(p_T || p_S).
 
-from _nbtools import notebook, parameters_cell, write
-
-INTRO = """# 03 · Evaluate: the paper's six tasks, perplexity and KL
-
-Zero-shot lm-evaluation-harness on LAMBADA (OpenAI), WinoGrande, ARC-Easy, ARC-Challenge, PIQA
-and HellaSwag (docs/study.md, pipeline step 5), from the embedded data (`linearize.tasks`) or lm-eval's
-hub tasks with `online=True`. Evaluates a run's student (`run_dir`) or a teacher (`teacher`),
-saves `eval_<full|limitN>.json` in the run folder, and shows the table in the paper's format
-(unnormalised accuracy, percent) beside the teacher measured with the same settings and the
-paper's rows (its teacher was SmolLM-360M, its LAMBADA the mean of standard and OpenAI).
-For a student it also reports validation perplexity and per-token KL(p_T || p_S)."""
-
-PARAMS = '''
+# %% tags=["parameters"]
 run_dir = None          # a run folder (outputs/<arch>/<run_name>) or saved student; None: evaluate `teacher`
 teacher = None          # teacher name, hub id or folder (None: embedded SmolLM2-135M-Instruct)
 tasks = ["lambada_openai", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag"]
@@ -30,36 +37,39 @@ show_paper = True       # append the paper's rows
 kl_blocks = 8           # validation blocks for perplexity / KL (0: skip)
 seq_len = 256
 corpus = "embedded"
-output_dir = None       # the teacher's results folder, written or reused (None: outputs/teacher)
-'''
+output_dir = None       # the teacher's results folder, written or reused (None: outputs/teacher); relative: under the project root
 
-SETUP = '''
+# %%
+from linearize import notebook_params
+notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 import json
 from pathlib import Path
 import pandas as pd
 from linearize import evaluate as E
-from linearize.paths import OUTPUTS
+from linearize.paths import OUTPUTS, project_path
 from linearize.teacher import load_teacher
 
 teacher_model, teacher_tok = load_teacher(teacher)
 teacher_label = f"teacher: {teacher or 'smollm2-135m-instruct'}"
-teacher_dir = Path(output_dir) if output_dir else OUTPUTS / "teacher"
+teacher_dir = project_path(output_dir, OUTPUTS / "teacher")
 if run_dir:
+    run_dir = project_path(run_dir, OUTPUTS)
     model, tok, label = E.load_model(run_dir)
     out = Path(run_dir)
 else:
     model, tok, label = teacher_model, teacher_tok, teacher_label
     out = teacher_dir
 print(label, "->", out)
-'''
 
-EVALUATE = '''
+# %% [markdown]
+# ## Tasks
+
+# %%
 results = E.evaluate_tasks(model, tok, tasks=tasks, limit=limit, batch_size=batch_size,
                            online=online, output_dir=out, label=label)
 print(f"{results['wall_time_s']:.0f} s")
-'''
 
-TEACHER = '''
+# %%
 rows = {label: results}
 if run_dir and compare_teacher:
     saved = E.results_path(teacher_dir, limit, online)
@@ -69,45 +79,28 @@ if run_dir and compare_teacher:
                                  batch_size=batch_size, online=online, output_dir=teacher_dir,
                                  label=teacher_label)
     rows[teacher_label] = prior
-'''
 
-TABLE = '''
+# %% [markdown]
+# ## Table (percent; paper rows marked as such)
+
+# %%
 table = E.results_table(rows, E.PAPER_ROWS if show_paper else None, metric=metric)
 table.to_csv(out / "eval_table.csv")
 table
-'''
 
-DETAIL = '''
+# %% [markdown]
+# Per task: accuracy, acc_norm, LAMBADA perplexity, standard errors, documents.
+
+# %%
 pd.DataFrame({name: {k: v for k, v in m.items() if k != "per_doc"} for name, m in results["tasks"].items()}).T
-'''
 
-KL = '''
+# %% [markdown]
+# ## Validation perplexity and per-token KL to the teacher
+
+# %%
 if run_dir and kl_blocks:
     from linearize.data import token_blocks
     blocks = token_blocks(teacher_tok, corpus, seq_len=seq_len, split="validation", max_blocks=kl_blocks)
     ppl_kl = E.perplexity_and_kl(model, teacher_model, blocks)
     (out / "eval_perplexity_kl.json").write_text(json.dumps(ppl_kl, indent=2))
     print(ppl_kl)
-'''
-
-
-def evaluate_notebook():
-    cells = [
-        new_markdown_cell(INTRO),
-        parameters_cell(PARAMS),
-        new_code_cell(SETUP.strip()),
-        new_markdown_cell("## Tasks"),
-        new_code_cell(EVALUATE.strip()),
-        new_code_cell(TEACHER.strip()),
-        new_markdown_cell("## Table (percent; paper rows marked as such)"),
-        new_code_cell(TABLE.strip()),
-        new_markdown_cell("Per task: accuracy, acc_norm, LAMBADA perplexity, standard errors, documents."),
-        new_code_cell(DETAIL.strip()),
-        new_markdown_cell("## Validation perplexity and per-token KL to the teacher"),
-        new_code_cell(KL.strip()),
-    ]
-    return notebook(cells)
-
-
-if __name__ == "__main__":
-    write(evaluate_notebook(), "03_evaluate.ipynb")

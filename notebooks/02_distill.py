@@ -1,0 +1,101 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · End-to-end distillation
+#
+# Stage 3 (docs/study.md, pipeline step 4): L = CE + alpha * KL(p_T || p_S), the KL averaged per token. Starts from the last finished alignment stage of the same run (`01_align`), or from a fresh conversion when there is none. Records validation perplexity and KL after the stage, and the distillation throughput against a plain forward+backward of the teacher measured in the same process.
+
+# %% tags=["parameters"]
+arch = "gla"                # student mixer: linearize.mixers.available()
+preset = "cpu-quick"        # params/presets/: cpu-quick (minutes), cpu-study (hours), paper (GPU)
+run_name = None             # None: the preset's name -> outputs/<arch>/<run_name>/
+qkv_copy = True             # copy the teacher's Q/K/V/O (Table 2 of the paper turns it off)
+seed = 0
+teacher = None              # None: the preset's (embedded SmolLM2-135M-Instruct); or hub id / folder
+corpus = None               # None: the preset's (embedded State of the Union corpus)
+overrides = {}              # any other key of linearize.params.DEFAULTS, e.g. {"seq_len": 256} (or as a JSON/YAML string)
+output_root = None          # None: the project's outputs/ ($LINEARIZE_OUTPUTS); relative: under the project root
+
+stage3_tokens = None        # None: the preset's budget
+kd_alpha = None             # None: the preset's (1.0)
+kd_temperature = None
+stage3_train = None         # None: "all"; or "mixers", "no-embeddings"
+
+# %%
+from linearize import notebook_params
+notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
+import json, time
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+import yaml
+from linearize import params as P, stages as S
+from linearize.paths import OUTPUTS, project_path
+
+overrides = notebook_params.as_mapping(overrides, "overrides")  # papermill -p passes '{"seq_len": 32}' as a string
+output_root = str(project_path(output_root, OUTPUTS))
+
+notebook_values = dict(run_name=run_name, qkv_copy=qkv_copy, seed=seed, teacher=teacher, corpus=corpus, stage3_tokens=stage3_tokens, kd_alpha=kd_alpha, kd_temperature=kd_temperature, stage3_train=stage3_train)
+# a notebook value left at None defers to `overrides`, then to the student's settings and the preset
+params = P.resolve(arch, preset, {**overrides, **{k: v for k, v in notebook_values.items() if v is not None}})
+print(yaml.safe_dump(params, sort_keys=False))
+# record which alignment stages this run really had (the study names variants by them)
+params = S.with_alignment_record(params, output_root)
+
+# %% [markdown]
+# ## Train
+
+# %%
+start = time.perf_counter()
+result = S.run_pipeline(params, stages=(3,), root=output_root)
+done = result['run'].done(3) or {}
+print(f"run folder: {result['run'].dir}  ({time.perf_counter() - start:.0f} s); "
+      f"started from: {done.get('start', 'n/a')}")
+
+# %% [markdown]
+# ## Loss curve
+
+# %%
+steps, evals = S.metrics_frames(result["run"].dir)
+shown = steps[steps["stage"].isin([3])] if len(steps) else steps
+if len(shown):
+    fig, axes = plt.subplots(1, len([3]), figsize=(5.5 * len([3]), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], [3]):
+        part = shown[shown["stage"] == stage]
+        sns.lineplot(data=part, x="tokens", y="loss", ax=ax)
+        ax.set_title(f"stage {stage}: {S.STAGE_NAMES[stage]}")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(result["run"].dir / "distill_loss.png", dpi=110)
+else:
+    print("no training steps logged (stages disabled or reused)")
+
+# %%
+if len(shown) and 'kl' in shown:
+    ax = shown.plot(x='tokens', y=['ce', 'kl'], figsize=(6, 3.2), logy=True)
+    ax.set_title('stage 3: the two terms')
+    plt.show()
+
+# %% [markdown]
+# ## Validation after each stage of this run, and throughput
+
+# %%
+cols = [c for c in ("after", "tokens", "stage_wall_s", "perplexity", "teacher_perplexity", "kl") if c in evals]
+evals[cols] if len(evals) else "no validation yet"
+
+# %%
+thr = [json.loads(l) for l in open(result['run'].metrics_path) if '"throughput"' in l]
+thr[-1] if thr else 'throughput not measured (measure_teacher_throughput off or stage reused)'
