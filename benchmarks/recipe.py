@@ -122,10 +122,22 @@ def cmd_eval(args) -> int:
         source = folder
     folder.mkdir(parents=True, exist_ok=True)
     model, tok, label = load_model(source)
-    res = evaluate_tasks(model, tok, TASKS, limit=limit, batch_size=8, per_doc=True,
-                         cache=folder / f"lm_cache_{limit}", label=label)
-    _eval_path(folder, limit).write_text(json.dumps(res, default=float))
-    print(json.dumps({t: round(r["acc"], 4) for t, r in res["tasks"].items()}), f"{res.get('wall_time_s', 0):.0f} s")
+    path = _eval_path(folder, limit)
+    # one task at a time, each written as it finishes: a session that ends mid-way keeps the
+    # finished tasks, and the request cache resumes the unfinished one
+    res = json.loads(path.read_text()) if path.exists() else None
+    for task in args.tasks.split(",") if args.tasks else TASKS:
+        if res is not None and task in res["tasks"]:
+            continue
+        one = evaluate_tasks(model, tok, [task], limit=limit, batch_size=8, per_doc=True,
+                             cache=folder / f"lm_cache_{limit}_{task}", label=label)
+        if res is None:
+            res = one
+        else:
+            res["tasks"].update(one["tasks"])
+            res["wall_time_s"] = res.get("wall_time_s", 0) + one.get("wall_time_s", 0)
+        path.write_text(json.dumps(res, default=float))
+        print(task, round(one["tasks"][task]["acc"], 4), f"{one.get('wall_time_s', 0):.0f} s", flush=True)
     return 0
 
 
@@ -327,6 +339,7 @@ def main(argv=None) -> int:
     p_eval.add_argument("--recipe", default="at")
     p_eval.add_argument("--teacher", action="store_true")
     p_eval.add_argument("--limit", type=int, default=500)
+    p_eval.add_argument("--tasks", default=None, help="comma-separated subset (default: the six, in order)")
     p_rep = sub.add_parser("report", help="write docs/recipe.md and docs/recipe.json")
     p_rep.add_argument("--limit", type=int, default=500)
     for p in (p_run, p_eval, p_rep):
