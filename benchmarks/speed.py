@@ -64,7 +64,7 @@ def commit() -> str:
 def part_bandwidth(args) -> dict:
     from linearize.bench import measure_bandwidth
 
-    return measure_bandwidth("cpu", args.threads, mib=512, repeats=9)
+    return measure_bandwidth("cpu", args.threads, mib=512, repeats=9, clock=CLOCK)
 
 
 def part_decode(args) -> dict:

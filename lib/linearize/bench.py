@@ -236,7 +236,8 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, repeats: int = 9) -> dict:
+def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, repeats: int = 9,
+                      clock=time.perf_counter) -> dict:
     """Memory bandwidth in GB/s (1e9 bytes/s) of reading a ``mib`` MiB float32 tensor (``sum``),
     the access pattern of a decode step (weights and cache are read, little is written); a copy
     (read + write) is reported beside it.
@@ -244,7 +245,8 @@ def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, rep
     ``read_gbs`` is the best of ``repeats`` reads (after one warm-up): on a shared machine every
     slower read measured other processes' traffic too, not the memory system, and the median
     swung 10-54 GB/s between runs. The spread (min, median) is reported with it, so a run can
-    tell how disturbed it was."""
+    tell how disturbed it was. ``clock=time.process_time`` times in CPU seconds (on a loaded
+    machine wall time counts the wait for a core: 0.8 GB/s was read that way at load 12)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -254,13 +256,13 @@ def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, rep
     read, copy = [], []
     for _ in range(repeats + 1):  # the first round warms pages and caches, not counted
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         x.sum()
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         y.copy_(x)
         _sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
         read.append(x.nbytes / (t1 - t0) / 1e9)
         copy.append(2 * x.nbytes / (t2 - t1) / 1e9)
     read, copy = read[1:], copy[1:]
