@@ -221,7 +221,7 @@ def test_rebased_kernel_against_fla_naive(t):
 @pytest.mark.parametrize("t", [17, 100])
 def test_square_qk_intra_weights_match_naive(t):
     """square_qk=(a, b): intra-chunk weights (a.b)^2 in the head dim equal phi(a).phi(b); the
-    output (and the no-decay grouped state pass, with an initial state) matches the naive loop."""
+    output (with an initial state) matches the naive loop."""
     q, k, v, _ = inputs(t, decay="none")
     phi = lambda x: (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)  # noqa: E731
     s0 = rand(B, H, D * D, DV)

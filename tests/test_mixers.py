@@ -239,16 +239,3 @@ def test_fla_kernels_match_ours_on_cuda(name):
     out = m.core(x, pe).o
     close(out, ref, tol=2e-3)
 
-
-def test_rebased_quadratic_features_gradcheck():
-    """ReBased's feature map has a hand-written backward: check it against finite differences,
-    and its kernel identity phi(x).phi(y) = (x.y)^2."""
-    from linearize.mixers.rebased import _QuadraticFeatures, _triangle
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
-    idx, coef = _triangle(6, x.device)
-    assert torch.autograd.gradcheck(lambda t: _QuadraticFeatures.apply(t, idx, coef.double()), (x,))
-    y = torch.randn(2, 3, 5, 6, dtype=torch.float64)
-    phi = lambda t: _QuadraticFeatures.apply(t, idx, coef)  # noqa: E731
-    torch.testing.assert_close((phi(x) * phi(y)).sum(-1), (x * y).sum(-1).square())

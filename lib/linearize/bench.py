@@ -236,10 +236,17 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, repeats: int = 7) -> dict:
-    """Memory bandwidth in GB/s (1e9 bytes/s): median over ``repeats`` of reading a ``mib``
-    MiB float32 tensor (``sum``), the access pattern of a decode step (weights and cache are
-    read, little is written); a copy (read + write) is reported beside it."""
+def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, repeats: int = 9,
+                      clock=time.perf_counter) -> dict:
+    """Memory bandwidth in GB/s (1e9 bytes/s) of reading a ``mib`` MiB float32 tensor (``sum``),
+    the access pattern of a decode step (weights and cache are read, little is written); a copy
+    (read + write) is reported beside it.
+
+    ``read_gbs`` is the best of ``repeats`` reads (after one warm-up): on a shared machine every
+    slower read measured other processes' traffic too, not the memory system, and the median
+    swung 10-54 GB/s between runs. The spread (min, median) is reported with it, so a run can
+    tell how disturbed it was. ``clock=time.process_time`` times in CPU seconds (on a loaded
+    machine wall time counts the wait for a core: 0.8 GB/s was read that way at load 12)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -249,18 +256,22 @@ def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, rep
     read, copy = [], []
     for _ in range(repeats + 1):  # the first round warms pages and caches, not counted
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         x.sum()
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         y.copy_(x)
         _sync(device)
-        t2 = time.perf_counter()
+        t2 = clock()
         read.append(x.nbytes / (t1 - t0) / 1e9)
         copy.append(2 * x.nbytes / (t2 - t1) / 1e9)
+    read, copy = read[1:], copy[1:]
     return {
-        "read_gbs": statistics.median(read[1:]),
-        "copy_gbs": statistics.median(copy[1:]),
+        "read_gbs": max(read),
+        "read_gbs_median": statistics.median(read),
+        "read_gbs_min": min(read),
+        "copy_gbs": max(copy),
+        "copy_gbs_median": statistics.median(copy),
         "mib": mib,
         "repeats": repeats,
         "threads": threads,
@@ -447,6 +458,84 @@ def measure_point(
 
 
 # ---------------------------------------------------------------------------------------
+# Side by side: teacher and students decoding in one process, steps interleaved
+# ---------------------------------------------------------------------------------------
+def decode_side_by_side(
+    students: Sequence[str],
+    contexts: Sequence[int],
+    teacher: str | None = None,
+    steps: int = 16,
+    threads: int = 2,
+    prefill_chunk: int = 2048,
+    seed: int = 0,
+    log=print,
+    clock=time.perf_counter,
+) -> dict:
+    """Decode tokens/s of the teacher and ``students`` at each context, measured in this one
+    process with their steps interleaved (teacher step, student 1 step, ...), so that a load
+    change on a shared machine hits every model alike and the ratios stay meaningful.
+
+    At each context every model is prefilled with the same random prompt (students in chunks of
+    ``prefill_chunk`` tokens, carrying the state, which bounds the chunked form's memory), then
+    ``steps`` + 2 greedy steps run round-robin; the first two are warm-up. tok/s = 1 / median
+    step time by ``clock`` (``time.process_time`` on a loaded machine: CPU seconds count the
+    work, not the wait for a core). The teacher is skipped beyond its context limit. Also returned per model and
+    context: ``bytes_per_step`` (weights + cache/state after the prefill). Peak memory: the
+    teacher plus every student (about 0.55 GB each in float32)."""
+    import torch
+
+    from . import mixers
+    from .convert import convert
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    unknown = [s for s in students if s not in mixers.available()]
+    if unknown:
+        raise BenchError(f"Unknown student(s) {unknown}: choose from {', '.join(mixers.available())}.")
+    net = load_teacher_model(teacher, torch.float32, "cpu")
+    limit = context_limit(net)
+    models = {TEACHER: (net, TeacherSession)}
+    for name in students:
+        models[name] = (convert(net, name, qkv_copy=True).requires_grad_(False).eval(), StudentSession)
+    weights = {name: weight_bytes(m) for name, (m, _) in models.items()}
+    out: dict = {"tok_s": {}, "bytes_per_step": {}, "state_bytes": {}, "weights_bytes": weights,
+                 "steps": steps, "threads": threads, "teacher_limit": limit, "prefill_chunk": prefill_chunk}
+    vocab = net.config.vocab_size
+    for ctx in contexts:
+        ids = torch.randint(0, vocab, (1, ctx))
+        active = {n: v for n, v in models.items() if not (n == TEACHER and limit is not None and ctx > limit)}
+        if len(active) < len(models):
+            log(f"T={ctx}: teacher skipped (beyond its context limit of {limit})")
+        sessions, tokens, times = {}, {}, {n: [] for n in active}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for name, (model, session_cls) in active.items():
+                session = sessions[name] = session_cls(model)
+                chunk = ctx if name == TEACHER else min(ctx, prefill_chunk)
+                for start in range(0, ctx, chunk):
+                    logits = session.prefill(ids[:, start:start + chunk])
+                tokens[name] = logits.argmax(-1, keepdim=True)
+            prefill_s = time.perf_counter() - t0
+            for i in range(steps + 2):
+                for name, session in sessions.items():
+                    t1 = clock()
+                    logits = session.step(tokens[name])
+                    tokens[name] = logits.argmax(-1, keepdim=True)
+                    if i >= 2:
+                        times[name].append(clock() - t1)
+        for name, session in sessions.items():
+            state = session.state_bytes()
+            out["tok_s"].setdefault(name, {})[str(ctx)] = 1.0 / statistics.median(times[name])
+            out["state_bytes"].setdefault(name, {})[str(ctx)] = state
+            out["bytes_per_step"].setdefault(name, {})[str(ctx)] = weights[name] + state
+        log(f"T={ctx} (prefill {prefill_s:.0f} s): " + ", ".join(
+            f"{n} {out['tok_s'][n][str(ctx)]:.1f}" for n in sessions) + " tok/s")
+        del sessions
+        gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
 # Orchestration (the parent process holds no model; every point runs in a child)
 # ---------------------------------------------------------------------------------------
 def _child(args: list[str], tag: str, threads: int, timeout: float) -> dict:
@@ -527,8 +616,8 @@ def run(
         bw = bandwidth_in_child(device, threads, bandwidth_mib)
     else:
         bw = measure_bandwidth(resolve_device(device), threads, bandwidth_mib)
-    log(f"bandwidth: read {bw['read_gbs']:.1f} GB/s, copy {bw['copy_gbs']:.1f} GB/s "
-        f"({bw['threads']} threads, {bw['device']}, median of {bw['repeats']})")
+    log(f"bandwidth: read {bw['read_gbs']:.1f} GB/s (best of {bw['repeats']}; median {bw['read_gbs_median']:.1f}, "
+        f"slowest {bw['read_gbs_min']:.1f}), copy {bw['copy_gbs']:.1f} GB/s ({bw['threads']} threads, {bw['device']})")
     limit = teacher_limit(teacher) if TEACHER in models else None
     rows: list[dict] = []
     # Length-major order: a long run that is stopped early still has every model at the

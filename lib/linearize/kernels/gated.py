@@ -98,7 +98,6 @@ EXACT_BLOCK = 4  # below this the [T, T, K] exact segment sums are cheap enough
 # unmasked product far inside float32's normal range (e^-87 .. e^88), so the factorised
 # weights carry only the rounding of the exact ones.
 FACTOR_LIMIT = 30.0
-NODECAY_GROUP = 16  # chunks whose states the no-decay chunked form holds at once
 
 
 def _factorisable(g: torch.Tensor) -> bool:
@@ -191,29 +190,21 @@ def gla_chunk(q, k, v, g=None, initial_state=None, chunk_size: int = 64, square_
     o_intra = w @ vc  # [B,H,N,C,V], all chunks at once
     s0 = q.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(q.dtype)
     if gc is None:
-        # no decay: the state before chunk i is s0 + the sum of the earlier chunks' k^T v: per
-        # group of NODECAY_GROUP chunks one batched matmul and a cumsum instead of a Python loop
-        # of small matmuls (groups bound the [chunks, K, V] states a long prefill holds at once)
-        s, outs = s0, []
-        for oi, qg, kg, vg in zip(*(x.split(NODECAY_GROUP, dim=2) for x in (o_intra, qc, kc, vc))):
-            upd = kg.transpose(-1, -2) @ vg  # [B,H,G,K,V]
-            before = torch.cat([s.unsqueeze(2), upd[:, :, :-1]], dim=2).cumsum(2)
-            outs.append(oi + qg @ before)
-            s = before[:, :, -1] + upd[:, :, -1]
-        return torch.cat(outs, dim=2).reshape(b, h, n * c, dv)[:, :, :t], s
-    q_in = qc * gc.cumsum(-2).exp()  # decay from the chunk start to i (inclusive)
-    k_out = kc * _suffix(gc).exp()  # decay from j (exclusive) to the chunk end
-    chunk_decay = gc.sum(-2).exp()  # [B,H,N,Kg]
+        q_in, k_out, chunk_decay = qc, kc, None
+    else:
+        q_in = qc * gc.cumsum(-2).exp()  # decay from the chunk start to i (inclusive)
+        k_out = kc * _suffix(gc).exp()  # decay from j (exclusive) to the chunk end
+        chunk_decay = gc.sum(-2).exp()  # [B,H,N,Kg]
     s = s0
     # unbind once: indexing chunk i inside the loop would make backward fill a full-size zero
     # gradient per chunk (quadratic in the number of chunks)
     o_intra, q_in, k_out, vs = (x.unbind(2) for x in (o_intra, q_in, k_out, vc))
-    decays = chunk_decay.unsqueeze(-1).unbind(2)
+    decays = None if chunk_decay is None else chunk_decay.unsqueeze(-1).unbind(2)
     outs = []
     for i in range(n):
         outs.append(o_intra[i] + q_in[i] @ s)
         upd = k_out[i].transpose(-1, -2) @ vs[i]
-        s = upd + decays[i] * s
+        s = upd + (s if decays is None else decays[i] * s)
     o = torch.stack(outs, dim=2).reshape(b, h, n * c, dv)[:, :, :t]
     return o, s
 
