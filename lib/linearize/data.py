@@ -371,7 +371,7 @@ def ood_perplexity_and_kl(student, teacher, blocks: torch.Tensor | None, batch_s
     ``blocks=None`` (no ood_corpus) gives {}."""
     if blocks is None:
         return {}
-    from .evaluate import perplexity_and_kl
+    from .perplexity import perplexity_and_kl
 
     out = perplexity_and_kl(student, teacher, blocks, batch_size=batch_size)
     return {f"ood_{k}": v for k, v in out.items() if k != "seq_len"}
