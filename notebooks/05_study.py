@@ -43,7 +43,7 @@ from linearize import notebook_params
 notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 from pathlib import Path
 from IPython.display import Image, Markdown, display
-from linearize import study, viz
+from linearize import analysis, study, viz
 from linearize.paths import OUTPUTS, ROOT, project_path
 
 outputs = project_path(outputs, OUTPUTS)
@@ -156,6 +156,6 @@ display(explorer_widget) if explorer_widget is not None else print("no student r
 # Generated from the outputs above, not typed by hand.
 
 # %%
-page = study.write_results_page(results_page, outputs, runs, page_figures, metric)
+page = analysis.write_results_page(results_page, outputs, runs, page_figures, metric)
 print(f"wrote {page}")
 display(Markdown(f"[{page}]({page})"))

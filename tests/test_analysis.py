@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from linearize import analysis as A
 from linearize import compare as C
 from linearize import results as R
 from linearize import study
@@ -56,7 +57,7 @@ def outputs(tmp_path):
 
 def test_page_twin_follows_the_schema_and_recomputes_from_the_documents(outputs, tmp_path):
     runs = study.find_runs(outputs)
-    page = study.write_results_page(tmp_path / "docs" / "results.md", outputs, runs, {})
+    page = A.write_results_page(tmp_path / "docs" / "results.md", outputs, runs, {})
     record = R.read_results(page.with_suffix(".json"))
     assert record["teacher"]["name"] == "tiny" and record["teacher"]["ppl"] == 40.0
     gla_mm = next(r for r in record["runs"] if r["arch"] == "gla" and r["variant"] == "mm")
@@ -102,7 +103,7 @@ def test_runs_without_per_document_results_are_named_not_compared(outputs, tmp_p
         del m["per_doc"]
     path.write_text(json.dumps(res))
     runs = study.find_runs(outputs)
-    page = study.write_results_page(tmp_path / "results.md", outputs, runs, {})
+    page = A.write_results_page(tmp_path / "results.md", outputs, runs, {})
     record = R.read_results(page.with_suffix(".json"))
     assert record["analysis"]["without_per_doc"] == ["xlstm/cpu-study-kd"]
     assert "xlstm/cpu-study-kd" not in record["analysis"]["margins"]
