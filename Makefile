@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 FLA_PYTEST_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: env study grid publish teacher test test-fast test-slow test-fla test-browser browser-env lock clean-env
+.PHONY: env study grid publish teacher test test-fast test-slow test-fla test-long test-browser browser-env lock clean-env
 
 env: $(STAMP)
 
@@ -51,7 +51,7 @@ teacher: env
 # Two pytest processes: tests/fla_interpret runs FLA's Triton kernels under Triton's CPU
 # interpreter, which must be on before triton is imported, so it cannot share a process.
 test: env
-	$(PY) -m pytest -m "not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not browser and not long" $(PYTEST_ARGS)
 	$(MAKE) test-fla
 
 # FLA's Triton kernels (the CUDA branch of linearize.kernels) on CPU tensors, under Triton's interpreter
@@ -62,7 +62,12 @@ test-fast: env
 	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 test-slow: env
-	$(PY) -m pytest -m "slow and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not browser and not long" $(PYTEST_ARGS)
+
+# Tests that take tens of minutes on 2 cores: kills at random points of a real run (bit-identical
+# resume), every code path of the paper preset at toy size under accelerate launch
+test-long: env
+	$(PY) -m pytest -m long $(PYTEST_ARGS)
 
 # The browser test: JupyterLab on 127.0.0.1 and Debian's Chromium driven by Playwright run
 # 05_study on a small outputs folder and turn every control of the attention explorer (about

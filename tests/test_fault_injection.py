@@ -68,6 +68,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sigkill_at_random_points_resumes_bit_identically(tmp_path):
     log = open(tmp_path / "runs.log", "w")
     ref_dir = tmp_path / "ref" / ARCH / "cpu-quick"
