@@ -902,13 +902,14 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
 
     Everything that can be checked without the teacher is checked first (parameters, stages,
     the run folder's identity), and the run folder is locked against a second process."""
-    from accelerate import PartialState
-
     from .params import validate
 
     validate(params)
     stages = check_stages(stages)
-    run = Run(params, root=root, is_main=PartialState().is_main_process)
+    # the Accelerator (a per-process singleton state) knows the launch: under torch.distributed.run
+    # with ACCELERATE_USE_CPU a bare PartialState() saw every rank as the main one, and each rank
+    # then tried to take the run folder's lock
+    run = Run(params, root=root, is_main=make_accelerator(params).is_main_process)
     with run.lock():
         check_run_accepts(run, params, stages)
         run.write_params()
