@@ -131,12 +131,16 @@ def cmd_eval(args) -> int:
             continue
         one = evaluate_tasks(model, tok, [task], limit=limit, batch_size=8, per_doc=True,
                              cache=folder / f"lm_cache_{limit}_{task}", label=label)
-        if res is None:
-            res = one
-        else:
-            res["tasks"].update(one["tasks"])
-            res["wall_time_s"] = res.get("wall_time_s", 0) + one.get("wall_time_s", 0)
-        path.write_text(json.dumps(res, default=float))
+        from filelock import FileLock
+
+        with FileLock(str(path) + ".lock"):  # several eval processes may share the file (--tasks)
+            res = json.loads(path.read_text()) if path.exists() else None
+            if res is None:
+                res = one
+            else:
+                res["tasks"].update(one["tasks"])
+                res["wall_time_s"] = res.get("wall_time_s", 0) + one.get("wall_time_s", 0)
+            path.write_text(json.dumps(res, default=float))
         print(task, round(one["tasks"][task]["acc"], 4), f"{one.get('wall_time_s', 0):.0f} s", flush=True)
     return 0
 
