@@ -42,6 +42,15 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "at-s3lora": ({"stage3_train": "lora"}, "as at, stage 3 trains gates + peft LoRA (rank 8) on q/k/v/o only"),
     "at-s3mixers": ({"stage3_train": "mixers"}, "as at, stage 3 trains the mixers only"),
     "at-s3kl": ({"kd_ce_weight": 0.0}, "as at, stage 3 on the KL alone (no next-token CE)"),
+    # shorter transfer, longer distillation (stage 3 bought KL far more cheaply per token in `at`),
+    # on the mixed corpus (SOTU + Wikipedia train articles + FAQ) so that the student is not
+    # fitted to one narrow domain; validation is the mix's own held-out split, wiki-val stays OOD
+    "mix-kd": ({"corpus": "mix", "stage0_tokens": 65536, "stage3_tokens": 163840, "stage3_lr": 3e-4,
+                "eval_every_tokens": 32768},
+               "QKV copy, readout fit, 64K transfer, 160K distillation (lr 3e-4), on the mixed corpus"),
+    "mix-kd-w64": ({"corpus": "mix", "stage0_tokens": 65536, "stage3_tokens": 163840, "stage3_lr": 3e-4,
+                    "eval_every_tokens": 32768, "hybrid_window": 64},
+                   "as mix-kd, with a 64-token softmax window (+4 sinks) beside the linear branch"),
     "paper": ({"readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True, "h2h": True,
                "stage1_tokens": 16384, "stage2_tokens": 16384, "stage1_lr": 1e-3, "stage2_lr": 1e-3},
               "the paper's recipe: QKV copy, matrix mixing, hidden-to-hidden, distillation"),
