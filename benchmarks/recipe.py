@@ -210,17 +210,23 @@ def collect(root: Path, limit: int) -> dict:
             after = r["after"]
             stage_tokens, stage_wall = r.get("tokens", 0), r.get("stage_wall_s", 0.0)
             curve.append({"after": after, "tokens": done_tokens + stage_tokens, "wall_s": done_wall + stage_wall,
-                          "ppl": r["perplexity"], "kl": r.get("kl"), "teacher_ppl": r.get("teacher_perplexity")})
+                          "ppl": r["perplexity"], "kl": r.get("kl"), "teacher_ppl": r.get("teacher_perplexity"),
+                          # out-of-domain (wiki-val), where the run logged it (runs made before it existed did not)
+                          "ood_ppl": r.get("ood_perplexity"), "ood_kl": r.get("ood_kl"),
+                          "ood_teacher_ppl": r.get("ood_teacher_perplexity")})
             if "@" not in after and after != "conversion":
                 done_tokens += stage_tokens
                 done_wall += stage_wall
-        teacher_ppl = curve[-1]["teacher_ppl"] or teacher_ppl
+        if params.get("corpus", "embedded") in ("embedded", "sotu"):  # the teacher record's validation set
+            teacher_ppl = curve[-1]["teacher_ppl"] or teacher_ppl
         res_path = _eval_path(folder, limit)
         raw = json.loads(res_path.read_text()) if res_path.exists() else None
         tasks = _tasks_record(raw)
         last = curve[-1]
         runs.append(run_record(params["arch"], folder.name.removeprefix("recipe-"), bool(params.get("hybrid_window")),
                                last["tokens"], last["wall_s"], last["ppl"], last["kl"], tasks,
+                               corpus=params.get("corpus", "embedded"), teacher_ppl=last["teacher_ppl"],
+                               ood_ppl=last["ood_ppl"], ood_kl=last["ood_kl"], ood_teacher_ppl=last["ood_teacher_ppl"],
                                fit_tokens=fit["tokens"] if fit else 0, lambada_ppl=_lambada_ppl(raw),
                                margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve))
     teacher_raw = json.loads(teacher_res.read_text()) if teacher_res.exists() else None
@@ -247,14 +253,20 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
 
     write_json(js, data)
     t_ppl = data["teacher"]["ppl"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run in data["runs"]:
         label = f"{run['arch']} / {run['variant']}"
         pts = run["curve"]  # conversion (0 tokens, after the readout fit), stage points, stage ends
-        for ax, key in ((axes[0], "ppl"), (axes[1], "kl")):
-            ys = [p[key] / t_ppl if key == "ppl" else p[key] for p in pts]
-            line, = ax.plot([p["tokens"] / 1e3 for p in pts], ys, marker="o", label=label)
-            for p, y in zip(pts, ys):  # say which stage each point ends, where a stage ends
+        for ax, key in ((axes[0], "ppl"), (axes[1], "kl"), (axes[2], "ood_ppl")):
+            # each point against the teacher on the same blocks (a run's own corpus's validation split)
+            have = [p for p in pts if p.get(key) is not None]
+            if not have:
+                continue
+            ys = [p[key] / p["teacher_ppl"] if key == "ppl" else p[key] / p["ood_teacher_ppl"] if key == "ood_ppl"
+                  else p[key] for p in have]
+            line, = ax.plot([p["tokens"] / 1e3 for p in have], ys, marker="o", label=label,
+                            ls="--" if run["hybrid"] else "-")
+            for p, y in zip(have, ys):  # say which stage each point ends, where a stage ends
                 if "@" not in p["after"]:
                     ax.annotate(p["after"], (p["tokens"] / 1e3, y), textcoords="offset points", xytext=(4, 4),
                                 fontsize=8, color=line.get_color())
@@ -266,7 +278,9 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
     axes[1].set(xlabel="training tokens (thousands)", ylabel="per-token KL(teacher || student), nats",
                 title="KL vs training tokens", ylim=(0, None))
     axes[1].text(0.01, 0.41, "target 0.40", transform=axes[1].get_yaxis_transform(), color="grey", fontsize=9)
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    axes[2].set(xlabel="training tokens (thousands)", ylabel="out-of-domain perplexity / teacher's",
+                title="Out of domain (wiki-val, never trained on)", ylim=(1, None))
+    axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=110, bbox_inches="tight")
@@ -288,9 +302,13 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         "",
         f"Commit {commit}; 2-core CPU, fp32; load average when the page was written: {_load_average():.1f} "
         "(other jobs shared the cores during these runs, so wall times are upper bounds).",
-        f"Preset `{PRESET}` (params/presets/{PRESET}.yaml): seq 128, batch 8; validation on the same 32 blocks of "
-        f"128 tokens (4K tokens) of the embedded corpus's held-out split for every point; teacher perplexity "
-        f"there: {t_ppl:.2f}.",
+        f"Preset `{PRESET}` (params/presets/{PRESET}.yaml): seq 128, batch 8; validation on 32 blocks of "
+        f"128 tokens (4K tokens) of the held-out split of the run's training corpus (`corpus`), the same "
+        f"blocks for every point of a run and for the teacher; teacher perplexity there: {t_ppl:.2f} on the "
+        "embedded corpus (SOTU), " + ", ".join(sorted({f"{r['teacher_ppl']:.2f} on `{r['corpus']}`" for r in data["runs"]
+                                                     if r.get("corpus") not in (None, "embedded", "sotu")}) or ["-"])
+        + ". Every ratio is against the teacher on the same blocks. Out of domain: 16 blocks of `wiki-val`, "
+        "Wikipedia articles no run trains on.",
         "",
         "Recipes:",
         "",
@@ -303,19 +321,24 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         "",
         f"![curves](figures/{figure.name})",
         "",
-        "| student | recipe | tokens | fit | wall (min, fit + stages) | ppl | ppl / teacher | KL | tasks (docs) | margin |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| student | recipe | corpus | tokens | fit | wall (min, fit + stages) | ppl | ppl / teacher | KL "
+        "| OOD ppl / teacher | OOD KL | tasks (docs) | margin |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in data["runs"]:
         docs = min((t["docs"] for t in r["tasks"].values()), default=0)
         tasks = f"{len(r['tasks'])} ({docs})" if r["tasks"] else "-"
         m = f"{100 * r['margin']:.0f}%" if r.get("margin") is not None else "-"
-        lines.append(f"| {r['arch']} | {r['variant']} | {r['tokens']:,} | {r['fit_tokens']:,} | {r['wall_s'] / 60:.1f} | "
-                     f"{r['ppl']:.2f} | {r['ppl'] / t_ppl:.2f}x | {r['kl']:.3f} | {tasks} | {m} |")
+        ood = (f"{r['ood_ppl'] / r['ood_teacher_ppl']:.2f}x | {r['ood_kl']:.3f}" if r.get("ood_ppl") else "- | -")
+        lines.append(f"| {r['arch']} | {r['variant']} | {r.get('corpus', 'embedded')} | {r['tokens']:,} | "
+                     f"{r['fit_tokens']:,} | {r['wall_s'] / 60:.1f} | {r['ppl']:.2f} | "
+                     f"{r['ppl'] / (r.get('teacher_ppl') or t_ppl):.2f}x | {r['kl']:.3f} | {ood} | {tasks} | {m} |")
     lines += ["", "## Curves", ""]
     for r in data["runs"]:
         lines.append(f"**{r['arch']} / {r['variant']}**: " + ", ".join(
-            f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / t_ppl:.2f}x / KL {p['kl']:.3f}" for p in r["curve"]))
+            f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / (p.get('teacher_ppl') or t_ppl):.2f}x / KL {p['kl']:.3f}"
+            + (f" (OOD {p['ood_ppl'] / p['ood_teacher_ppl']:.2f}x / {p['ood_kl']:.3f})" if p.get("ood_ppl") else "")
+            for p in r["curve"]))
         lines.append("")
     teacher = data["teacher"]["tasks"]
     if teacher:
