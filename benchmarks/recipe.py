@@ -8,6 +8,7 @@ measurement is done in parts across sessions:
     python benchmarks/recipe.py run --arch deltanet --recipe at       # train (resumes)
     python benchmarks/recipe.py eval --arch deltanet --recipe at --limit 500   # six tasks (resumes)
     python benchmarks/recipe.py eval --teacher --limit 500            # the teacher, same documents
+    python benchmarks/recipe.py longval --arch deltanet --recipe at   # 512-token context (a window's honesty)
     python benchmarks/recipe.py report                                # docs/recipe.md + .json
 
 Recipes are overrides of the ``cpu-recipe`` preset (params/presets/cpu-recipe.yaml).
@@ -109,6 +110,40 @@ def branch(arch_dir: Path, source: str, target: str) -> None:
             break
         kept.append(line)
     (dst / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+
+LONG_SEQ, LONG_BLOCKS = 512, 8  # 4K tokens per set, as the 32 x 128 validation blocks
+
+
+def cmd_longval(args) -> int:
+    """The final student against the teacher on 512-token blocks, of the run's own validation
+    split and of wiki-val: at seq 128 a 64-token softmax window covers half of every block, so
+    the in-training validation flatters the hybrids; here it covers an eighth."""
+    import torch
+    import yaml
+
+    from linearize.data import token_blocks
+    from linearize.evaluate import load_model
+    from linearize.perplexity import perplexity_and_kl
+    from linearize.teacher import load_teacher
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.root) / args.arch / f"recipe-{args.recipe}"
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    student, tok, label = load_model(folder)
+    teacher, _ = load_teacher(params["teacher"])
+    out = {"model": label, "seq_len": LONG_SEQ}
+    for name, source, split in (("val", params["corpus"], "validation"), ("ood", params.get("ood_corpus") or "wiki-val", "all")):
+        blocks = token_blocks(tok, source, LONG_SEQ, split, params["val_fraction"])
+        pick = torch.linspace(0, blocks.shape[0] - 1, min(LONG_BLOCKS, blocks.shape[0])).round().long()
+        t = time.perf_counter()
+        r = perplexity_and_kl(student, teacher, blocks[pick], batch_size=2)
+        out[name] = {"corpus": str(source), "ppl": r["perplexity"], "teacher_ppl": r["teacher_perplexity"],
+                     "kl": r["kl"], "n_blocks": int(pick.numel()), "wall_s": time.perf_counter() - t}
+        print(f"{label} {name} @{LONG_SEQ}: ppl {r['perplexity']:.2f} / teacher {r['teacher_perplexity']:.2f} "
+              f"= {r['perplexity'] / r['teacher_perplexity']:.2f}x, KL {r['kl']:.3f}")
+    (folder / f"long_val_{LONG_SEQ}.json").write_text(json.dumps(out, indent=1) + "\n")
+    return 0
 
 
 def _eval_path(folder: Path, limit: int | None) -> Path:
@@ -228,10 +263,15 @@ def collect(root: Path, limit: int) -> dict:
                                corpus=params.get("corpus", "embedded"), teacher_ppl=last["teacher_ppl"],
                                ood_ppl=last["ood_ppl"], ood_kl=last["ood_kl"], ood_teacher_ppl=last["ood_teacher_ppl"],
                                fit_tokens=fit["tokens"] if fit else 0, lambada_ppl=_lambada_ppl(raw),
-                               margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve))
+                               margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve,
+                               long_val=_read_json(folder / f"long_val_{LONG_SEQ}.json")))
     teacher_raw = json.loads(teacher_res.read_text()) if teacher_res.exists() else None
     return results_record(teacher_record("SmolLM2-135M-Instruct (embedded)", teacher_ppl, teacher_tasks), runs,
                           teacher_lambada_ppl=_lambada_ppl(teacher_raw))
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _lambada_ppl(raw: dict | None) -> float | None:
@@ -241,6 +281,11 @@ def _lambada_ppl(raw: dict | None) -> float | None:
 
 def _load_average() -> float:
     return os.getloadavg()[0]
+
+
+def _long(run: dict, part: str) -> str:
+    rec = (run.get("long_val") or {}).get(part)
+    return f"{rec['ppl'] / rec['teacher_ppl']:.2f}x, {rec['kl']:.3f}" if rec else "-"
 
 
 def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> None:
@@ -308,7 +353,10 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         "embedded corpus (SOTU), " + ", ".join(sorted({f"{r['teacher_ppl']:.2f} on `{r['corpus']}`" for r in data["runs"]
                                                      if r.get("corpus") not in (None, "embedded", "sotu")}) or ["-"])
         + ". Every ratio is against the teacher on the same blocks. Out of domain: 16 blocks of `wiki-val`, "
-        "Wikipedia articles no run trains on.",
+        "Wikipedia articles no run trains on. Training and this validation use 128-token blocks, where a "
+        f"64-token softmax window covers half of every block; the `@{LONG_SEQ}` columns (`recipe.py longval`: "
+        f"{LONG_BLOCKS} blocks of {LONG_SEQ} tokens, the same 4K tokens for teacher and student) are the "
+        "final student at a context four times longer than it was trained on.",
         "",
         "Recipes:",
         "",
@@ -322,8 +370,8 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         f"![curves](figures/{figure.name})",
         "",
         "| student | recipe | corpus | tokens | fit | wall (min, fit + stages) | ppl | ppl / teacher | KL "
-        "| OOD ppl / teacher | OOD KL | tasks (docs) | margin |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| OOD ppl / teacher | OOD KL | @{LONG_SEQ}: ppl / teacher, KL | @{LONG_SEQ} OOD | tasks (docs) | margin |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in data["runs"]:
         docs = min((t["docs"] for t in r["tasks"].values()), default=0)
@@ -332,7 +380,8 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         ood = (f"{r['ood_ppl'] / r['ood_teacher_ppl']:.2f}x | {r['ood_kl']:.3f}" if r.get("ood_ppl") else "- | -")
         lines.append(f"| {r['arch']} | {r['variant']} | {r.get('corpus', 'embedded')} | {r['tokens']:,} | "
                      f"{r['fit_tokens']:,} | {r['wall_s'] / 60:.1f} | {r['ppl']:.2f} | "
-                     f"{r['ppl'] / (r.get('teacher_ppl') or t_ppl):.2f}x | {r['kl']:.3f} | {ood} | {tasks} | {m} |")
+                     f"{r['ppl'] / (r.get('teacher_ppl') or t_ppl):.2f}x | {r['kl']:.3f} | {ood} | {_long(r, 'val')} | "
+                     f"{_long(r, 'ood')} | {tasks} | {m} |")
     lines += ["", "## Curves", ""]
     for r in data["runs"]:
         lines.append(f"**{r['arch']} / {r['variant']}**: " + ", ".join(
@@ -398,13 +447,16 @@ def main(argv=None) -> int:
     p_eval.add_argument("--teacher", action="store_true")
     p_eval.add_argument("--limit", type=int, default=500)
     p_eval.add_argument("--tasks", default=None, help="comma-separated subset (default: the six, in order)")
+    p_long = sub.add_parser("longval", help=f"a finished run against the teacher at {LONG_SEQ}-token context")
+    p_long.add_argument("--arch", required=True)
+    p_long.add_argument("--recipe", default="at")
     p_rep = sub.add_parser("report", help="write docs/recipe.md and docs/recipe.json")
     p_rep.add_argument("--limit", type=int, default=500)
-    for p in (p_run, p_eval, p_rep):
+    for p in (p_run, p_eval, p_long, p_rep):
         p.add_argument("--root", default=str(OUTPUTS))
         p.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report}[args.cmd](args)
+    return {"run": cmd_run, "eval": cmd_eval, "longval": cmd_longval, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
