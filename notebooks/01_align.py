@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 import yaml
-from linearize import params as P, stages as S
+from linearize import params as P, runs as R, stages as S
 from linearize.paths import OUTPUTS, project_path
 
 overrides = notebook_params.as_mapping(overrides, "overrides")  # papermill -p passes '{"seq_len": 32}' as a string
@@ -67,7 +67,7 @@ print(f"run folder: {result['run'].dir}  ({time.perf_counter() - start:.0f} s)")
 # ## Loss curves
 
 # %%
-steps, evals = S.metrics_frames(result["run"].dir)
+steps, evals = R.metrics_frames(result["run"].dir)
 shown = steps[steps["stage"].isin([0, 1, 2])] if len(steps) else steps
 ran = sorted(shown["stage"].unique()) if len(shown) else []
 if len(shown):

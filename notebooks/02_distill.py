@@ -42,7 +42,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 import yaml
-from linearize import params as P, stages as S
+from linearize import params as P, runs as R, stages as S
 from linearize.paths import OUTPUTS, project_path
 
 overrides = notebook_params.as_mapping(overrides, "overrides")  # papermill -p passes '{"seq_len": 32}' as a string
@@ -53,7 +53,7 @@ notebook_values = dict(run_name=run_name, qkv_copy=qkv_copy, seed=seed, teacher=
 params = P.resolve(arch, preset, {**overrides, **{k: v for k, v in notebook_values.items() if v is not None}})
 print(yaml.safe_dump(params, sort_keys=False))
 # record which alignment stages this run really had (the study names variants by them)
-params = S.with_alignment_record(params, output_root)
+params = R.with_alignment_record(params, output_root)
 
 # %% [markdown]
 # ## Train
@@ -69,7 +69,7 @@ print(f"run folder: {result['run'].dir}  ({time.perf_counter() - start:.0f} s); 
 # ## Loss curve
 
 # %%
-steps, evals = S.metrics_frames(result["run"].dir)
+steps, evals = R.metrics_frames(result["run"].dir)
 shown = steps[steps["stage"].isin([3])] if len(steps) else steps
 if len(shown):
     fig, axes = plt.subplots(1, len([3]), figsize=(5.5 * len([3]), 3.6), squeeze=False)

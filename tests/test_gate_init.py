@@ -6,7 +6,7 @@ import torch
 
 from linearize import gate_init as G
 from linearize import params as P
-from linearize import stages as S
+from linearize import runs as RF
 
 
 def test_geometric_mean_distance_by_hand():
@@ -48,7 +48,7 @@ def test_teacher_distances_match_transformers_attention(tiny_llama):
 @pytest.mark.parametrize("arch", ["gla", "metala", "hgrn2", "xlstm", "mamba2"])
 def test_gated_mixers_decay_at_the_fitted_rate(arch, tiny_llama):
     params = P.resolve(arch, overrides={"qkv_copy": True, "seq_len": 16})
-    student = S.convert_student(tiny_llama.float(), params).double()
+    student = RF.convert_student(tiny_llama.float(), params).double()
     n_layers, h = len(student.model.layers), student.model.layers[0].self_attn.config.num_heads
     gammas = torch.linspace(0.5, 0.99, n_layers * h, dtype=torch.float64).view(n_layers, h)
     changed = G.init_gates(student, gammas)
@@ -74,7 +74,7 @@ def test_gated_mixers_decay_at_the_fitted_rate(arch, tiny_llama):
 
 def test_decay_free_mixers_are_left_alone(tiny_llama):
     params = P.resolve("deltanet", overrides={"qkv_copy": True, "seq_len": 16})
-    student = S.convert_student(tiny_llama.float(), params)
+    student = RF.convert_student(tiny_llama.float(), params)
     tiny_llama.double()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     assert G.init_gates(student, torch.full((2, 4), 0.9)) == []

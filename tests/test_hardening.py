@@ -14,6 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from linearize import mixers, runfiles
 from linearize import params as P
 from linearize import stages as S
+from linearize import runs as RF
+from linearize import training as TR
 
 SEQ = 16
 
@@ -42,8 +44,8 @@ def _params(arch="softmax", **over):
 
 
 def _train(stage, teacher, blocks, params, root):
-    run = S.Run(params, root=root)
-    student, start = S.load_student(run, teacher, params, stage)
+    run = RF.Run(params, root=root)
+    student, start = RF.load_student(run, teacher, params, stage)
     return run, S.train_stage(stage, student, teacher, blocks, params, run, start=start, progress=False)
 
 
@@ -53,15 +55,15 @@ def _steps(run, stage):
 
 def _kill_at_step(monkeypatch, n):
     """Make Run.log raise (a "kill") when the line of step ``n`` is about to be written."""
-    real = S.Run.log
+    real = RF.Run.log
 
     def dying(self, record):
         if record.get("event") == "step" and record["step"] == n:
             raise KeyboardInterrupt("simulated kill")
         real(self, record)
 
-    monkeypatch.setattr(S.Run, "log", dying)
-    return lambda: monkeypatch.setattr(S.Run, "log", real)
+    monkeypatch.setattr(RF.Run, "log", dying)
+    return lambda: monkeypatch.setattr(RF.Run, "log", real)
 
 
 def _pipeline_blocks(monkeypatch, blocks):
@@ -206,8 +208,8 @@ def test_a_second_process_on_a_run_folder_is_refused_naming_the_holder(tmp_path,
         child.kill()  # SIGKILL: the lock file stays behind with a dead PID in it
         child.wait()
     assert (folder / ".lock").exists()
-    with S.Run(params, root=tmp_path).lock():  # a dead holder's lock is taken over
-        with S.Run(params, root=tmp_path).lock():  # and re-entrant within one process
+    with RF.Run(params, root=tmp_path).lock():  # a dead holder's lock is taken over
+        with RF.Run(params, root=tmp_path).lock():  # and re-entrant within one process
             pass
 
 
@@ -243,8 +245,8 @@ def test_a_kill_before_the_first_checkpoint_logs_no_step_twice(stage, teacher, b
 
 # --- 3: short stages checkpoint too ----------------------------------------------------------
 def test_a_stage_shorter_than_checkpoint_every_still_checkpoints(teacher, blocks, tmp_path, monkeypatch):
-    assert S.checkpoint_interval(8, 8) == 4  # cpu-quick stages 1-2: 8 steps, checkpoint_every=8
-    assert S.checkpoint_interval(16, 100) == 16 and S.checkpoint_interval(3, 1) == 1
+    assert TR.checkpoint_interval(8, 8) == 4  # cpu-quick stages 1-2: 8 steps, checkpoint_every=8
+    assert TR.checkpoint_interval(16, 100) == 16 and TR.checkpoint_interval(3, 1) == 1
     params = _params(stage1_tokens=64 * 8, checkpoint_every=8)
     restore = _kill_at_step(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
@@ -265,7 +267,7 @@ def test_temp_files_of_dead_processes_are_removed_on_start(tmp_path):
     stale.write_bytes(b"x" * 1000)
     alive = sdir / f".checkpoint.pt.tmp-{os.getppid()}"  # a live process's write in progress
     alive.write_bytes(b"y")
-    with S.Run(params, root=tmp_path).lock():
+    with RF.Run(params, root=tmp_path).lock():
         pass
     assert not stale.exists() and alive.exists()
 
@@ -310,7 +312,7 @@ def test_a_corrupt_student_is_refused_when_a_later_stage_starts_from_it(teacher,
     student = tmp_path / "softmax" / "t" / "stage1" / "student.pt"
     student.write_bytes(student.read_bytes()[:-10])
     with pytest.raises(runfiles.RunFileError, match=rf"{student} is corrupt.*Delete .*stage1"):
-        S.load_student(S.Run(params, root=tmp_path), teacher, params, 2)
+        RF.load_student(RF.Run(params, root=tmp_path), teacher, params, 2)
 
 
 # --- 6: torn last line of metrics.jsonl -----------------------------------------------------
@@ -318,7 +320,7 @@ def test_a_torn_metrics_line_is_dropped_and_cut_before_appending(teacher, blocks
     _pipeline_blocks(monkeypatch, blocks)
     params = _params(matrix_mixing=False, h2h=False, stage3_tokens=64 * 6, stop_after_steps=4)
     S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
-    run = S.Run(params, root=tmp_path)
+    run = RF.Run(params, root=tmp_path)
     with open(run.metrics_path, "a") as fh:
         fh.write('{"event": "step", "stage": 3, "st')  # what a full disk leaves
     with pytest.warns(UserWarning, match="dropped the unreadable last line"):
@@ -327,7 +329,7 @@ def test_a_torn_metrics_line_is_dropped_and_cut_before_appending(teacher, blocks
         S.run_pipeline({**params, "stop_after_steps": None}, teacher=teacher, root=tmp_path, progress=False)
     ref = {**params, "run_name": "ref", "stop_after_steps": None}
     S.run_pipeline(ref, teacher=teacher, root=tmp_path, progress=False)
-    assert _steps(run, 3) == _steps(S.Run(ref, root=tmp_path), 3)
+    assert _steps(run, 3) == _steps(RF.Run(ref, root=tmp_path), 3)
     with open(run.metrics_path, "a") as fh:
         fh.write("not json\n{}\n")
     with pytest.raises(runfiles.RunFileError, match=r"metrics.jsonl:\d+ is not valid JSON"):
@@ -340,33 +342,33 @@ def test_missing_done_or_student_files_are_errors_not_a_retrain(teacher, blocks,
     params = _params(matrix_mixing=False, h2h=False, stage3_tokens=64 * 2)
     S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
     sdir = tmp_path / "softmax" / "t" / "stage3"
-    lines = S.Run(params, root=tmp_path).metrics_path.read_text()
+    lines = RF.Run(params, root=tmp_path).metrics_path.read_text()
     done = (sdir / "done.json").read_text()
     (sdir / "done.json").unlink()
-    with pytest.raises(S.RunError, match="student.pt.* but no done.json.*Restore done.json, or delete"):
+    with pytest.raises(RF.RunError, match="student.pt.* but no done.json.*Restore done.json, or delete"):
         S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
     (sdir / "done.json").write_text(done)
     (sdir / "student.pt").rename(sdir / "moved.pt")
-    with pytest.raises(S.RunError, match="says stage 3 finished, but its weights .*student.pt are missing"):
+    with pytest.raises(RF.RunError, match="says stage 3 finished, but its weights .*student.pt are missing"):
         S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
-    assert S.Run(params, root=tmp_path).metrics_path.read_text() == lines  # no second curve
+    assert RF.Run(params, root=tmp_path).metrics_path.read_text() == lines  # no second curve
 
 
 def test_a_kill_between_student_and_done_resumes(teacher, blocks, tmp_path, monkeypatch):
     # student.pt written, done.json not yet: the stage is still in progress and finishes on rerun
     params = _params(stage2_tokens=64 * 4, checkpoint_every=2)
     ref, ref_res = _train(2, teacher, blocks, {**params, "run_name": "ref"}, tmp_path)
-    real = S._atomic_write_text
+    real = TR.atomic_write_text
 
     def dies_at_done(path, text):
         if path.name == "done.json":
             raise KeyboardInterrupt("killed before done.json")
         real(path, text)
 
-    monkeypatch.setattr(S, "_atomic_write_text", dies_at_done)
+    monkeypatch.setattr(TR, "atomic_write_text", dies_at_done)
     with pytest.raises(KeyboardInterrupt):
         _train(2, teacher, blocks, params, tmp_path)
-    monkeypatch.setattr(S, "_atomic_write_text", real)
+    monkeypatch.setattr(TR, "atomic_write_text", real)
     run, res = _train(2, teacher, blocks, params, tmp_path)
     assert res.finished and _steps(run, 2) == _steps(ref, 2)
     for (n, a), b in zip(ref_res.student.state_dict().items(), res.student.state_dict().values()):
@@ -383,7 +385,7 @@ def test_a_kill_before_the_throughput_record_does_not_lose_it(teacher, blocks, t
     monkeypatch.setattr(S, "teacher_train_throughput", real)
     S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
     S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)  # reused: not measured again
-    events = [m["event"] + str(m.get("after", "")) for m in S.Run(params, root=tmp_path).metrics()
+    events = [m["event"] + str(m.get("after", "")) for m in RF.Run(params, root=tmp_path).metrics()
               if m["event"] != "step"]
     assert events == ["evalconversion", "throughput", "evalstage3"]
 
@@ -396,7 +398,7 @@ def test_a_refused_rerun_does_not_rewrite_params_yaml(teacher, blocks, tmp_path,
     params = _params(matrix_mixing=False, h2h=False, stage3_tokens=64 * 2)
     S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
     path = tmp_path / "softmax" / "t" / "params.yaml"
-    with pytest.raises(S.RunError, match="stage3_lr"):
+    with pytest.raises(RF.RunError, match="stage3_lr"):
         S.run_pipeline({**params, "stage3_lr": 1e-4}, teacher=teacher, root=tmp_path, progress=False)
     assert yaml.safe_load(path.read_text())["stage3_lr"] == params["stage3_lr"]
 

@@ -423,6 +423,7 @@ def test_stages_train_the_gate_of_a_hybrid(stage, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from linearize import params as P
+    from linearize import runs as RF
     from linearize import stages as S
 
     torch.manual_seed(0)
@@ -434,8 +435,8 @@ def test_stages_train_the_gate_of_a_hybrid(stage, tmp_path):
         seq_len=16, batch_size=4, val_blocks=2, val_batch_size=2, run_name="h", qkv_copy=True, warmup_fraction=0.0,
         decay_fraction=0.0, hybrid_window=4, hybrid_sinks=1, **{f"stage{stage}_tokens": 64 * 2,
                                                                  f"stage{stage}_lr": 1e-2}))
-    run = S.Run(params, root=tmp_path)
-    student, _ = S.load_student(run, teacher, params, stage)
+    run = RF.Run(params, root=tmp_path)
+    student, _ = RF.load_student(run, teacher, params, stage)
     assert all(m.hybrid is not None and m.hybrid.window == 4 for m in student.mixers)
     before = [m.hybrid.mix_logit.detach().clone() for m in student.mixers]
     res = S.train_stage(stage, student, teacher, blocks, params, run, progress=False)

@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from linearize import mixers
 from linearize import params as P
 from linearize import stages as S
+from linearize import runs as RF
 from linearize.convert import convert
 from linearize.mixers.linear import Features, KernelFamily, LinearMixer, kernel_family
 
@@ -109,9 +110,9 @@ def test_the_toy_converts_trains_and_generates(toy, teacher, tmp_path):
 
     # training: stage 1 (its mixing matrix against the teacher's attention) and stage 3
     blocks = torch.randint(0, 96, (8, SEQ), generator=torch.Generator().manual_seed(1))
-    run = S.Run(params, root=tmp_path)
+    run = RF.Run(params, root=tmp_path)
     for stage in (1, 3):
-        student, start = S.load_student(run, teacher, params, stage)
+        student, start = RF.load_student(run, teacher, params, stage)
         before = student.model.layers[0].self_attn.q_proj.weight.detach().clone()
         res = S.train_stage(stage, student, teacher, blocks, params, run, start=start, progress=False)
         assert res.finished and res.steps == 2

@@ -10,6 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from linearize import losses, mixers
 from linearize import params as P
 from linearize import stages as S
+from linearize import runs as RF
+from linearize import runfiles
+from linearize import training as TR
 
 SEQ = 16
 
@@ -41,8 +44,8 @@ def _losses(run, stage):
 
 
 def _train(stage, teacher, blocks, params, root, start_student=None):
-    run = S.Run(params, root=root)
-    student, start = S.load_student(run, teacher, params, stage)
+    run = RF.Run(params, root=root)
+    student, start = RF.load_student(run, teacher, params, stage)
     if start_student is not None:
         student.load_state_dict(start_student.state_dict())
     return run, S.train_stage(stage, student, teacher, blocks, params, run, start=start, progress=False)
@@ -85,8 +88,8 @@ def test_alignment_losses_vanish_for_a_copied_softmax_student(teacher, blocks, t
 
 def test_stage3_trains_only_what_it_is_told(teacher, blocks, tmp_path):
     params = _params(stage3_tokens=64 * 2, stage3_train="mixers")
-    run = S.Run(params, root=tmp_path)
-    student, _ = S.load_student(run, teacher, params, 3)
+    run = RF.Run(params, root=tmp_path)
+    student, _ = RF.load_student(run, teacher, params, 3)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     res = S.train_stage(3, student, teacher, blocks, params, run, progress=False)
     changed = {n for n, p in res.student.named_parameters() if not torch.equal(before[n], p)}
@@ -98,8 +101,8 @@ def test_stage3_trains_only_what_it_is_told(teacher, blocks, tmp_path):
 
 def test_stages_1_and_2_freeze_everything_but_the_mixers(teacher, blocks, tmp_path):
     params = _params(stage2_tokens=64 * 2)
-    run = S.Run(params, root=tmp_path)
-    student, _ = S.load_student(run, teacher, params, 2)
+    run = RF.Run(params, root=tmp_path)
+    student, _ = RF.load_student(run, teacher, params, 2)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     res = S.train_stage(2, student, teacher, blocks, params, run, progress=False)
     changed = {n for n, p in res.student.named_parameters() if not torch.equal(before[n], p)}
@@ -125,17 +128,17 @@ def test_kill_and_resume_reproduces_the_uninterrupted_curve(stage, teacher, bloc
 
     # "Kill" the run while it logs step 5: the last checkpoint is at step 3, and the line of
     # step 4 is already in metrics.jsonl (it must be dropped on resume).
-    real_log = S.Run.log
+    real_log = RF.Run.log
 
     def dying_log(self, record):
         if record.get("event") == "step" and record["step"] == 5:
             raise KeyboardInterrupt("simulated kill")
         real_log(self, record)
 
-    monkeypatch.setattr(S.Run, "log", dying_log)
+    monkeypatch.setattr(RF.Run, "log", dying_log)
     with pytest.raises(KeyboardInterrupt):
         _train(stage, teacher, blocks, {**params, "run_name": "killed"}, tmp_path)
-    monkeypatch.setattr(S.Run, "log", real_log)
+    monkeypatch.setattr(RF.Run, "log", real_log)
     ckpt = tmp_path / "softmax" / "killed" / f"stage{stage}" / "checkpoint.pt"
     assert torch.load(ckpt, weights_only=False)["step"] == 3
 
@@ -158,7 +161,7 @@ def test_stop_after_steps_then_resume(teacher, blocks, tmp_path):
 def test_resume_refuses_changed_parameters(teacher, blocks, tmp_path):
     params = _params(stop_after_steps=2)
     _train(1, teacher, blocks, params, tmp_path)
-    with pytest.raises(S.RunError, match="stage1_lr"):
+    with pytest.raises(RF.RunError, match="stage1_lr"):
         _train(1, teacher, blocks, {**params, "stage1_lr": 1e-4}, tmp_path)
 
 
@@ -167,9 +170,9 @@ def test_readout_fit_runs_after_conversion_and_enters_the_identity_only_when_on(
     on = _params("deltanet", qkv_copy=True, readout_fit_tokens=8 * SEQ, run_name="fit")
     assert "readout_fit_tokens" not in S.stage_identity(off, 1, "conversion")  # older run folders still match
     assert S.stage_identity(on, 1, "conversion")["readout_fit_tokens"] == 8 * SEQ
-    plain = S.load_student(S.Run(off, root=tmp_path), teacher, off, 1)[0]
-    run = S.Run(on, root=tmp_path)
-    fitted, start = S.load_student(run, teacher, on, 1, blocks)
+    plain = RF.load_student(RF.Run(off, root=tmp_path), teacher, off, 1)[0]
+    run = RF.Run(on, root=tmp_path)
+    fitted, start = RF.load_student(run, teacher, on, 1, blocks)
     assert start == "conversion"
     [event] = [m for m in run.metrics() if m.get("event") == "readout_fit"]
     assert event["tokens"] == 8 * SEQ and len(event["rel_error_after"]) == 2
@@ -177,20 +180,20 @@ def test_readout_fit_runs_after_conversion_and_enters_the_identity_only_when_on(
     changed = [n for n, p in fitted.state_dict().items() if not torch.equal(p, plain.state_dict()[n])]
     assert changed and all(n.endswith("self_attn.o_proj.weight") for n in changed)
     with pytest.raises(ValueError, match="needs the training blocks"):
-        S.load_student(S.Run({**on, "run_name": "fit2"}, root=tmp_path), teacher, on, 1)
+        RF.load_student(RF.Run({**on, "run_name": "fit2"}, root=tmp_path), teacher, on, 1)
 
 
 def test_a_fitted_conversion_is_kept_and_reused_only_with_the_same_parameters(teacher, blocks, tmp_path):
     on = _params("deltanet", qkv_copy=True, readout_fit_tokens=8 * SEQ, run_name="fit")
-    run = S.Run(on, root=tmp_path)
-    first, _ = S.load_student(run, teacher, on, 3, blocks)
+    run = RF.Run(on, root=tmp_path)
+    first, _ = RF.load_student(run, teacher, on, 3, blocks)
     saved = torch.load(run.dir / "conversion" / "fitted_student.pt", weights_only=True)["state"]
     assert sorted(saved) == [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)]  # only what the fit wrote
-    again, _ = S.load_student(run, teacher, on, 3, blocks[:8])  # the blocks it would fit on
+    again, _ = RF.load_student(run, teacher, on, 3, blocks[:8])  # the blocks it would fit on
     assert len([m for m in run.metrics() if m.get("event") == "readout_fit"]) == 1  # not refitted
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items())
     stronger = {**on, "readout_fit_ridge": 10.0}
-    refit, _ = S.load_student(S.Run(stronger, root=tmp_path), teacher, stronger, 3, blocks)
+    refit, _ = RF.load_student(RF.Run(stronger, root=tmp_path), teacher, stronger, 3, blocks)
     assert len([m for m in run.metrics() if m.get("event") == "readout_fit"]) == 2
     key = "model.layers.0.self_attn.o_proj.weight"
     assert not torch.equal(refit.state_dict()[key], first.state_dict()[key])
@@ -203,9 +206,9 @@ def test_a_finished_stage_is_not_reused_for_other_parameters(teacher, blocks, tm
     params = _params("deltanet", matrix_mixing=False, h2h=False, measure_teacher_throughput=False,
                      stage3_tokens=64 * 2)
     out = S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)
-    assert out["finished"] and S.Run(params, root=tmp_path).done(3) is not None
+    assert out["finished"] and RF.Run(params, root=tmp_path).done(3) is not None
     S.run_pipeline(params, teacher=teacher, root=tmp_path, progress=False)  # same parameters: reused
-    with pytest.raises(S.RunError, match="stage3_lr"):
+    with pytest.raises(RF.RunError, match="stage3_lr"):
         S.run_pipeline({**params, "stage3_lr": 1e-5}, teacher=teacher, root=tmp_path, progress=False)
 
 
@@ -229,9 +232,9 @@ def test_numbers_from_the_command_line_are_numbers():
 def test_stage3_alone_records_which_alignment_stages_ran(teacher, blocks, tmp_path):
     params = _params(run_name="kd")  # defaults say matrix_mixing = h2h = True
     assert params["matrix_mixing"] and params["h2h"]
-    assert not any(S.with_alignment_record(params, tmp_path)[k] for k in ("matrix_mixing", "h2h"))
+    assert not any(RF.with_alignment_record(params, tmp_path)[k] for k in ("matrix_mixing", "h2h"))
     _train(1, teacher, blocks, params, tmp_path)
-    rec = S.with_alignment_record(params, tmp_path)
+    rec = RF.with_alignment_record(params, tmp_path)
     assert rec["matrix_mixing"] and not rec["h2h"]
 
 
@@ -247,9 +250,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher, blocks, tmp_path
         return out * float("nan") if calls["n"] == 2 * 5 else out  # 2 layers: step 5, layer 1
 
     monkeypatch.setattr(losses, "hidden_loss", poisoned)
-    run = S.Run(params, root=tmp_path)
-    student, _ = S.load_student(run, teacher, params, 2)
-    with pytest.raises(S.NonFiniteLossError, match=r"nan at step 5.*checkpoint.pt \(step 3\)"):
+    run = RF.Run(params, root=tmp_path)
+    student, _ = RF.load_student(run, teacher, params, 2)
+    with pytest.raises(TR.NonFiniteLossError, match=r"nan at step 5.*checkpoint.pt \(step 3\)"):
         S.train_stage(2, student, teacher, blocks, params, run, progress=False)
     state = torch.load(run.dir / "stage2" / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3
@@ -259,7 +262,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher, blocks, tmp_path
 
 def test_atomic_save_survives_a_kill_mid_write(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    S.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    runfiles.atomic_save({"step": 1, "w": torch.ones(3)}, path)
     real_save = torch.save
 
     def dies_half_way(obj, fh, *a, **k):
@@ -268,7 +271,7 @@ def test_atomic_save_survives_a_kill_mid_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        S.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+        runfiles.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
     state = torch.load(path, weights_only=False)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
@@ -281,18 +284,18 @@ def test_atomic_save_survives_a_kill_mid_write(tmp_path, monkeypatch):
 # --- schedules, data order, parameters --------------------------------------------------------
 def test_lr_schedules_by_hand():
     # 10 steps, warmup 2, WSD decay over the last 4 steps towards 0 (reached one step later).
-    wsd = [S.lr_factor("wsd", s, 10, 0.2, 0.4, 0.0) for s in range(10)]
+    wsd = [TR.lr_factor("wsd", s, 10, 0.2, 0.4, 0.0) for s in range(10)]
     assert wsd == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
     # linear: warmup 2, then decay over the remaining 8 steps towards min ratio 0.2
-    lin = [S.lr_factor("linear", s, 10, 0.2, 0.0, 0.2) for s in range(10)]
+    lin = [TR.lr_factor("linear", s, 10, 0.2, 0.0, 0.2) for s in range(10)]
     assert lin == pytest.approx([0.5, 1.0] + [1 - 0.8 * k / 9 for k in range(1, 9)])
 
 
 def test_block_order_resumes_mid_epoch_and_permutes_each_epoch():
-    full = list(S.BlockOrder(7, seed=3, start=0, count=20))
+    full = list(TR.BlockOrder(7, seed=3, start=0, count=20))
     assert sorted(full[:7]) == list(range(7)) and sorted(full[7:14]) == list(range(7))
     assert full[:7] != full[7:14]
-    assert list(S.BlockOrder(7, seed=3, start=9, count=11)) == full[9:]
+    assert list(TR.BlockOrder(7, seed=3, start=9, count=11)) == full[9:]
 
 
 def test_params_resolution_and_errors(tmp_path, monkeypatch):
@@ -360,11 +363,11 @@ def test_notebooks_run_under_papermill(tmp_path):
     pm.execute_notebook(str(ROOT / "notebooks" / "02_distill.ipynb"), str(tmp_path / "02.ipynb"), cwd=str(tmp_path),
                         parameters={**common, "stage3_tokens": 192, "overrides": tiny}, progress_bar=False)
     run_dir = tmp_path / "out" / "gla" / "cpu-quick"
-    _, evals = S.metrics_frames(run_dir)
+    _, evals = RF.metrics_frames(run_dir)
     assert list(evals["after"]) == ["conversion", "stage1", "stage2", "stage3"]
     assert json.loads((run_dir / "stage3" / "done.json").read_text())["start"] == "stage2"  # 02 continued 01
     assert (run_dir / "align_losses.png").exists() and (run_dir / "distill_loss.png").exists()
-    steps, _ = S.metrics_frames(run_dir)
+    steps, _ = RF.metrics_frames(run_dir)
     assert steps.groupby("stage").size().to_dict() == {1: 3, 2: 3, 3: 3}  # 192 tokens / (4 x 16)
 
 
@@ -386,7 +389,7 @@ def test_two_processes_reproduce_one(tmp_path):
                    check=True, env=env, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
                     "--root", str(tmp_path / "two"), "--set", "batch_size=2"], check=True, env=env, capture_output=True)
-    one, _ = S.metrics_frames(tmp_path / "one" / "gla" / "cpu-quick")
-    two, _ = S.metrics_frames(tmp_path / "two" / "gla" / "cpu-quick")
+    one, _ = RF.metrics_frames(tmp_path / "one" / "gla" / "cpu-quick")
+    two, _ = RF.metrics_frames(tmp_path / "two" / "gla" / "cpu-quick")
     assert list(one["tokens"]) == list(two["tokens"]) and len(one) == 3 * 6
     assert list(two["loss"]) == pytest.approx(list(one["loss"]), rel=1e-4)

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from linearize import params as P
 from linearize import stages as S
+from linearize import runs as RF
 from linearize import transfer as T
 
 SEQ = 16
@@ -44,8 +45,8 @@ def _losses(run, stage=0):
 
 
 def _train(teacher, blocks, params, root, stage=0):
-    run = S.Run(params, root=root)
-    student, start = S.load_student(run, teacher, params, stage)
+    run = RF.Run(params, root=root)
+    student, start = RF.load_student(run, teacher, params, stage)
     return run, S.train_stage(stage, student, teacher, blocks, params, run, start=start, progress=False)
 
 
@@ -61,7 +62,7 @@ def test_layer_losses_match_transformers_forward(target, teacher, blocks):
     """Reference: every layer's input from transformers' own forward (output_hidden_states),
     the teacher block called as transformers calls it, the student mixer on the same input."""
     params = _params(at_target=target)
-    student = S.convert_student(teacher, params)
+    student = RF.convert_student(teacher, params)
     ids = blocks[:2]
     _, per_layer = T.attention_transfer_step(student, teacher, ids, params, backward=lambda loss: None,
                                               autocast=contextlib.nullcontext)
@@ -104,8 +105,8 @@ def test_stage0_lowers_its_loss(arch, teacher, blocks, tmp_path):
 @pytest.mark.parametrize("at_train", ["mixers", "gates", "lora"])
 def test_what_trains(at_train, teacher, blocks, tmp_path):
     params = _params("gla", at_train=at_train, stage0_tokens=64 * 2)
-    run = S.Run(params, root=tmp_path)
-    student, _ = S.load_student(run, teacher, params, 0)
+    run = RF.Run(params, root=tmp_path)
+    student, _ = RF.load_student(run, teacher, params, 0)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     res = S.train_stage(0, student, teacher, blocks, params, run, progress=False)
     after = dict(res.student.named_parameters())
@@ -128,17 +129,17 @@ def test_what_trains(at_train, teacher, blocks, tmp_path):
 def test_kill_and_resume_is_exact(at_train, teacher, blocks, tmp_path, monkeypatch):
     params = _params("deltanet", at_train=at_train, warmup_fraction=0.25, decay_fraction=0.25)
     ref_run, ref = _train(teacher, blocks, {**params, "run_name": "ref"}, tmp_path)
-    real_log = S.Run.log
+    real_log = RF.Run.log
 
     def dying_log(self, record):
         if record.get("event") == "step" and record["step"] == 5:
             raise KeyboardInterrupt("simulated kill")
         real_log(self, record)
 
-    monkeypatch.setattr(S.Run, "log", dying_log)
+    monkeypatch.setattr(RF.Run, "log", dying_log)
     with pytest.raises(KeyboardInterrupt):
         _train(teacher, blocks, {**params, "run_name": "killed"}, tmp_path)
-    monkeypatch.setattr(S.Run, "log", real_log)
+    monkeypatch.setattr(RF.Run, "log", real_log)
     run, res = _train(teacher, blocks, {**params, "run_name": "killed"}, tmp_path)
     assert _losses(run) == _losses(ref_run)
     for (n, a), b in zip(ref.student.state_dict().items(), res.student.state_dict().values()):

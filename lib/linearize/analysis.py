@@ -26,6 +26,7 @@ from . import compare as C
 from . import study as S  # the tables; study never imports analysis (no cycle)
 from . import results as R
 from .evaluate import AVG, COLUMNS
+from .paths import ROOT
 
 # Paired questions inside one student: (variant a, variant b, what a - b measures).
 PAIRS = (
@@ -230,8 +231,8 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
     paper_teacher = next(row for key, row in S.PAPER_ROWS.items() if key.endswith(": teacher"))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     shown = Path(outputs).resolve()
-    if shown.is_relative_to(S.ROOT):  # no machine-specific absolute paths in a committed page
-        shown = shown.relative_to(S.ROOT)
+    if shown.is_relative_to(ROOT):  # no machine-specific absolute paths in a committed page
+        shown = shown.relative_to(ROOT)
     lines = [
         "# Results",
         "",

@@ -281,7 +281,7 @@ def load_model(source: str | os.PathLike | None = None):
 def _load_run_student(run_dir: Path):
     import yaml
 
-    from .stages import Run, latest_stage, load_student
+    from .runs import Run, latest_stage, load_student
     from .teacher import load_teacher
 
     params = yaml.safe_load((run_dir / "params.yaml").read_text())

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import yaml
 
 from .evaluate import table_row
 from .paper import AVG, COLUMNS, PAPER_NAMES, PAPER_ROWS
-from .paths import ROOT
+from .runs import read_metrics
 
 # Folders of outputs/ that hold no student runs.
 NON_RUN_DIRS = {"teacher", "bench", "study", "teacher_eval", "bench_mixers"}
@@ -170,14 +169,10 @@ class StudyRun:
     @property
     def finished(self) -> bool:
         """All stages the run asked for have a done.json."""
-        wanted = [s for s, key in ((1, "matrix_mixing"), (2, "h2h"), (3, "distill")) if self.params.get(key)]
+        from .stages import STAGES
+
+        wanted = [n for n, spec in STAGES.items() if self.params.get(spec.flag)]  # a flag older runs lack is off
         return all(s in self.stages_done for s in wanted)
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    from .runfiles import read_jsonl
-
-    return read_jsonl(path)  # a torn last line (a killed or disk-full append) is dropped with a warning
 
 
 def load_run(folder: str | os.PathLike) -> StudyRun:
@@ -186,7 +181,7 @@ def load_run(folder: str | os.PathLike) -> StudyRun:
     if not params_path.exists():
         raise StudyError(f"{folder} is not a run folder: it has no params.yaml (written by linearize.stages).")
     params = yaml.safe_load(params_path.read_text())
-    evals = {r["after"]: r for r in _read_metrics(folder / "metrics.jsonl") if r.get("event") == "eval"}
+    evals = {r["after"]: r for r in read_metrics(folder) if r.get("event") == "eval"}
     done = sorted(int(p.parent.name[5:]) for p in folder.glob("stage[0-9]/done.json"))
     results, results_path = pick_results(folder)
     return StudyRun(arch=params.get("arch", folder.parent.name), variant=variant_of(params),
@@ -389,7 +384,7 @@ def steps_frame(runs: list[StudyRun]):
 
     records = []
     for r in runs:
-        for m in _read_metrics(r.dir / "metrics.jsonl"):
+        for m in read_metrics(r.dir):
             if m.get("event") == "step":
                 records.append({"run": r.label, "student": r.arch, "variant": r.variant, "stage": m["stage"],
                                 "step": m["step"], "tokens": m["tokens"], "loss": m["loss"]})
@@ -404,7 +399,7 @@ def layer_losses_frame(runs: list[StudyRun]):
 
     records = []
     for r in runs:
-        steps = [m for m in _read_metrics(r.dir / "metrics.jsonl") if m.get("event") == "step" and m.get("layer_losses")]
+        steps = [m for m in read_metrics(r.dir) if m.get("event") == "step" and m.get("layer_losses")]
         for stage in sorted({m["stage"] for m in steps}):
             logged = [m for m in steps if m["stage"] == stage]
             for when, m in (("before", logged[0]), ("after", logged[-1])):
