@@ -1,5 +1,9 @@
 """The student as a Hugging Face model: a Llama whose attention blocks are token mixers.
 
+Why ~490 lines in one module: it follows transformers' layout of one ``modeling_*.py`` per model
+(config, cache, layers, model, LM head), to be read side by side with ``modeling_llama.py``; the
+state's byte counting lives in :mod:`linearize.memory`.
+
 ``LinearizedLlamaForCausalLM`` keeps Llama's module names (``model.embed_tokens``,
 ``model.layers[i].input_layernorm / self_attn / post_attention_layernorm / mlp``, ``model.norm``,
 ``model.rotary_emb``, ``lm_head``) and reuses transformers' own Llama norm, MLP and rotary
