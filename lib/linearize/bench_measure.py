@@ -43,12 +43,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def check_dtype(name: str) -> str:
+    """``name`` if the benchmark runs in that dtype, else a ``BenchError`` that lists the choices."""
+    if name not in DTYPES:
+        raise BenchError(f"Unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.")
+    return name
+
+
 def _dtype(name: str):
     import torch
 
-    if name not in DTYPES:
-        raise BenchError(f"Unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.")
-    return getattr(torch, name)
+    return getattr(torch, check_dtype(name))
 
 
 def measure_bandwidth(device: str = "cpu", threads: int = 2, mib: int = 512, repeats: int = 9,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .bench_measure import DTYPES, TEACHER, BenchError, measure_bandwidth, measure_point, resolve_device
+from .bench_measure import TEACHER, BenchError, check_dtype, measure_bandwidth, measure_point, resolve_device
 
 POINT_TAG = "LINEARIZE_BENCH_POINT "
 BANDWIDTH_TAG = "LINEARIZE_BENCH_BANDWIDTH "
@@ -122,8 +122,7 @@ def run(
 
     Teacher points beyond its context limit are skipped (logged); a point that fails is kept
     as a row with its ``error`` so one crash does not lose the rest of a long run."""
-    if dtype not in DTYPES:
-        raise BenchError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    check_dtype(dtype)
     if not models or not lengths:
         raise BenchError("Give at least one model (--models teacher,gla) and one length (--lengths 128,512).")
     if isolate:
