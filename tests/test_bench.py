@@ -42,16 +42,34 @@ def _real_cache_bytes(cache) -> int:
 def test_kv_cache_formula_matches_dynamic_cache(tiny_llama):
     cfg = tiny_llama.config
     batch, t = 2, 7
-    session = bench.TeacherSession(tiny_llama)
+    session = bench.Session(tiny_llama)
     with torch.inference_mode():
         session.prefill(torch.randint(0, cfg.vocab_size, (batch, t)))
         assert _real_cache_bytes(session.cache) == bench.kv_cache_bytes(cfg, t, batch, bytes_per_elem=8)
         assert session.state_bytes() == _real_cache_bytes(session.cache)
+        assert bench.compact_bytes(session.state()) == _real_cache_bytes(session.cache)
         session.step(torch.randint(0, cfg.vocab_size, (batch, 1)))
     # the cache grows by one position per decode step
     assert session.state_bytes() == bench.kv_cache_bytes(cfg, t + 1, batch, bytes_per_elem=8)
     # 2 * layers 2 * kv heads 2 * head dim 16 * 8 positions * 8 bytes * batch 2
     assert session.state_bytes() == 2 * 2 * 2 * 16 * 8 * 8 * 2
+
+
+@pytest.mark.skipif(not HAVE_CONVERTER, reason="needs linearize.convert")
+def test_student_session_holds_a_constant_mixer_state(tiny_llama):
+    from linearize.convert import convert
+    from linearize.modeling import MixerCache
+
+    session = bench.Session(convert(tiny_llama, "gla", qkv_copy=True))
+    assert isinstance(session.cache, MixerCache)  # the same Session, the student's own cache
+    # GLA's state per layer: one [batch 2, heads 4, 16, 16] float64 matrix S, whatever the context
+    expected = 2 * 2 * 4 * 16 * 16 * 8
+    with torch.inference_mode():
+        session.prefill(torch.randint(0, 97, (2, 7)), chunk=3)  # chunks carry the state: 7 tokens seen
+        assert session.cache.get_seq_length() == 7
+        assert session.state_bytes() == bench.compact_bytes(session.state()) == session.cache.nbytes() == expected
+        session.step(torch.randint(0, 97, (2, 1)))
+    assert session.state_bytes() == expected
 
 
 def test_weight_bytes_counts_tied_weights_once(tiny_llama):
@@ -71,11 +89,18 @@ def test_teacher_at_its_context_limit_runs_beyond_is_refused(tiny_teacher_dir):
         bench.measure_point(bench.TEACHER, 65, teacher=str(tiny_teacher_dir), steps=STEPS)
 
 
-def test_check_targets_on_hand_made_rows():
-    def row(model, context, tok_s, state_mib, bytes_per_step):
-        return dict(model=model, context=context, decode_tok_s=tok_s, state_mib=state_mib,
-                    bytes_per_step=bytes_per_step, error="")
+# An issue's targets as a benchmark notebook sets them (notebooks/04_benchmark.py): the library
+# only checks what it is given.
+TARGETS = dict(low=128, high=8192, flat_within=0.10, bytes_share=0.90, state_shrink=20.0)
 
+
+def _target_row(model, context, tok_s, state_mib, bytes_per_step):
+    return dict(model=model, context=context, decode_tok_s=tok_s, state_mib=state_mib,
+                bytes_per_step=bytes_per_step, error="")
+
+
+def test_check_targets_on_hand_made_rows():
+    row = _target_row
     rows = [
         row("teacher", 128, 26.0, 5.0, 500), row("teacher", 8192, 14.0, 360.0, 900),
         # flat (24/25 = 0.96), speed ratio 24/14 = 1.71 >= 0.9 * 900/510 = 1.59, 360/1 = 360x
@@ -83,13 +108,32 @@ def test_check_targets_on_hand_made_rows():
         # not flat (20/25 = 0.8), speed ratio 20/14 = 1.43 < 1.59, 360/30 = 12x
         row("bad", 128, 25.0, 30.0, 510), row("bad", 8192, 20.0, 30.0, 510),
     ]
-    lines = bench.check_targets(rows)
+    lines = bench.check_targets(rows, **TARGETS)
     good = [line for line in lines if " good:" in line]
     bad = [line for line in lines if " bad:" in line]
     assert len(good) == 3 and all(line.startswith("PASS") for line in good), good
     assert len(bad) == 3 and all(line.startswith("FAIL") for line in bad), bad
-    missing = bench.check_targets(rows[:2] + [row("lonely", 128, 25.0, 1.0, 510)])
+    missing = bench.check_targets(rows[:2] + [row("lonely", 128, 25.0, 1.0, 510)], **TARGETS)
     assert missing and all(line.startswith("MISSING") for line in missing)
+    # a target left out is not checked: only the flatness lines remain
+    flat = bench.check_targets(rows, 128, 8192, flat_within=0.10)
+    assert [line.split(":")[0] for line in flat] == ["FAIL bad", "PASS good"]
+    assert bench.check_targets(rows, 128, 8192) == []
+
+
+def test_cli_table_checks_the_targets_it_is_given(tmp_path, capsys):
+    rows = [_target_row("teacher", 128, 26.0, 5.0, 500), _target_row("teacher", 8192, 14.0, 360.0, 900),
+            _target_row("good", 128, 25.0, 1.0, 510), _target_row("good", 8192, 24.0, 1.0, 510)]
+    path = bench.write_csv(rows, tmp_path / "bench.csv")
+    assert bench.main(["table", str(path)]) == 0
+    assert "PASS" not in capsys.readouterr().out  # no targets given: the table only
+    assert bench.main(["table", str(path), "--target-range", "128,8192", "--flat-within", "0.1",
+                       "--bytes-share", "0.9", "--state-shrink", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS good:") == 3 and "decode_tok_s" in out
+    with pytest.raises(SystemExit):  # a target without the contexts it compares is refused
+        bench.main(["table", str(path), "--flat-within", "0.1"])
+    assert "--target-range" in capsys.readouterr().err
 
 
 def _check_csv(path, models, teacher_dir, chunk):

@@ -1,5 +1,9 @@
 """The student as a Hugging Face model: a Llama whose attention blocks are token mixers.
 
+Why ~490 lines in one module: it follows transformers' layout of one ``modeling_*.py`` per model
+(config, cache, layers, model, LM head), to be read side by side with ``modeling_llama.py``; the
+state's byte counting lives in :mod:`linearize.memory`.
+
 ``LinearizedLlamaForCausalLM`` keeps Llama's module names (``model.embed_tokens``,
 ``model.layers[i].input_layernorm / self_attn / post_attention_layernorm / mlp``, ``model.norm``,
 ``model.rotary_emb``, ``lm_head``) and reuses transformers' own Llama norm, MLP and rotary
@@ -31,6 +35,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from .memory import compact_bytes, iter_tensors
+from .memory import generation_state_bytes  # noqa: F401  (its home is linearize.memory; importable here as before)
 from .mixers.base import MixerConfig, TokenMixer
 
 MODEL_TYPE = "linearized_llama"
@@ -86,18 +92,6 @@ def mixer_class(name: str) -> type[TokenMixer]:
 # ---------------------------------------------------------------------------------------
 # Generation state
 # ---------------------------------------------------------------------------------------
-def _tensors(state):
-    """Every tensor of a (possibly nested) mixer state."""
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from _tensors(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from _tensors(value)
-
-
 def _map_state(state, fn):
     """Apply ``fn`` to every tensor of a state, keeping its structure (for beam search etc.)."""
     if isinstance(state, torch.Tensor):
@@ -130,11 +124,11 @@ class MixerStateLayer:
 
     @property
     def batch_size(self) -> int:
-        first = next(_tensors(self.state), None)
+        first = next(iter_tensors(self.state), None)
         return -1 if first is None else first.shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(self.state))
+        return compact_bytes(self.state)
 
     def reset(self) -> None:
         self.state = None
@@ -495,32 +489,6 @@ class LinearizedLlamaForCausalLM(LinearizedLlamaPreTrainedModel, GenerationMixin
             rest = tuple(v for v in (out.cache, out.hidden_states) if v is not None)
             return ((loss,) if loss is not None else ()) + (logits,) + rest
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
-
-
-# ---------------------------------------------------------------------------------------
-# Memory of the generation state (used by the inference benchmark)
-# ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def generation_state_bytes(model: LinearizedLlamaForCausalLM, batch_size: int, context_len: int) -> int:
-    """Bytes the generation state (``MixerCache``) holds after ``context_len`` tokens.
-
-    Measured, not modelled: the student consumes 1, 2 and 3 tokens and the real state tensors
-    are counted. Every mixer state is affine in the number of tokens (constant for recurrent
-    mixers, one key/value row per token for softmax); the three points check that before the
-    line is extended to ``context_len``.
-    """
-    if context_len < 1 or batch_size < 1:
-        raise ValueError("batch_size and context_len must be >= 1")
-    device = next(model.parameters()).device
-    sizes = []
-    for n in (1, 2, 3):
-        ids = torch.zeros(batch_size, n, dtype=torch.long, device=device)
-        cache = model(input_ids=ids, use_cache=True).cache
-        sizes.append(cache.nbytes())
-    step = sizes[1] - sizes[0]
-    if sizes[2] - sizes[1] != step:
-        raise RuntimeError(f"State size is not affine in the context length: {sizes} bytes after 1, 2, 3 tokens.")
-    return sizes[0] + step * (context_len - 1)
 
 
 AutoConfig.register(MODEL_TYPE, LinearizedLlamaConfig, exist_ok=True)

@@ -1,6 +1,10 @@
 """The study's results, read back from ``outputs/``: runs, paper-format tables, curves, the
 attention explorer over the saved students, the results page and the HTML export.
 
+Why ~570 lines in one module: notebook 05 calls all of it as ``study.X`` over the same
+``StudyRun`` records. The clean cut, reading run folders (``load_run``, ``find_runs``) apart from
+the tables and figures drawn from them, waits for the one run-folder reader issue 17 asks for.
+
 Everything here reads what the other steps wrote and trains nothing:
 
 * run folders ``outputs/<arch>/<run_name>/`` of :mod:`linearize.stages` (``params.yaml``,

@@ -1,6 +1,11 @@
 """Plots shared by the notebooks: attention heads, the attention explorer, and the study's
 figures (training curves, validation, benchmark), all with one style per model.
 
+Why ~490 lines in one module: the explorer and the static figures share the per-model styles
+and Agg-figure helpers, and :mod:`linearize.study` imports both from here. The explorer
+(~160 lines) is the cut to make, into a module of its own over these helpers, once study imports
+it from there (re-exporting it from here would be an import cycle).
+
 The explorer and the study's figures draw on ``matplotlib.figure.Figure`` objects with the Agg
 canvas, never on pyplot's global figure list: a widget callback that drew through pyplot and an
 ``Output`` area came back blank or cut off in 17 of 30 redraws in JupyterLab (issue 19), and a
