@@ -52,6 +52,14 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "mix-kd-w64": ({"corpus": "mix", "stage0_tokens": 65536, "stage3_tokens": 163840, "stage3_lr": 3e-4,
                     "eval_every_tokens": 32768, "hybrid_window": 64},
                    "as mix-kd, with a 64-token softmax window (+4 sinks) beside the linear branch"),
+    # the same stage 0 with a shorter distillation (branched: run --from mix-kd), and stage 0 alone
+    "mix-kd64": ({"corpus": "mix", "stage0_tokens": 65536, "stage3_tokens": 65536, "stage3_lr": 3e-4,
+                  "eval_every_tokens": 32768},
+                 "as mix-kd, 64K distillation"),
+    "mix-at": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False},
+               "mix-kd's stage 0 alone: QKV copy, readout fit, 64K transfer on the mixed corpus, no distillation"),
+    "mix-at-w64": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
+                    "hybrid_window": 64}, "mix-at with the 64-token softmax window"),
     "paper": ({"readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True, "h2h": True,
                "stage1_tokens": 16384, "stage2_tokens": 16384, "stage1_lr": 1e-3, "stage2_lr": 1e-3},
               "the paper's recipe: QKV copy, matrix mixing, hidden-to-hidden, distillation"),
@@ -106,8 +114,8 @@ def branch(arch_dir: Path, source: str, target: str) -> None:
     kept = []
     for line in (src / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if record.get("stage") == 3 or record.get("after") == "stage3" or record.get("event") == "throughput":
-            break
+        if record.get("stage") == 3 or str(record.get("after", "")).startswith("stage3"):
+            break  # stage 3's first record: what came before is stage 0 (with its throughput and eval)
         kept.append(line)
     (dst / "metrics.jsonl").write_text("\n".join(kept) + "\n")
 
