@@ -33,6 +33,28 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).double().eval()
 
 
+STAGE_SEQ = 16  # the block length of the stage tests' tiny runs
+
+
+@pytest.fixture(scope="module")
+def stage_teacher():
+    """The tiny random Llama (fp32) the stage, transfer and hardening tests train students of
+    (module scope: each test module gets its own, as it always did)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def stage_blocks():
+    """24 random training blocks of STAGE_SEQ tokens for stage_teacher's vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 96, (24, STAGE_SEQ), generator=g)
+
+
 # tests/fla_interpret runs FLA's Triton kernels under Triton's interpreter, which must be switched
 # on (TRITON_INTERPRET=1) before triton is imported: it gets a pytest process of its own,
 # `pytest --fla-interpret` (make test-fla), and every other run leaves it out.

@@ -14,21 +14,17 @@ from linearize import runs as RF
 from linearize import runfiles
 from linearize import training as TR
 
-SEQ = 16
+SEQ = 16  # conftest.STAGE_SEQ, the length of stage_blocks
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+def teacher(stage_teacher):
+    return stage_teacher
 
 
 @pytest.fixture(scope="module")
-def blocks():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 96, (24, SEQ), generator=g)
+def blocks(stage_blocks):
+    return stage_blocks
 
 
 def _params(arch="softmax", **over):
