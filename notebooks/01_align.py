@@ -42,15 +42,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 import yaml
-from linearize import params as P, runs as R, stages as S
-from linearize.paths import OUTPUTS, project_path
+from linearize import runs as R, stages as S
 
-overrides = notebook_params.as_mapping(overrides, "overrides")  # papermill -p passes '{"seq_len": 32}' as a string
-output_root = str(project_path(output_root, OUTPUTS))
-
-notebook_values = dict(run_name=run_name, qkv_copy=qkv_copy, seed=seed, teacher=teacher, corpus=corpus, matrix_mixing=matrix_mixing, h2h=h2h, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens)
-# a notebook value left at None defers to `overrides`, then to the student's settings and the preset
-params = P.resolve(arch, preset, {**overrides, **{k: v for k, v in notebook_values.items() if v is not None}})
+# a value left at None defers to `overrides` (a mapping, or its JSON/YAML string from papermill -p),
+# then to the student's settings and the preset
+params, output_root = notebook_params.run_params(
+    arch, preset, overrides, output_root, run_name=run_name, qkv_copy=qkv_copy, seed=seed, teacher=teacher, corpus=corpus, matrix_mixing=matrix_mixing, h2h=h2h, stage1_tokens=stage1_tokens, stage2_tokens=stage2_tokens)
 print(yaml.safe_dump(params, sort_keys=False))
 
 # %% [markdown]

@@ -77,3 +77,15 @@ def test_path_parameters_resolve_under_the_project_root(tmp_path):
     assert project_path(None, OUTPUTS) == OUTPUTS and project_path("", OUTPUTS) == OUTPUTS
     assert project_path("docs/figures", OUTPUTS) == ROOT / "docs" / "figures"  # not the working directory
     assert project_path(tmp_path, OUTPUTS) == tmp_path
+
+
+def test_run_params_defers_none_to_overrides_and_reads_a_string(tmp_path, monkeypatch):
+    from linearize.notebook_params import run_params
+
+    params, root = run_params("gla", "cpu-quick", '{"seq_len": 32, "seed": 5}', None, seed=None, run_name="x")
+    assert params["seq_len"] == 32 and params["seed"] == 5 and params["run_name"] == "x"
+    params, _ = run_params("gla", "cpu-quick", {"seed": 5}, None, seed=7)  # a notebook value wins over overrides
+    assert params["seed"] == 7
+    assert run_params("gla", "cpu-quick", {}, str(tmp_path))[1] == str(tmp_path)
+    with pytest.raises(ValueError):
+        run_params("gla", "cpu-quick", "[1, 2]", None)

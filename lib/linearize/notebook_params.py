@@ -108,3 +108,16 @@ def as_mapping(value, name: str = "overrides") -> dict:
         raise NotebookParameterError(
             f"{name} must be a mapping such as {{\"seq_len\": 32}}, not {type(value).__name__} {value!r}.")
     return dict(value)
+
+
+def run_params(arch: str, preset: str, overrides, output_root, **notebook_values) -> tuple[dict, str]:
+    """``(params, output_root)`` of a training notebook (01_align, 02_distill): ``overrides`` read
+    as a mapping, every notebook value left at None deferring to it (then to the student's
+    settings and the preset, :func:`linearize.params.resolve`), ``output_root`` resolved against
+    the project (None: its outputs/, or ``$LINEARIZE_OUTPUTS``)."""
+    from .params import resolve
+    from .paths import OUTPUTS, project_path
+
+    given = {k: v for k, v in notebook_values.items() if v is not None}
+    params = resolve(arch, preset, {**as_mapping(overrides, "overrides"), **given})
+    return params, str(project_path(output_root, OUTPUTS))
