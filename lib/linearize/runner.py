@@ -11,6 +11,10 @@ outputs/. The study page and its figures are written to ``outputs/study/``; ``--
 Every step's line says which step of how many it is, the time elapsed and an estimate of what
 is left (from the durations its finished steps recorded); the notebooks' own output, progress
 bars included, streams into the log.
+
+Why ~420 lines in one module: the plan (variants, grids, steps), the resumable execution and the
+command line are one small program whose parts change together; the variants list here is the
+one the results read (``linearize.study.variant_of`` names a hand-made run by the same parts).
 """
 from __future__ import annotations
 
