@@ -6,7 +6,9 @@ at two lengths). JupyterLab then opens a copy of notebooks/05_study.ipynb whose 
 that the results page and its figures go to the temporary folder (its defaults write into
 docs/); the outputs folder reaches it through LINEARIZE_OUTPUTS, i.e. the notebook runs with its
 default ``outputs``. The browser runs all cells, then turns each explorer control and checks
-that both images change and are not blank.
+that exactly the images that should change do (the PNG bytes the page holds), that each is the
+full figure and not blank on the page (a screenshot), and that turning every control back gives
+the first view's bytes again.
 
 Run it with ``make test-browser``, which installs Chromium (apt-get) and Playwright when
 missing; Playwright cannot download its own browser builds here, so it launches
