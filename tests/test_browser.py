@@ -6,12 +6,15 @@ at two lengths). JupyterLab then opens a copy of notebooks/05_study.ipynb whose 
 that the results page and its figures go to the temporary folder (its defaults write into
 docs/); the outputs folder reaches it through LINEARIZE_OUTPUTS, i.e. the notebook runs with its
 default ``outputs``. The browser runs all cells, then turns each explorer control and checks
-that both images change and are not blank.
+that exactly the images that should change do (the PNG bytes the page holds), that each is the
+full figure and not blank on the page (a screenshot), and that turning every control back gives
+the first view's bytes again.
 
 Run it with ``make test-browser``, which installs Chromium (apt-get) and Playwright when
 missing; Playwright cannot download its own browser builds here, so it launches
 /usr/bin/chromium.
 """
+import base64
 import hashlib
 import io
 import os
@@ -28,8 +31,6 @@ import nbformat
 import pytest
 
 from linearize.paths import ROOT
-
-pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -144,15 +145,37 @@ def lab(small_outputs):
         log.close()
 
 
-def _image_stats(png: bytes) -> tuple[str, float, tuple[int, int]]:
-    """(digest, fraction of pixels that are not near-white, size) of a screenshot."""
+# The explorer's figures are drawn at a fixed size (viz.AttentionExplorer: 16 x 6.2 and 11 x 2.8
+# inches at 100 dpi); an image of another size is a cut-off or failed render.
+FIGURE_SIZE = {"maps": (1600, 620), "distance": (1100, 280)}
+# Fraction of pixels that are not near-white a drawn image has at least: measured, the maps figure
+# has about 0.4 and the bar chart about 0.55; the same figures with empty axes (the "blank or cut
+# off" redraws of issue 19) have 0.01 and 0.03.
+MIN_INK = 0.15
+
+
+def _ink(png: bytes) -> float:
+    """Fraction of pixels of an image that are not near-white."""
     import numpy as np
     from PIL import Image
 
-    img = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
-    return hashlib.sha1(img.tobytes()).hexdigest(), float((img < 235).mean()), img.shape[::-1]
+    return float((np.asarray(Image.open(io.BytesIO(png)).convert("L")) < 235).mean())
 
 
+def test_blank_check_rejects_empty_figures():
+    """The not-blank check below would catch what issue 19 saw: a figure whose axes are empty."""
+    from linearize import viz
+
+    for name, (w, h) in FIGURE_SIZE.items():
+        fig = viz.new_figure(w / 100, h / 100)
+        fig.subplots(1, 3 if name == "maps" else 1)
+        assert _ink(viz.png_bytes(fig)) < MIN_INK, name
+    fig = viz.new_figure(*(x / 100 for x in FIGURE_SIZE["distance"]))
+    fig.subplots().bar(range(3), [7.3, 7.2, 7.4], color=["tab:green", "lightgray", "lightgray"])
+    assert _ink(viz.png_bytes(fig)) > MIN_INK
+
+
+@pytest.mark.browser
 def test_study_notebook_runs_in_jupyterlab_and_every_explorer_control_redraws(lab):
     from playwright.sync_api import sync_playwright
 
@@ -174,6 +197,7 @@ def test_study_notebook_runs_in_jupyterlab_and_every_explorer_control_redraws(la
                 _wait_and_check(page, site)
             except BaseException:
                 page.screenshot(path=str(site.parent / "browser-failure.png"), full_page=True)
+                (site.parent / "browser-failure.html").write_text(page.content())
                 raise
         finally:
             browser.close()
@@ -185,11 +209,15 @@ def nb_cells():
 
 def _wait_and_check(page, site):
     """Wait for the run to finish, then turn each explorer control and check both images."""
+    from playwright.sync_api import expect
 
-    images = page.locator(".jp-OutputArea-output img.widget-image")
+    # the explorer and its parts carry CSS classes (viz.AttentionExplorer.widget)
+    box = page.locator(".linearize-explorer")
+    images = {name: box.locator(f"img.linearize-explorer-{name}") for name in FIGURE_SIZE}
+    status = box.locator(".linearize-explorer-status")
     page.locator(".jp-Notebook .jp-Cell").last.scroll_into_view_if_needed()
     deadline = time.monotonic() + 600
-    while images.count() < 2 or page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() == 0:
+    while box.count() == 0 or page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() == 0:
         errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
         tracebacks = [t for t in errors.all_inner_texts() if "Traceback" in t or "Error" in t]
         assert not tracebacks, tracebacks[0][-2000:]
@@ -198,58 +226,90 @@ def _wait_and_check(page, site):
     tracebacks = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.stderr']")
     assert not [t for t in tracebacks.all_inner_texts() if "Traceback" in t]
     assert (site / "results.md").exists()  # the page went where the parameters say, not docs/
+    assert box.count() == 1
 
-    box = page.locator(".widget-vbox").filter(has=images.first).last
-    maps, distance = images.nth(0), images.nth(1)
+    def source(name) -> bytes:
+        """The PNG bytes the image element shows (its blob: URL), once it has loaded."""
+        img = images[name]
+        img.wait_for()
+        data = img.evaluate("""async el => {
+            if (!el.complete || el.naturalWidth === 0) await el.decode();
+            const blob = await (await fetch(el.src)).blob();
+            return await new Promise(done => {
+                const reader = new FileReader();
+                reader.onload = () => done(reader.result);
+                reader.readAsDataURL(blob);
+            });
+        }""")
+        return base64.b64decode(data.split(",", 1)[1])
 
-    def shots():
-        for img in (maps, distance):
-            img.scroll_into_view_if_needed()
-            page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle())
-        return [_image_stats(img.screenshot()) for img in (maps, distance)]
+    def view() -> dict:
+        """{image name: sha1 of its PNG bytes}."""
+        return {name: hashlib.sha1(source(name)).hexdigest() for name in FIGURE_SIZE}
 
-    def settle(before, which):
-        """Wait until the image(s) in ``which`` differ from ``before``; return the new stats."""
+    def settle(before, changed, what):
+        """Wait until the images in ``changed`` hold other bytes than in ``before`` and the others
+        the same ones; return the new view."""
         deadline = time.monotonic() + 120
         while True:
-            now = shots()
-            if all(now[i][0] != before[i][0] for i in which):
+            now = view()
+            if all((now[n] != before[n]) == (n in changed) for n in FIGURE_SIZE) and status.inner_text() == "":
                 return now
-            assert time.monotonic() < deadline, f"images {which} did not change"
+            assert "could not draw" not in status.inner_text(), status.inner_text()
+            assert time.monotonic() < deadline, (
+                f"after {what}: expected {sorted(changed)} to change and the rest not; "
+                f"changed: {sorted(n for n in FIGURE_SIZE if now[n] != before[n])}")
             time.sleep(0.5)
 
-    def assert_drawn(stats, what):
-        for (digest, ink, size), name in zip(stats, ("maps", "distance")):
-            assert size[0] > 400 and size[1] > 100, (what, name, size)
-            assert ink > 0.03, f"{name} image nearly blank after {what}: {ink:.3f} of pixels drawn"
+    def assert_drawn(what):
+        """Each image is the full figure, and what the page shows of it (a screenshot) is not blank."""
+        for name, img in images.items():
+            natural = tuple(img.evaluate("el => [el.naturalWidth, el.naturalHeight]"))
+            assert natural == FIGURE_SIZE[name], (what, name, natural)
+            img.scroll_into_view_if_needed()
+            box_size = img.bounding_box()
+            assert box_size["width"] > 400 and box_size["height"] > 100, (what, name, box_size)
+            ink = _ink(img.screenshot())
+            assert ink > MIN_INK, f"{name} image nearly blank on the page after {what}: {ink:.3f} of pixels drawn"
 
-    start = shots()
-    assert_drawn(start, "opening")
-
-    # the controls in the order the explorer lays them out: (student, example), (layer, head);
-    # noUiSlider handles carry role="slider"
     def slider(name):
-        return box.get_by_role("slider").nth(("layer", "head").index(name))
+        return box.locator(f".linearize-explorer-{name} [role=slider]")  # the noUiSlider handle
+
+    def press(name, key, value):
+        slider(name).focus()
+        page.keyboard.press(key)
+        expect(slider(name)).to_have_attribute("aria-valuetext", str(value))
 
     def dropdown(name):
-        return box.locator("select").nth(("student", "example").index(name))
+        return box.locator(f".linearize-explorer-{name} select")
 
+    start = view()
+    assert_drawn("opening")
     # layer: the maps and the highlighted bar change
-    slider("layer").focus()
-    page.keyboard.press("ArrowRight")
-    after_layer = settle(start, (0, 1))
-    assert_drawn(after_layer, "layer")
-    # head: the maps change (the per-layer bars are the same for every head)
-    slider("head").focus()
-    page.keyboard.press("ArrowRight")
-    after_head = settle(after_layer, (0,))
-    assert_drawn(after_head, "head")
+    press("layer", "ArrowRight", 1)
+    after_layer = settle(start, {"maps", "distance"}, "layer")
+    assert_drawn("layer")
+    # head: the maps change; the per-layer bars are the same for every head
+    press("head", "ArrowRight", 1)
+    after_head = settle(after_layer, {"maps"}, "head")
+    assert_drawn("head")
     # example and student: both images change
     dropdown("example").select_option(index=1)
-    after_example = settle(after_head, (0, 1))
-    assert_drawn(after_example, "example")
+    after_example = settle(after_head, {"maps", "distance"}, "example")
+    assert_drawn("example")
     dropdown("student").select_option(index=1)
-    after_student = settle(after_example, (0, 1))
-    assert_drawn(after_student, "student")
+    after_student = settle(after_example, {"maps", "distance"}, "student")
+    assert_drawn("student")
+    # every control back to where it started: the images are the first view's again, byte for
+    # byte (they show the controls' state, not merely something new)
+    dropdown("student").select_option(index=0)
+    dropdown("example").select_option(index=0)
+    press("layer", "Home", 0)
+    press("head", "Home", 0)
+    deadline = time.monotonic() + 120
+    while view() != start:
+        assert time.monotonic() < deadline, "the controls are back at their start, the images are not"
+        time.sleep(0.5)
+    assert len({v["maps"] for v in (start, after_layer, after_head, after_example, after_student)}) == 5
     # no progress bar inside the explorer when a student loads
     assert "Loading weights" not in box.inner_text()

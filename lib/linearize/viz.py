@@ -329,6 +329,12 @@ class AttentionExplorer:
             control.observe(redraw, names="value")
         redraw()
         box = w.VBox([w.HBox([student, example]), w.HBox([layer, head]), status, maps_image, distance_image])
+        # CSS classes name the explorer and its parts on the page (a stylesheet or a browser test
+        # finds them by name instead of by position among the notebook's widgets)
+        box.add_class("linearize-explorer")
+        for name, part in dict(student=student, example=example, layer=layer, head=head, status=status,
+                               maps=maps_image, distance=distance_image).items():
+            part.add_class(f"linearize-explorer-{name}")
         box.controls = dict(student=student, layer=layer, head=head, example=example)
         box.images = dict(maps=maps_image, distance=distance_image)
         box.status = status
