@@ -145,7 +145,7 @@ def lab(small_outputs):
         log.close()
 
 
-# The explorer's figures are drawn at a fixed size (viz.AttentionExplorer: 16 x 6.2 and 11 x 2.8
+# The explorer's figures are drawn at a fixed size (explorer.AttentionExplorer: 16 x 6.2 and 11 x 2.8
 # inches at 100 dpi); an image of another size is a cut-off or failed render.
 FIGURE_SIZE = {"maps": (1600, 620), "distance": (1100, 280)}
 # Fraction of pixels that are not near-white a drawn image has at least: measured, the maps figure
@@ -211,7 +211,7 @@ def _wait_and_check(page, site):
     """Wait for the run to finish, then turn each explorer control and check both images."""
     from playwright.sync_api import expect
 
-    # the explorer and its parts carry CSS classes (viz.AttentionExplorer.widget)
+    # the explorer and its parts carry CSS classes (explorer.AttentionExplorer.widget)
     box = page.locator(".linearize-explorer")
     images = {name: box.locator(f"img.linearize-explorer-{name}") for name in FIGURE_SIZE}
     status = box.locator(".linearize-explorer-status")

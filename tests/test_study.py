@@ -154,7 +154,7 @@ def test_explorer_maps_are_the_teachers_and_the_widget_switches(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from linearize.convert import convert
-    from linearize.viz import AttentionExplorer
+    from linearize.explorer import AttentionExplorer
 
     teacher, tok = _tiny_teacher(tmp_path / "t", hidden=32, layers=3, heads=4, kv_heads=2)
     teacher = teacher.double()

@@ -514,10 +514,10 @@ class RunStudents(Mapping):
 
 def build_explorer(runs: list[StudyRun], texts: list[str], max_tokens: int = 48, keep: int = 2,
                    outputs: str | os.PathLike | None = None):
-    """``viz.AttentionExplorer`` over the teacher and the saved students of ``runs`` (those
+    """``explorer.AttentionExplorer`` over the teacher and the saved students of ``runs`` (those
     distilled from the most common teacher). Students load lazily (``RunStudents``)."""
     from .teacher import load_teacher
-    from .viz import AttentionExplorer
+    from .explorer import AttentionExplorer
 
     name = teacher_name(runs, outputs)
     chosen = [r for r in runs if str(r.params.get("teacher")) == name]
