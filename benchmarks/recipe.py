@@ -234,6 +234,7 @@ def collect(root: Path, limit: int) -> dict:
     """The recipe.json data (linearize.results' schema, with each run's ``curve``, ``fit_tokens``
     and ``margin`` added): one record per run folder ``outputs/<arch>/recipe-<name>``."""
     from linearize.results import results_record, run_record, teacher_record
+    from linearize.stages import STAGES
 
     teacher_res = _eval_path(root / "teacher-recipe", limit)
     teacher_tasks = _tasks_record(json.loads(teacher_res.read_text())) if teacher_res.exists() else {}
@@ -272,7 +273,11 @@ def collect(root: Path, limit: int) -> dict:
                                ood_ppl=last["ood_ppl"], ood_kl=last["ood_kl"], ood_teacher_ppl=last["ood_teacher_ppl"],
                                fit_tokens=fit["tokens"] if fit else 0, lambada_ppl=_lambada_ppl(raw),
                                margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve,
-                               long_val=_read_json(folder / f"long_val_{LONG_SEQ}.json")))
+                               long_val=_read_json(folder / f"long_val_{LONG_SEQ}.json"),
+                               # every enabled stage done; an unfinished run resumes where it
+                               # stopped, and its curve so far is shown
+                               finished=all((folder / f"stage{n}" / "done.json").exists()
+                                            for n, spec in STAGES.items() if params.get(spec.flag))))
     teacher_raw = json.loads(teacher_res.read_text()) if teacher_res.exists() else None
     return results_record(teacher_record("SmolLM2-135M-Instruct (embedded)", teacher_ppl, teacher_tasks), runs,
                           teacher_lambada_ppl=_lambada_ppl(teacher_raw))
@@ -386,7 +391,8 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         tasks = f"{len(r['tasks'])} ({docs})" if r["tasks"] else "-"
         m = f"{100 * r['margin']:.0f}%" if r.get("margin") is not None else "-"
         ood = (f"{r['ood_ppl'] / r['ood_teacher_ppl']:.2f}x | {r['ood_kl']:.3f}" if r.get("ood_ppl") else "- | -")
-        lines.append(f"| {r['arch']} | {r['variant']} | {r.get('corpus', 'embedded')} | {r['tokens']:,} | "
+        name = r["variant"] if r.get("finished", True) else f"{r['variant']} (unfinished: {r['curve'][-1]['after']})"
+        lines.append(f"| {r['arch']} | {name} | {r.get('corpus', 'embedded')} | {r['tokens']:,} | "
                      f"{r['fit_tokens']:,} | {r['wall_s'] / 60:.1f} | {r['ppl']:.2f} | "
                      f"{r['ppl'] / (r.get('teacher_ppl') or t_ppl):.2f}x | {r['kl']:.3f} | {ood} | {_long(r, 'val')} | "
                      f"{_long(r, 'ood')} | {tasks} | {m} |")
