@@ -398,6 +398,9 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
                      f"{r['fit_tokens']:,} | {r['wall_s'] / 60:.1f} | {r['ppl']:.2f} | "
                      f"{r['ppl'] / (r.get('teacher_ppl') or t_ppl):.2f}x | {r['kl']:.3f} | {ood} | {_long(r, 'val')} | "
                      f"{_long(r, 'ood')} | {tasks} | {m} |")
+    if data.get("unfinished"):
+        lines += ["", "Unfinished, resumable with the same command (not shown): " + ", ".join(
+            f"{u['arch']} / {u['variant']} (after {u['after']})" for u in data["unfinished"]) + "."]
     lines += ["", "## Curves", ""]
     for r in data["runs"]:
         lines.append(f"**{r['arch']} / {r['variant']}**: " + ", ".join(
@@ -437,6 +440,11 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
 
 def cmd_report(args) -> int:
     data = collect(Path(args.root), args.limit)
+    # an unfinished run (one resumed in a later session) is named, not tabulated: its curve so far
+    # is the start of the run it was branched into, or of its own finished run later
+    data["unfinished"] = [{"arch": r["arch"], "variant": r["variant"], "after": r["curve"][-1]["after"]}
+                          for r in data["runs"] if not r["finished"]]
+    data["runs"] = [r for r in data["runs"] if r["finished"]]
     if not data["runs"]:
         raise SystemExit(f"no recipe runs under {args.root}/*/recipe-*: run `benchmarks/recipe.py run` first")
     write_report(data, ROOT / "docs" / "recipe.md", ROOT / "docs" / "recipe.json",
