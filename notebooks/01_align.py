@@ -37,7 +37,7 @@ stage2_tokens = None
 # %%
 from linearize import notebook_params
 notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
-import json, time
+import time
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns

@@ -37,9 +37,8 @@ stage3_train = None         # None: "all"; or "mixers", "no-embeddings"
 # %%
 from linearize import notebook_params
 notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
-import json, time
+import time
 import matplotlib.pyplot as plt
-import pandas as pd
 import seaborn as sns
 import yaml
 from linearize import runs as R, stages as S
@@ -94,5 +93,5 @@ cols = [c for c in ("after", "tokens", "stage_wall_s", "perplexity", "teacher_pe
 evals[cols] if len(evals) else "no validation yet"
 
 # %%
-thr = [json.loads(l) for l in open(result['run'].metrics_path) if '"throughput"' in l]
+thr = [r for r in result['run'].metrics() if r.get("event") == "throughput"]  # the run folder's one reader
 thr[-1] if thr else 'throughput not measured (measure_teacher_throughput off or stage reused)'
