@@ -37,7 +37,7 @@ study: env
 # The study of issue 15: all ten students, Table 2 (kd, mm) and the default recipe each, Table 3's
 # ablations for gla and xlstm, 500 documents per task. Resumable: run it again to go on.
 grid: env
-	$(PY) -m linearize.runner --preset cpu-study --students all --grid study $(STUDY_ARGS)
+	$(PY) -m linearize.runner --preset cpu-grid --students all --grid study $(STUDY_ARGS)
 
 # For maintainers: copy the finished study's page, results.json and figures from outputs/study/
 # into docs/ (`make study` itself writes only under outputs/).

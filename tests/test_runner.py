@@ -93,8 +93,10 @@ def test_plan_orders_the_study():
     steps = runner.plan(["gla", "deltanet"], "cpu-quick", grid="table2")
     names = [s.notebook for s in steps]
     assert names[0] == "00_teacher.ipynb"
-    runs = [s.output.parent.name for s in steps if s.notebook == "02_distill.ipynb"]
-    assert runs == ["cpu-quick-kd", "cpu-quick-mm"] * 2
+    runs = [(s.output.parent.parent.name, s.output.parent.name) for s in steps if s.notebook == "02_distill.ipynb"]
+    # variant by variant (whole columns first), students in the order asked
+    assert runs == [("gla", "cpu-quick-kd"), ("deltanet", "cpu-quick-kd"),
+                    ("gla", "cpu-quick-mm"), ("deltanet", "cpu-quick-mm")]
     kd = next(s for s in steps if s.notebook == "01_align.ipynb")
     assert kd.parameters["qkv_copy"] is False and kd.parameters["matrix_mixing"] is False
 
