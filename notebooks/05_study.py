@@ -27,6 +27,8 @@
 # %% tags=["parameters"]
 outputs = None                    # None: the project's outputs/ ($LINEARIZE_OUTPUTS); relative paths: under the project root
 students = None                   # None: every run found; or "gla,xlstm" / run labels "gla/cpu-quick-kd"
+presets = None                    # None: runs of every preset; or "cpu-grid" (the runner passes its own)
+grid = None                       # the runner's grid name ("study"): the page says how far that grid is
 explorer_texts = [
     "The capital of France is Paris. It has been the capital since the Middle Ages, and it is famous for",
     "Mr. President, Mr. Speaker, members of Congress: tonight I report to you on the state of our Union.",
@@ -49,7 +51,7 @@ from linearize.paths import OUTPUTS, ROOT, project_path
 outputs = project_path(outputs, OUTPUTS)
 figures = project_path(figures_dir, ROOT / "docs" / "figures")
 results_page = project_path(results_page, ROOT / "docs" / "results.md")
-runs = study.find_runs(outputs, students)
+runs = study.find_runs(outputs, students, presets)
 page_figures = {}
 print(f"{len(runs)} run(s) under {outputs}; teacher: {study.teacher_name(runs, outputs)}")
 study.runs_frame(runs)
@@ -67,6 +69,14 @@ study.show(study.table2(runs, outputs, metric))
 
 # %%
 study.show(study.table3(runs, outputs, metric))
+
+# %% [markdown]
+# ## Beyond the paper: the project's recipe for every student
+# QKV copy, closed-form readout fit, attention transfer (stage 0), then distillation: the study grid's first column (`qkv-fit-at`).
+
+# %%
+recipe_table = study.table_recipe(runs, outputs, metric)
+study.show(recipe_table) if len(recipe_table) > 1 else print("no recipe runs (variant qkv-fit-at of the runner)")
 
 # %% [markdown]
 # ## Beyond the paper: closed-form readout fit after conversion
@@ -156,6 +166,7 @@ display(explorer_widget) if explorer_widget is not None else print("no student r
 # Generated from the outputs above, not typed by hand.
 
 # %%
-page = analysis.write_results_page(results_page, outputs, runs, page_figures, metric)
+grid_of = (presets, grid) if grid and presets and "," not in presets else None
+page = analysis.write_results_page(results_page, outputs, runs, page_figures, metric, grid=grid_of)
 print(f"wrote {page}")
 display(Markdown(f"[{page}]({page})"))

@@ -59,6 +59,7 @@ def test_study_step_is_redone_after_any_earlier_step_ran(tmp_path, tiny_notebook
     study = runner.Step("05_study.ipynb", tmp_path / "s.ipynb", {"counter": str(tiny_notebook)})
     steps = [first, study]
     monkeypatch.setattr(runner, "plan", lambda *a, **k: steps)
+    monkeypatch.setattr(runner, "OUTPUTS", tmp_path / "outputs")  # its lock, not a real study's
     runner.main([])  # both run
     runner.main([])  # both skipped
     assert tiny_notebook.read_text().count("ran") == 2
@@ -82,6 +83,7 @@ def test_a_hung_cell_times_out_and_the_runner_says_where_to_look(tmp_path, tiny_
     study = runner.Step("05_study.ipynb", tmp_path / "s.ipynb", {"counter": str(tiny_notebook)})
     after = runner.Step("count.ipynb", tmp_path / "after.ipynb", {"counter": str(tiny_notebook)})
     monkeypatch.setattr(runner, "plan", lambda *a, **k: [study, after])
+    monkeypatch.setattr(runner, "OUTPUTS", tmp_path / "outputs")  # its lock, not a real study's
     assert runner.main([]) == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and str(study.output) in err and "run the same command again" in err

@@ -36,7 +36,15 @@ PAIRS = (
     ("qkv-mm-h2h", "qkv-mm", "hidden-to-hidden alignment (stage 2)"),
     ("qkv-mm-h2h", "mm-h2h", "QKV copy in the full recipe"),
     ("qkv-mm-h2h", "kd", "full recipe against distillation alone"),
+    # beyond the paper: the project's recipe (QKV copy, readout fit, attention transfer, then KD)
+    ("qkv-fit-at", "kd", "the project's recipe against distillation alone"),
+    ("qkv-fit-at", "mm", "the project's recipe against matrix mixing + distillation"),
 )
+# Columns of the study ranked against the paper: (our variant, the paper's Table 2 variant whose
+# Avg. per student is the reference). The project's recipe has no paper row; it is ranked
+# against the paper's better column (with MM), to ask whether the mixers' order survives
+# another recipe.
+RANKED_COLUMNS = (("kd", "kd"), ("mm", "mm"), ("qkv-fit-at", "mm"))
 ITERS = 2000  # bootstrap resamples on the page: interval ends move by < 0.1 point beyond this
 
 
@@ -53,7 +61,7 @@ def _stages_total(run, key: str):
 
 
 def _last_eval(run, key: str):
-    for after in ("stage3", "stage2", "stage1", "conversion"):
+    for after in ("stage3", "stage2", "stage1", "stage0", "conversion"):
         if key in run.evals.get(after, {}):
             return run.evals[after][key]
     return None
@@ -141,6 +149,100 @@ def analysis(runs, outputs, metric: str = "acc", iters: int = ITERS) -> dict:
             out["pairs"].append({"arch": arch, "a": a.label, "b": b.label, "question": question,
                                  "paper_diff": paper / 100 if math.isfinite(paper) else None,
                                  "verdict": verdict(res["avg"], paper), **res})
+    out["rankings"] = rankings(runs, docs, iters)
+    return out
+
+
+def _finite(x):
+    """JSON has no NaN: a number the paper does not give is None."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _full(d) -> bool:
+    return bool(d) and all(t in d for t in R.TASKS)
+
+
+def rankings(runs, docs: Mapping, iters: int = ITERS) -> list[dict]:
+    """Per column of :data:`RANKED_COLUMNS` with at least three students evaluated on all six
+    tasks: the students ranked by our six-task average (with its stderr, validation KL and the
+    paper's Avg.), Spearman's rho of that ranking with the paper's (bootstrap interval over
+    documents), and rho of the ranking by validation KL (lower is better; a point estimate: KL
+    is measured on one fixed set of blocks)."""
+    from .study import PAPER_NAMES, paper_average, variant_suffix
+
+    out = []
+    for ours, paper_variant in RANKED_COLUMNS:
+        cell = [r for r in runs if r.variant == ours and _full(docs.get(r.label))]
+        if len(cell) < 3:
+            continue
+        rows = []
+        for r in cell:
+            acc, se = R.average(R.tasks_from_eval(r.results))
+            paper_label = f"Llama-{PAPER_NAMES.get(r.arch, r.arch)}{variant_suffix(paper_variant)}"
+            rows.append({"run": r.label, "arch": r.arch, "avg": acc, "stderr": se, "kl": _last_eval(r, "kl"),
+                         "ppl": _last_eval(r, "perplexity"), "paper_label": paper_label,
+                         "paper_avg": _finite(paper_average(paper_label))})
+        rows.sort(key=lambda x: -x["avg"])
+        entry = {"variant": ours, "paper_variant": paper_variant, "students": rows, "spearman": None,
+                 "spearman_kl": None}
+        ref = {x["paper_label"]: x["paper_avg"] for x in rows if x["paper_avg"] is not None}
+        if len(ref) >= 3:
+            models = {x["paper_label"]: docs[x["run"]] for x in rows if x["paper_label"] in ref}
+            entry["spearman"] = C.spearman_bootstrap(models, ref, list(R.TASKS), iters=iters)
+            with_kl = [x for x in rows if x["paper_label"] in ref and x["kl"] is not None]
+            if len(with_kl) >= 3:
+                import numpy as np
+
+                entry["spearman_kl"] = _finite(float(C._pearson_rows(
+                    C._ranks(-np.asarray([x["kl"] for x in with_kl], dtype=float))[None],
+                    C._ranks(np.asarray([x["paper_avg"] for x in with_kl], dtype=float)))[0]))
+        out.append(entry)
+    return out
+
+
+def _direction(sp: Mapping | None) -> str:
+    if not sp:
+        return "not computed (fewer than three students with a paper number)"
+    where = f"rho {sp['rho']:.2f}, 95% interval {sp['lo']:.2f} to {sp['hi']:.2f}, {sp['n']} students"
+    if sp["lo"] > 0:
+        return f"holds ({where})"
+    if sp["hi"] < 0:
+        return f"is reversed ({where})"
+    return f"is not determined at this budget: the interval covers 0 ({where})"
+
+
+def findings(result: Mapping) -> list[str]:
+    """The paper's findings, each said in words with what our measurements say of it."""
+    out = []
+    for entry in result.get("rankings") or []:
+        col = entry["variant"]
+        against = "its own column" if col == entry["paper_variant"] else f"its `{entry['paper_variant']}` column"
+        kl = entry.get("spearman_kl")
+        kl_text = "" if kl is None else f" Ranked by validation KL instead, rho is {kl:.2f}."
+        out.append(f"- **The ranking of the mixers** (`{col}`, against the paper's {against}) "
+                   f"{_direction(entry.get('spearman'))}.{kl_text}")
+    by_question: dict[str, list[dict]] = {}
+    for p in result.get("pairs") or []:
+        by_question.setdefault(p["question"], []).append(p)
+    for question, pairs in by_question.items():
+        better = [p["arch"] for p in pairs if p["avg"]["lo"] > 0]
+        worse = [p["arch"] for p in pairs if p["avg"]["hi"] < 0]
+        open_ = [p["arch"] for p in pairs if p["arch"] not in better + worse]
+        with_paper = [p for p in pairs if p["paper_diff"] is not None]
+        paper = ""
+        if with_paper:
+            ups = sum(1 for p in with_paper if 100 * p["paper_diff"] >= PAPER_TIE)
+            downs = sum(1 for p in with_paper if 100 * p["paper_diff"] <= -PAPER_TIE)
+            paper = (f" The paper: a > b for {ups}, a < b for {downs}, within {PAPER_TIE} points for "
+                     f"{len(with_paper) - ups - downs} of these {len(with_paper)} students.")
+        names = lambda xs: ", ".join(xs) if xs else "none"  # noqa: E731
+        out.append(f"- **{question}** (a - b, six-task average, paired 95% interval): better for "
+                   f"{names(better)}; worse for {names(worse)}; not separated for {names(open_)}.{paper}")
+    margins = {k: m for k, m in (result.get("margins") or {}).items() if "error" not in m}
+    if margins:
+        above = [k for k, m in margins.items() if m["lo"] > 0]
+        out.append(f"- **Above chance:** {len(above)} of {len(margins)} runs keep a margin over chance whose "
+                   "95% interval excludes 0" + (f" ({', '.join(f'`{k}`' for k in above)})" if above else "") + ".")
     return out
 
 
@@ -169,6 +271,21 @@ def _pm(x) -> str:
 def analysis_sections(result: Mapping) -> list[str]:
     """Markdown sections for the page."""
     sections = []
+    said = findings(result)
+    if said:
+        sections.append("\n".join(["## What holds here of the paper's findings", "",
+                                   "Generated from the paired analyses below; a finding whose interval covers 0 is "
+                                   "reported as not determined, never as holding.", "", *said]))
+    for entry in result.get("rankings") or []:
+        rows = [f"## Students ranked under `{entry['variant']}`", "",
+                f"By our six-task average (± stderr); `paper Avg.` is the paper's `{entry['paper_variant']}` "
+                "row of the same student. val ppl and KL: held-out validation after the last stage.", "",
+                "| rank | run | Avg. | KL | val ppl | paper Avg. |", "|---:|---|---:|---:|---:|---:|"]
+        for i, x in enumerate(entry["students"], 1):
+            num = lambda v, f: R.MISSING if v is None or not math.isfinite(v) else format(v, f)  # noqa: E731
+            rows.append(f"| {i} | {x['run']} | {R.cell(x['avg'], x['stderr'], 2)} | {num(x['kl'], '.3f')} | "
+                        f"{num(x['ppl'], '.1f')} | {num(x['paper_avg'], '.2f')} |")
+        sections.append("\n".join(rows))
     sp = result.get("spearman_table2")
     lines = ["## Ranking against the paper's Table 2", ""]
     if sp:
@@ -217,12 +334,67 @@ def analysis_sections(result: Mapping) -> list[str]:
     return sections
 
 
+def grid_status(runs, outputs, preset: str, grid: str) -> dict:
+    """How far the runner's grid ``grid`` under ``preset`` is in ``outputs``: its cells (student,
+    variant), which are trained and which evaluated, the token budget of each variant and the
+    machine time its finished steps took (from the runner's step markers)."""
+    from . import runner
+    from .mixers import available
+
+    outputs = Path(outputs)
+    by_dir = {r.dir.resolve(): r for r in runs}
+    cells, seconds = [], 0.0
+    for step in runner.plan(available(), preset, grid=grid):
+        try:  # the plan names folders under the runner's outputs; this page may read another
+            here = outputs / step.output.relative_to(runner.OUTPUTS)
+        except ValueError:
+            continue
+        marker = here.with_suffix(".done")
+        done = here.exists() and marker.exists()
+        if done:
+            try:
+                seconds += float(json.loads(marker.read_text()).get("seconds") or 0.0)
+            except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                pass
+        if step.notebook != "03_evaluate.ipynb" or here.parent.name == "teacher":
+            continue
+        run = by_dir.get(here.parent.resolve())
+        cells.append({"run": f"{here.parent.parent.name}/{here.parent.name}", "trained": bool(run and run.finished),
+                      "evaluated": done})
+    tokens = {}
+    for r in runs:
+        if r.preset == preset and r.finished:
+            tokens.setdefault(r.variant, {f"stage{s}": int(json.loads((r.dir / f"stage{s}" / "done.json").read_text())
+                                                           .get("tokens") or 0) for s in r.stages_done})
+    return {"preset": preset, "grid": grid, "cells": cells, "evaluated": sum(c["evaluated"] for c in cells),
+            "trained": sum(c["trained"] for c in cells), "machine_seconds": seconds, "tokens_by_variant": tokens}
+
+
+def grid_section(status: Mapping) -> str:
+    hours = status["machine_seconds"] / 3600
+    lines = [f"## The grid: {status['evaluated']} of {len(status['cells'])} cells finished", "",
+             f"`make grid` (preset `{status['preset']}`, grid `{status['grid']}`): {status['trained']} cells trained, "
+             f"{status['evaluated']} evaluated; the finished steps took {hours:.1f} hours of this machine "
+             "(the runner's step markers). The runner resumes where it stopped; a cell is on this page "
+             "as soon as its evaluation is done.", "",
+             "Training tokens per stage of each variant (stage 0: attention transfer, 1: matrix mixing, "
+             "2: hidden-to-hidden, 3: end-to-end distillation):", ""]
+    for variant, tok in status["tokens_by_variant"].items():
+        lines.append(f"- `{variant}`: " + ", ".join(f"{k} {v:,}" for k, v in sorted(tok.items())))
+    left = [c["run"] for c in status["cells"] if not c["evaluated"]]
+    if left:
+        lines += ["", "Not finished yet: " + ", ".join(f"`{x}`" for x in left) + "."]
+    return "\n".join(lines)
+
+
 def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs: list["S.StudyRun"],
-                       figures: Mapping[str, Path | list[Path] | None], metric: str = "acc") -> Path:
+                       figures: Mapping[str, Path | list[Path] | None], metric: str = "acc",
+                       grid: tuple[str, str] | None = None) -> Path:
     """Write the markdown results page: the tables (built here from ``outputs``; every accuracy
     with its stderr), the paired analyses of :mod:`linearize.analysis` and links to the figures
     (``figures``: section title -> PNG path(s), None for a missing one); and beside it its JSON
-    twin (``results.json`` for ``results.md``) in the schema of :mod:`linearize.results`."""
+    twin (``results.json`` for ``results.md``) in the schema of :mod:`linearize.results`.
+    ``grid``: (preset, grid name) of the runner's grid this page reports, for its progress."""
     from .results import results_record, write_json
 
     path = Path(path)
@@ -249,6 +421,21 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
         "",
         "The paper's teacher per task: " + ", ".join(f"{k} {v:.2f}" for k, v in paper_teacher.items()) + ".",
         "",
+    ]
+    status = grid_status(runs, outputs, *grid) if grid else None
+    if status:
+        lines += [grid_section(status), ""]
+    if any(r.variant in S.RECIPE_VARIANTS for r in runs):
+        lines += [
+            "## The project's recipe (beyond the paper): QKV copy, readout fit, attention transfer, distillation",
+            "",
+            "Every layer's o_proj fitted in closed form, then every mixer regressed onto the teacher's attention "
+            "output from the teacher's own layer inputs (stage 0), then end-to-end distillation (docs/recipe.md).",
+            "",
+            S.markdown_table(with_stderr(S.table_recipe(runs, outputs, metric), runs, outputs, metric)),
+            "",
+        ]
+    lines += [
         "## Table 2: students without and with matrix mixing",
         "",
         S.markdown_table(with_stderr(S.table2(runs, outputs, metric), runs, outputs, metric)),
@@ -288,5 +475,6 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
     path.write_text("\n".join(lines))
     # the page's JSON twin (schema: linearize.results), written from the same runs
     teacher, records = study_record(runs, outputs, metric)
-    write_json(path.with_suffix(".json"), results_record(teacher, records, analysis=paired))
+    extra = {"grid": status} if status else {}
+    write_json(path.with_suffix(".json"), results_record(teacher, records, analysis=paired, **extra))
     return path

@@ -291,7 +291,7 @@ def plan(students: list[str], preset: str, teacher: str | None = None, grid: str
     study = OUTPUTS / "study"  # the page stays in outputs/: `--publish` copies it into docs/
     steps.append(Step("05_study.ipynb", study / "05_study.ipynb",
                       dict(outputs=str(OUTPUTS), figures_dir=str(study / "figures"),
-                           results_page=str(study / "results.md"))))
+                           results_page=str(study / "results.md"), presets=preset, grid=grid)))
     return [s for s in steps if (NOTEBOOKS / s.notebook).exists()]
 
 

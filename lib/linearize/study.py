@@ -40,7 +40,7 @@ from .runs import read_metrics
 
 # Folders of outputs/ that hold no student runs.
 NON_RUN_DIRS = {"teacher", "bench", "study", "teacher_eval", "bench_mixers"}
-STAGE_EVALS = ("conversion", "stage1", "stage2", "stage3")
+STAGE_EVALS = ("conversion", "stage0", "stage1", "stage2", "stage3")  # stage0: attention transfer (beyond the paper)
 # How the paper labels each training variant after "Llama-<student>".
 VARIANT_SUFFIX = {
     "kd": "", "mm": " + MM", "qkv": " + QKV", "qkv-mm": " + QKV + MM",
@@ -48,10 +48,13 @@ VARIANT_SUFFIX = {
     "qkv-h2h": " + QKV + H2H",
     # beyond the paper: closed-form o_proj fit after conversion (linearize.calibrate)
     "qkv-fit": " + QKV + fit", "qkv-fit-mm-h2h": " + QKV + fit + MM + H2H",
+    # beyond the paper: the project's recipe, readout fit then attention transfer (linearize.transfer)
+    "qkv-fit-at": " + QKV + fit + AT (recipe, beyond the paper)",
 }
 TABLE2_VARIANTS = ("kd", "mm")  # students without and with matrix mixing (no Q/K/V copy)
 TABLE3_VARIANTS = ("qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h")  # the ablations
 FIT_VARIANTS = ("qkv-mm-h2h", "qkv-fit", "qkv-fit-mm-h2h")  # the paper's best recipe beside the readout fit
+RECIPE_VARIANTS = ("qkv-fit-at",)  # the project's recipe (the study grid's first column)
 TASK_COLUMNS = list(COLUMNS.values())
 MISSING = "-"
 
@@ -193,10 +196,12 @@ def load_run(folder: str | os.PathLike) -> StudyRun:
                     stages_done=done, results=results, results_path=results_path)
 
 
-def find_runs(outputs: str | os.PathLike = "outputs", students=None) -> list[StudyRun]:
+def find_runs(outputs: str | os.PathLike = "outputs", students=None, presets=None) -> list[StudyRun]:
     """Every run folder ``outputs/<arch>/<run_name>/`` (one with params.yaml), sorted by
     student then variant. ``students``: None for all, else student names ("gla") or run
-    labels ("gla/cpu-quick-kd"), as a list or a comma-separated string."""
+    labels ("gla/cpu-quick-kd"), as a list or a comma-separated string. ``presets``: None for
+    all, else the presets whose runs to keep (a study's page shows its own runs, not every
+    experiment that shares the outputs folder)."""
     outputs = Path(outputs)
     if not outputs.is_dir():
         raise StudyError(f"outputs folder {outputs} does not exist: run the study first (make study) "
@@ -210,7 +215,11 @@ def find_runs(outputs: str | os.PathLike = "outputs", students=None) -> list[Stu
         if unknown:
             raise StudyError(f"no runs for {unknown} under {outputs}; found: {sorted(known)}")
         runs = [r for r in runs if r.arch in wanted or r.label in wanted]
-    order = {v: i for i, v in enumerate(dict.fromkeys((*TABLE2_VARIANTS, *TABLE3_VARIANTS, *FIT_VARIANTS)))}
+    if presets not in (None, "", "all"):
+        keep = {p.strip() for p in presets.split(",")} if isinstance(presets, str) else set(presets)
+        runs = [r for r in runs if r.preset in keep]
+    order = {v: i for i, v in enumerate(dict.fromkeys((*RECIPE_VARIANTS, *TABLE2_VARIANTS, *TABLE3_VARIANTS,
+                                                      *FIT_VARIANTS)))}
     return sorted(runs, key=lambda r: (r.arch, r.preset, order.get(r.variant, 99), r.dir.name))
 
 
@@ -323,6 +332,11 @@ def table2(runs, outputs=None, metric="acc"):
 def table3(runs, outputs=None, metric="acc"):
     """The paper's Table 3: Q/K/V copy, matrix mixing and hidden-to-hidden ablations."""
     return paper_table(runs, TABLE3_VARIANTS, outputs, metric)
+
+
+def table_recipe(runs, outputs=None, metric="acc"):
+    """Beyond the paper: every student trained with the project's recipe (``qkv-fit-at``)."""
+    return paper_table([r for r in runs if r.variant in RECIPE_VARIANTS], RECIPE_VARIANTS, outputs, metric)
 
 
 def table_hybrid(runs, outputs=None, metric="acc"):
