@@ -89,12 +89,23 @@ def test_copied_softmax_student_has_zero_loss(target, teacher, blocks, tmp_path)
     assert _losses(run)[0] < 1e-8
 
 
-@pytest.mark.parametrize("arch", ["gla", "deltanet", "xlstm"])
+# every subquadratic student the study grid trains with stage 0 first, except Hedgehog: on this
+# toy teacher its identity-initialised softmax feature map starts at a relative error of 3e-4
+# (near-uniform attention), so there is nothing for the loss to fall from (its first step at
+# this test's lr 3e-3 lifts it to ~1); the test after this one runs it through stage 0.
+@pytest.mark.parametrize("arch", ["gla", "deltanet", "xlstm", "hgrn2", "retnet", "mamba2", "metala", "rebased"])
 def test_stage0_lowers_its_loss(arch, teacher, blocks, tmp_path):
     run, res = _train(teacher, blocks[:4], _params(arch), tmp_path)
     curve = _losses(run)
     assert res.finished and len(curve) == 12 and all(math.isfinite(v) for v in curve)
     assert curve[-1] < 0.7 * curve[0], curve
+
+
+def test_stage0_runs_hedgehog_to_the_end(teacher, blocks, tmp_path):
+    run, res = _train(teacher, blocks[:4], _params("hedgehog"), tmp_path)
+    curve = _losses(run)
+    assert res.finished and len(curve) == 12 and all(math.isfinite(v) for v in curve)
+    assert max(curve[1:]) < 10 and curve[-1] < 0.5 * max(curve), curve  # it recovers from its first step
 
 
 @pytest.mark.parametrize("at_train", ["mixers", "gates", "lora"])
