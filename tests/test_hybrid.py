@@ -363,7 +363,7 @@ def test_params_fill_mixer_options_and_old_identities_still_match():
 def test_runner_plans_hybrid_runs_and_the_study_labels_them(tmp_path):
     from linearize import runner, study
 
-    steps = runner.plan(["gla", "softmax"], "cpu-quick", hybrid_windows=(0, 64))
+    steps = runner.plan(["gla", "softmax"], "cpu-quick", grid="paper", hybrid_windows=(0, 64))
     aligns = [s for s in steps if s.notebook == "01_align.ipynb"]
     assert [str(s.output.parent.relative_to(s.output.parents[2])) for s in aligns] == [
         "gla/cpu-quick-qkv-mm-h2h", "gla/cpu-quick-qkv-mm-h2h-w64", "softmax/cpu-quick-qkv-mm-h2h"]
