@@ -181,6 +181,7 @@ def rankings(runs, docs: Mapping, iters: int = ITERS) -> list[dict]:
             paper_label = f"Llama-{PAPER_NAMES.get(r.arch, r.arch)}{variant_suffix(paper_variant)}"
             rows.append({"run": r.label, "arch": r.arch, "avg": acc, "stderr": se, "kl": _last_eval(r, "kl"),
                          "ppl": _last_eval(r, "perplexity"), "paper_label": paper_label,
+                         "tokens": _stages_total(r, "tokens"), "wall_s": _stages_total(r, "wall_s"),
                          "paper_avg": _finite(paper_average(paper_label))})
         rows.sort(key=lambda x: -x["avg"])
         entry = {"variant": ours, "paper_variant": paper_variant, "students": rows, "spearman": None,
@@ -279,12 +280,15 @@ def analysis_sections(result: Mapping) -> list[str]:
     for entry in result.get("rankings") or []:
         rows = [f"## Students ranked under `{entry['variant']}`", "",
                 f"By our six-task average (± stderr); `paper Avg.` is the paper's `{entry['paper_variant']}` "
-                "row of the same student. val ppl and KL: held-out validation after the last stage.", "",
-                "| rank | run | Avg. | KL | val ppl | paper Avg. |", "|---:|---|---:|---:|---:|---:|"]
+                "row of the same student. val ppl and KL: held-out validation after the last stage; tokens and "
+                "minutes: training, all stages.", "",
+                "| rank | run | Avg. | KL | val ppl | tokens | train min | paper Avg. |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|"]
         for i, x in enumerate(entry["students"], 1):
             num = lambda v, f: R.MISSING if v is None or not math.isfinite(v) else format(v, f)  # noqa: E731
             rows.append(f"| {i} | {x['run']} | {R.cell(x['avg'], x['stderr'], 2)} | {num(x['kl'], '.3f')} | "
-                        f"{num(x['ppl'], '.1f')} | {num(x['paper_avg'], '.2f')} |")
+                        f"{num(x['ppl'], '.1f')} | {num(x['tokens'], ',')} | "
+                        f"{num(None if x['wall_s'] is None else x['wall_s'] / 60, '.0f')} | {num(x['paper_avg'], '.2f')} |")
         sections.append("\n".join(rows))
     sp = result.get("spearman_table2")
     lines = ["## Ranking against the paper's Table 2", ""]
