@@ -314,6 +314,8 @@ def paper_table(runs: list[StudyRun], variants, outputs: str | os.PathLike | Non
                     row.update({"val ppl": _stage3(run, "perplexity"), "KL": _stage3(run, "kl"),
                                 "docs/task": _docs(run.results)})
                 key = label if run is None or len(presets) == 1 else f"{label} [{run.preset}]"
+                if run is not None and len(mine) > 1 and len({r.preset for r in mine}) < len(mine):
+                    key = f"{label} [{run.dir.name}]"  # several runs of one preset: one row each
                 rows[key] = row
     frame = pd.DataFrame.from_dict(rows, orient="index", columns=columns) if rows else pd.DataFrame(columns=columns)
     frame.index.name = "model"
