@@ -14,7 +14,7 @@ Options (defaults): norm_eps 1e-6 (the normaliser's eps), rope False.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
+from ..kernels.gated import _pad_time
+from .common import repeat_kv, split_heads
 from .linear import Features, LinearMixer, scale_of
 from .registry import register
 
@@ -51,30 +53,48 @@ class ReBased(LinearMixer):
         return quadratic_features(self.normed(x))
 
     def features(self, x, position_embeddings, state, new_state):
-        q, k = self.heads(self.q_proj(x)), self.heads(self.k_proj(x), kv=True)
+        # k and v stay at the KV heads here: the chunked form shares each KV head's features and
+        # state among its query heads; ``_full`` repeats them for the other forms
+        q = self.heads(self.q_proj(x))
+        k = split_heads(self.k_proj(x), self.num_kv_heads)
         q, k = self.rope(q, k, position_embeddings)
+        v_kv = split_heads(self.v_proj(x), self.num_kv_heads)
         # (s q~).k~ squared: the scale goes in before squaring, as FLA's parallel_rebased; it
         # goes into q~ itself, so phi(s q~) = s^2 phi(q~) costs no pass over the 2080 features
-        q_low, k_low = self.normed(q) * scale_of(self.head_dim), self.normed(k)
-        return _QuadFeatures(q=quadratic_features(q_low), k=quadratic_features(k_low),
-                             v=self.heads(self.v_proj(x), kv=True), q_low=q_low, k_low=k_low)
+        return _QuadFeatures(q=None, k=None, v=repeat_kv(v_kv, self.num_heads),
+                             q_low=self.normed(q) * scale_of(self.head_dim), k_low=self.normed(k), v_kv=v_kv)
+
+    def _full(self, f):
+        """The features themselves [B, H, T, d(d+1)/2] (recurrent and matrix forms, FLA)."""
+        k_low = repeat_kv(f.k_low, self.num_heads)
+        return replace(f, q=quadratic_features(f.q_low), k=quadratic_features(k_low), k_low=k_low)
 
     def _run(self, f, mode, state):
-        # the chunked form's intra-chunk weights (s q~.k~)^2 in the head dim (64) rather than as
-        # a dot product of 2080 features; the recurrence and the state still use the features
         if mode != "chunk":
-            return super()._run(f, mode, state)
+            return super()._run(self._full(f), mode, state)
+        backend = self.config.backend
+        if state is None and not kernels.use_fla(backend, f.q_low.device, "gated linear attention", key_dim=self.key_dim,
+                                                 dtype=f.q_low.dtype, fla_dtypes=kernels.FLA_GATED_DTYPES):
+            o, s = quadratic_chunk(f.q_low, f.k_low, f.v_kv, self.config.chunk_size, self.eps)
+            return o, {"S": s}
+        # with a state to continue from (or on FLA): the generic chunked kernel on the repeated
+        # heads; our chunked form there still takes the intra-chunk weights (s q~.k~)^2 in the
+        # head dim rather than as a dot product of 2080 features
+        f = self._full(f)
         o, s = kernels.gated_attention(f.q, f.k, f.v, None, mode=mode, chunk_size=self.config.chunk_size,
-                                       backend=self.config.backend,
-                                       initial_state=None if state is None else state["S"],
+                                       backend=backend, initial_state=None if state is None else state["S"],
                                        normalize=True, eps=self.eps, square_qk=(f.q_low, f.k_low))
         return o, {"S": s}
+
+    def linear_matrix(self, x, position_embeddings=None):
+        return self.kernel.matrix(self, self._full(self.features(x, position_embeddings, None, {})))
 
 
 @dataclass
 class _QuadFeatures(Features):
     q_low: torch.Tensor | None = None  # s * q~ [B, H, T, d]: phi_q . phi_k = (q_low . k_low)^2
-    k_low: torch.Tensor | None = None  # k~ [B, H, T, d]
+    k_low: torch.Tensor | None = None  # k~ [B, H_kv, T, d] (repeated to [B, H, T, d] by ``_full``)
+    v_kv: torch.Tensor | None = None  # v [B, H_kv, T, D] (``v`` is it repeated to the H heads)
 
 
 # ------------------------------------------------------------------ the quadratic feature map
@@ -151,3 +171,40 @@ class _QuadraticFeatures(torch.autograd.Function):
 def quadratic_features(x: torch.Tensor) -> torch.Tensor:
     """[..., d] -> [..., d(d+1)/2] with phi(x).phi(y) = (x.y)^2 (layout: see above)."""
     return _QuadraticFeatures.apply(x)
+
+
+def quadratic_chunk(a, b, v, chunk_size: int, eps: float):
+    """Chunked normalised attention with weights (a_i.b_j)^2, j <= i, no initial state.
+
+    a [B, H, T, d] (s q~), b [B, H_kv, T, d] (k~), v [B, H_kv, T, V]; query head h reads KV
+    head h // (H / H_kv), as ``repeat_kv``. Returns (o [B, H, T, V] = sum_j w_ij v_j /
+    (sum_j w_ij + eps), final state [B, H, d(d+1)/2, V+1] as the gated kernel's, whose last
+    column is the normaliser). The same sums as ``gla_chunk`` with ``square_qk``, scheduled for
+    the 2080-wide features: each KV head's features and state are computed once and read by
+    its query heads in one matmul (the G query heads' chunks stacked as rows), and the first
+    chunk reads no state."""
+    bsz, h, t, d = a.shape
+    hk = b.shape[1]
+    g, c = h // hk, chunk_size
+    n = -(-t // c)
+    # padded keys are zero: no weight, no state; padded queries' rows are cut off below
+    a, b, vv = (_pad_time(x, n * c) for x in (a, b, kernels.append_ones(v)))
+    dv = vv.shape[-1]
+    ac = a.view(bsz, hk, g, n, c, d).transpose(2, 3)  # [B, Hk, N, G, C, d]
+    bc, vc = b.view(bsz, hk, n, c, d), vv.view(bsz, hk, n, c, dv)
+    w = (ac @ bc.unsqueeze(3).transpose(-1, -2)).square()  # [B, Hk, N, G, C, C]
+    w = w.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=a.device).tril(), 0.0)
+    o_intra = (w @ vc.unsqueeze(3)).flatten(3, 4)  # [B, Hk, N, G*C, V+1]
+    phi_q = quadratic_features(ac).flatten(3, 4)  # [B, Hk, N, G*C, F]
+    phi_k = quadratic_features(bc)  # [B, Hk, N, C, F]
+    # unbind once: indexing chunk i in the loop would make backward fill a full-size zero
+    # gradient per chunk
+    o_intra, phi_q, phi_k, vs = (x.unbind(2) for x in (o_intra, phi_q, phi_k, vc))
+    outs, s = [o_intra[0]], None
+    for i in range(n):
+        if i:
+            outs.append(o_intra[i] + phi_q[i] @ s)
+        upd = phi_k[i].transpose(-1, -2) @ vs[i]
+        s = upd if s is None else s + upd
+    o = torch.stack(outs, 2).view(bsz, hk, n, g, c, dv).transpose(2, 3).reshape(bsz, h, n * c, dv)[:, :, :t]
+    return kernels.split_normaliser(o, eps), repeat_kv(s, h).to(kernels.state_dtype(a.dtype))
