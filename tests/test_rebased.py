@@ -61,3 +61,17 @@ def test_chunked_rebased_matches_float64_quadratic_attention():
             assert a is None
             continue
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-10), tuple(p.shape)
+
+
+def test_chunked_state_equals_the_recurrent_state():
+    """The chunked form keeps one state per KV head; the state it hands on (repeated to every
+    query head) is the token-by-token recurrence's on the repeated heads."""
+    torch.manual_seed(1)
+    m = mixers.build("rebased", MixerConfig(32, 4, 2, 8, chunk_size=16, backend="torch")).double()
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y_chunk, s_chunk = m(x, mode="chunk")
+        y_rec, s_rec = m(x, mode="recurrent")
+    assert s_chunk["S"].shape == s_rec["S"].shape == (2, 4, 36, 9)
+    assert torch.allclose(s_chunk["S"], s_rec["S"], rtol=1e-10, atol=1e-10)
+    assert torch.allclose(y_chunk, y_rec, rtol=1e-10, atol=1e-10)

@@ -5,9 +5,10 @@ given a learned affine (gamma, beta, shared by q and k), and mapped to its quadr
 so phi(q).phi(k) = (s q~ . k~)^2 with s = 1/sqrt(d). The features are the distinct products
 x_a x_b of x x^T, off-diagonal ones times sqrt(2): d(d+1)/2 of them (2080 for d = 64), the same
 kernel as the full outer product at half the width (``quadratic_features``, ordered by the
-cyclic offset b - a so that forward and backward are a few whole-tensor passes). The kernel runs on the full head dim (not
-FLA's 16-dim feature projection) so the teacher's q_proj/k_proj copy in. Normalised:
-o_i = sum_j K_ij v_j / (sum_j K_ij + eps). Output: o_proj.
+cyclic offset b - a so that forward and backward are a few whole-tensor passes). The kernel runs
+on the full head dim (not FLA's 16-dim feature projection) so the teacher's q_proj/k_proj copy
+in. Normalised: o_i = sum_j K_ij v_j / (sum_j K_ij + eps). Output: o_proj. The chunked form
+(``quadratic_chunk``) keeps each KV head's features and state once for its query heads.
 
 Options (defaults): norm_eps 1e-6 (the normaliser's eps), rope False.
 """
@@ -73,8 +74,9 @@ class ReBased(LinearMixer):
         if mode != "chunk":
             return super()._run(self._full(f), mode, state)
         backend = self.config.backend
-        if state is None and not kernels.use_fla(backend, f.q_low.device, "gated linear attention", key_dim=self.key_dim,
-                                                 dtype=f.q_low.dtype, fla_dtypes=kernels.FLA_GATED_DTYPES):
+        if state is None and not kernels.use_fla(backend, f.q_low.device, "gated linear attention",
+                                                 key_dim=self.key_dim, dtype=f.q_low.dtype,
+                                                 fla_dtypes=kernels.FLA_GATED_DTYPES):
             o, s = quadratic_chunk(f.q_low, f.k_low, f.v_kv, self.config.chunk_size, self.eps)
             return o, {"S": s}
         # with a state to continue from (or on FLA): the generic chunked kernel on the repeated
