@@ -2,24 +2,29 @@
 
 phi(x) = (gamma * LN(x) + beta)^(x2): the head vector is normalised (LayerNorm without affine),
 given a learned affine (gamma, beta, shared by q and k), and mapped to its quadratic features,
-so phi(q).phi(k) = (s q~ . k~)^2 with s = 1/sqrt(d). The features are the upper triangle of
-x x^T with off-diagonal entries times sqrt(2): d(d+1)/2 of them (2080 for d = 64), the same
-kernel as the full outer product at half the width. The kernel runs on the full head dim (not
-FLA's 16-dim feature projection) so the teacher's q_proj/k_proj copy in. Normalised:
-o_i = sum_j K_ij v_j / (sum_j K_ij + eps). Output: o_proj.
+so phi(q).phi(k) = (s q~ . k~)^2 with s = 1/sqrt(d). The features are the distinct products
+x_a x_b of x x^T, off-diagonal ones times sqrt(2): d(d+1)/2 of them (2080 for d = 64), the same
+kernel as the full outer product at half the width (``quadratic_features``, ordered by the
+cyclic offset b - a so that forward and backward are a few whole-tensor passes). The kernel runs
+on the full head dim (not FLA's 16-dim feature projection) so the teacher's q_proj/k_proj copy
+in. Normalised: o_i = sum_j K_ij v_j / (sum_j K_ij + eps). Output: o_proj. The chunked form
+(``quadratic_chunk``) keeps each KV head's features and state once for its query heads.
 
 Options (defaults): norm_eps 1e-6 (the normaliser's eps), rope False.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .. import kernels
+from ..kernels.gated import _pad_time
+from .common import repeat_kv, split_heads
 from .linear import Features, LinearMixer, scale_of
 from .registry import register
 
@@ -46,37 +51,162 @@ class ReBased(LinearMixer):
         return F.layer_norm(x, x.shape[-1:]) * self.gamma.to(x.dtype) + self.beta.to(x.dtype)
 
     def feature_map(self, x):
-        x = self.normed(x)
-        # rows of the upper triangle of x x^T: x_i * [x_i, sqrt2 x_{i+1}, ..., sqrt2 x_{d-1}].
-        # Slices and a cat, not a gather: a gather's backward (index_put) was 30% of the time;
-        # an outer product + index_select with a hand-written backward took 3x the CPU time.
-        y = x * math.sqrt(2.0)
-        return torch.cat([x[..., i:i + 1] * torch.cat([x[..., i:i + 1], y[..., i + 1:]], -1)
-                          for i in range(x.shape[-1])], dim=-1)
+        return quadratic_features(self.normed(x))
 
     def features(self, x, position_embeddings, state, new_state):
-        q, k = self.heads(self.q_proj(x)), self.heads(self.k_proj(x), kv=True)
+        # k and v stay at the KV heads here: the chunked form shares each KV head's features and
+        # state among its query heads; ``_full`` repeats them for the other forms
+        q = self.heads(self.q_proj(x))
+        k = split_heads(self.k_proj(x), self.num_kv_heads)
         q, k = self.rope(q, k, position_embeddings)
-        s = scale_of(self.head_dim)
-        # (s q~).k~ squared: the scale goes in before squaring, as FLA's parallel_rebased
-        phi_q = self.feature_map(q) * s * s
-        qn, kn = self.normed(q), self.normed(k)
-        return _QuadFeatures(q=phi_q, k=self.feature_map(k),
-                             v=self.heads(self.v_proj(x), kv=True), q_low=qn * s, k_low=kn)
+        v_kv = split_heads(self.v_proj(x), self.num_kv_heads)
+        # (s q~).k~ squared: the scale goes in before squaring, as FLA's parallel_rebased; it
+        # goes into q~ itself, so phi(s q~) = s^2 phi(q~) costs no pass over the 2080 features
+        return _QuadFeatures(q=None, k=None, v=repeat_kv(v_kv, self.num_heads),
+                             q_low=self.normed(q) * scale_of(self.head_dim), k_low=self.normed(k), v_kv=v_kv)
+
+    def _full(self, f):
+        """The features themselves [B, H, T, d(d+1)/2] (recurrent and matrix forms, FLA)."""
+        k_low = repeat_kv(f.k_low, self.num_heads)
+        return replace(f, q=quadratic_features(f.q_low), k=quadratic_features(k_low), k_low=k_low)
 
     def _run(self, f, mode, state):
-        # the chunked form's intra-chunk weights (s q~.k~)^2 in the head dim (64) rather than as
-        # a dot product of 2080 features; the recurrence and the state still use the features
         if mode != "chunk":
-            return super()._run(f, mode, state)
+            return super()._run(self._full(f), mode, state)
+        backend = self.config.backend
+        if state is None and not kernels.use_fla(backend, f.q_low.device, "gated linear attention",
+                                                 key_dim=self.key_dim, dtype=f.q_low.dtype,
+                                                 fla_dtypes=kernels.FLA_GATED_DTYPES):
+            o, s = quadratic_chunk(f.q_low, f.k_low, f.v_kv, self.config.chunk_size, self.eps)
+            return o, {"S": s}
+        # with a state to continue from (or on FLA): the generic chunked kernel on the repeated
+        # heads; our chunked form there still takes the intra-chunk weights (s q~.k~)^2 in the
+        # head dim rather than as a dot product of 2080 features
+        f = self._full(f)
         o, s = kernels.gated_attention(f.q, f.k, f.v, None, mode=mode, chunk_size=self.config.chunk_size,
-                                       backend=self.config.backend,
-                                       initial_state=None if state is None else state["S"],
+                                       backend=backend, initial_state=None if state is None else state["S"],
                                        normalize=True, eps=self.eps, square_qk=(f.q_low, f.k_low))
         return o, {"S": s}
+
+    def linear_matrix(self, x, position_embeddings=None):
+        return self.kernel.matrix(self, self._full(self.features(x, position_embeddings, None, {})))
 
 
 @dataclass
 class _QuadFeatures(Features):
     q_low: torch.Tensor | None = None  # s * q~ [B, H, T, d]: phi_q . phi_k = (q_low . k_low)^2
-    k_low: torch.Tensor | None = None  # k~ [B, H, T, d]
+    k_low: torch.Tensor | None = None  # k~ [B, H_kv, T, d] (repeated to [B, H, T, d] by ``_full``)
+    v_kv: torch.Tensor | None = None  # v [B, H_kv, T, D] (``v`` is it repeated to the H heads)
+
+
+# ------------------------------------------------------------------ the quadratic feature map
+# Feature layout: row r = 0 .. d//2 of the cyclic offsets, entry a: x_a * x_{(a+r) mod d}, times
+# sqrt(2) for r > 0; flattened row by row and cut at d(d+1)/2. Row 0 is the diagonal; rows
+# 1 .. ceil(d/2)-1 hold every unordered pair {a, b} at offsets 1 .. d/2 once; for even d the
+# last row r = d/2 would list each pair twice (a and a + d/2), so only its first d/2 entries are
+# kept. Every pair appears exactly once, so phi(x).phi(y) = sum_a x_a^2 y_a^2 +
+# 2 sum_{a<b} x_a x_b y_a y_b = (x.y)^2. Row r reads x at offset r of [x, x]: a strided window,
+# no gather (gathers and 64 slices + cat, with their backward, were most of ReBased's time).
+_SQRT2 = math.sqrt(2.0)
+_ROWS_PER_BLOCK = 256  # backward works on this many rows of x at a time: temporaries of ~4 MB
+
+
+def _windows(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d+1, d] view: row r, entry a = x_{(a+r) mod d}."""
+    return torch.cat([x, x], -1).unfold(-1, x.shape[-1], 1)
+
+
+class _QuadraticFeatures(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        d = x.shape[-1]
+        full, rem = divmod(d * (d + 1) // 2, d)  # whole rows, and the half row (even d)
+        out = x.new_empty(*x.shape[:-1], full * d + rem)
+        w = _windows(x)
+        torch.mul((x * _SQRT2).unsqueeze(-2), w[..., :full, :], out=out[..., :full * d].unflatten(-1, (full, d)))
+        torch.mul(x, x, out=out[..., :d])
+        if rem:
+            torch.mul(x[..., :rem] * _SQRT2, x[..., rem:], out=out[..., full * d:])
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        # d phi_{r,a} = c_r (x_{a+r} dx_a + x_a dx_{a+r}): grad_a = sum_r c_r g_{r,a} x_{a+r}
+        # (+) sum_r c_r g_{r,a-r} x_{a-r}. The second sum reads row r shifted by r: a strided
+        # view of [h, h] per row with row stride 2d-1. Done in blocks of rows so the [rows,
+        # d/2, 2d] temporaries stay small and are reused (fresh 100 MB tensors page-fault).
+        x, = ctx.saved_tensors
+        d = x.shape[-1]
+        full, rem = divmod(d * (d + 1) // 2, d)
+        x2, g2 = x.reshape(-1, d), g.reshape(-1, full * d + rem)
+        # Both sums read a [rows, d/2, 2d] buffer h (each row r: two copies of a length-d
+        # vector) through a sheared view: row stride 2d+1 gives entry (r, a) = copy[a + r],
+        # 2d-1 from offset d gives copy[a - r]. (The overlapping ``_windows`` view made the
+        # products ~10x slower here: its layout defeats vectorisation.)
+        grad = torch.empty_like(x2)
+        nb = min(_ROWS_PER_BLOCK, x2.shape[0])
+        hh, pp = x2.new_empty(nb, full, 2 * d), x2.new_empty(nb, full, d)
+        for r0 in range(0, x2.shape[0], nb):
+            xb, gb = x2[r0:r0 + nb], g2[r0:r0 + nb]
+            n = xb.shape[0]
+            h, p = hh[:n], pp[:n]
+            gr = gb[:, :full * d].unflatten(-1, (full, d))
+            h.view(n, full, 2, d).copy_(xb[:, None, None, :])
+            torch.mul(gr, h.as_strided((n, full, d), (h.stride(0), 2 * d + 1, 1), h.storage_offset()), out=p)
+            t = p.sum(1)
+            torch.mul(gr, xb.unsqueeze(1), out=h[..., :d])
+            h[..., d:] = h[..., :d]
+            t += h.as_strided((n, full, d), (h.stride(0), 2 * d - 1, 1), h.storage_offset() + d).sum(1)
+            # all rows were taken with weight sqrt(2); row 0 (the diagonal, weight 1) gave
+            # 2 sqrt(2) g_0a x_a instead of 2 g_0a x_a
+            t.mul_(_SQRT2).sub_(gb[:, :d] * xb, alpha=2 * (_SQRT2 - 1))
+            if rem:  # the half row: pairs (a, a + d/2), a < d/2, weight sqrt(2)
+                gh = gb[:, full * d:] * _SQRT2
+                t[:, :rem] += gh * xb[:, rem:]
+                t[:, rem:] += gh * xb[:, :rem]
+            grad[r0:r0 + n] = t
+        return grad.view_as(x)
+
+
+def quadratic_features(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [..., d(d+1)/2] with phi(x).phi(y) = (x.y)^2 (layout: see above)."""
+    return _QuadraticFeatures.apply(x)
+
+
+def quadratic_chunk(a, b, v, chunk_size: int, eps: float):
+    """Chunked normalised attention with weights (a_i.b_j)^2, j <= i, no initial state.
+
+    a [B, H, T, d] (s q~), b [B, H_kv, T, d] (k~), v [B, H_kv, T, V]; query head h reads KV
+    head h // (H / H_kv), as ``repeat_kv``. Returns (o [B, H, T, V] = sum_j w_ij v_j /
+    (sum_j w_ij + eps), final state [B, H, d(d+1)/2, V+1] as the gated kernel's, whose last
+    column is the normaliser). The same sums as ``gla_chunk`` with ``square_qk``, scheduled for
+    the 2080-wide features: each KV head's features and state are computed once and read by
+    its query heads in one matmul (the G query heads' chunks stacked as rows), and the first
+    chunk reads no state."""
+    bsz, h, t, d = a.shape
+    hk = b.shape[1]
+    g, c = h // hk, chunk_size
+    n = -(-t // c)
+    # padded keys are zero: no weight, no state; padded queries' rows are cut off below
+    a, b, vv = (_pad_time(x, n * c) for x in (a, b, kernels.append_ones(v)))
+    dv = vv.shape[-1]
+    ac = a.view(bsz, hk, g, n, c, d).transpose(2, 3)  # [B, Hk, N, G, C, d]
+    bc, vc = b.view(bsz, hk, n, c, d), vv.view(bsz, hk, n, c, dv)
+    w = (ac @ bc.unsqueeze(3).transpose(-1, -2)).square()  # [B, Hk, N, G, C, C]
+    w = w.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=a.device).tril(), 0.0)
+    o_intra = (w @ vc.unsqueeze(3)).flatten(3, 4)  # [B, Hk, N, G*C, V+1]
+    phi_q = quadratic_features(ac).flatten(3, 4)  # [B, Hk, N, G*C, F]
+    phi_k = quadratic_features(bc)  # [B, Hk, N, C, F]
+    # unbind once: indexing chunk i in the loop would make backward fill a full-size zero
+    # gradient per chunk
+    o_intra, phi_q, phi_k, vs = (x.unbind(2) for x in (o_intra, phi_q, phi_k, vc))
+    outs, s = [o_intra[0]], None
+    for i in range(n):
+        if i:
+            outs.append(o_intra[i] + phi_q[i] @ s)
+        upd = phi_k[i].transpose(-1, -2) @ vs[i]
+        s = upd if s is None else s + upd
+    o = torch.stack(outs, 2).view(bsz, hk, n, g, c, dv).transpose(2, 3).reshape(bsz, h, n * c, dv)[:, :, :t]
+    return kernels.split_normaliser(o, eps), repeat_kv(s, h).to(kernels.state_dtype(a.dtype))
