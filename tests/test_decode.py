@@ -89,3 +89,57 @@ def test_fused_steps_leave_the_given_state_untouched():
     mlstm_step_fused(_rand(B, H, K), _rand(B, H, K), _rand(B, H, V), _rand(B, H), _rand(B, H), c0)
     assert torch.equal(s0, keep)
     assert all(torch.equal(a, b) for a, b in zip(c0, keep_c))
+
+
+# ---------------------------------------------------------------------------------------
+# linearize.decode: the optional compiled layer step against the eager one
+# ---------------------------------------------------------------------------------------
+def _student(tiny_llama, name):
+    import warnings
+
+    from linearize.convert import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(tiny_llama, name, chunk_size=4).eval()
+
+
+def _decode(student, prompt, steps):
+    """Greedy decode by hand on a MixerCache: the prompt once (chunked form), then one token a step."""
+    from linearize.modeling import MixerCache
+
+    cache = MixerCache(len(student.model.layers))
+    logits = [student(input_ids=prompt, cache=cache, use_cache=True).logits[:, -1]]
+    for _ in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        logits.append(student(input_ids=token, cache=cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.slow  # inductor compiles a C++ kernel set: about a minute on 2 loaded cores
+@pytest.mark.parametrize("name", ["deltanet", "gla", "xlstm"])
+def test_compiled_decode_equals_eager_decode(tiny_llama, name):
+    from torch._dynamo.utils import counters
+
+    from linearize.decode import compile_decode, uncompile_decode
+
+    torch.manual_seed(3)
+    student = _student(tiny_llama, name)
+    prompt = torch.randint(0, tiny_llama.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        eager = _decode(student, prompt, 4)
+        graphs = counters["stats"]["unique_graphs"]
+        compile_decode(student)
+        try:
+            compiled = _decode(student, prompt, 4)
+        finally:
+            uncompile_decode(student)
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled step ran (a graph per mixer class)
+    torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-9)  # float64 model
+
+
+def test_compile_decode_refuses_the_teacher(tiny_llama):
+    from linearize.decode import compile_decode
+
+    with pytest.raises(TypeError, match="LinearizedLlamaForCausalLM"):
+        compile_decode(tiny_llama)
