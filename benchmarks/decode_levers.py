@@ -10,8 +10,9 @@ Variants of a student (same weights, same prefilled state, each on its own copy 
 * ref      the reference kernel steps (``gla_step``/``delta_step``/``mlstm_step``): HEAD before
            the fused steps
 * fused    the library's decode path as it is now (``*_step_fused``), eager
-* compiled   ``linearize.decode.compile_decode``: the layer step compiled by inductor
-* compiled1  the same with inductor's kernels on one thread (``kernel_threads=1``)
+* compiled   ``linearize.decode.compile_decode(kernel_threads=None)``: the layer step compiled by
+             inductor, its kernels on torch's intra-op threads
+* compiled1  the same with inductor's kernels on one thread (``kernel_threads=1``, the default)
 
     PYTHONPATH=lib .venv/bin/python benchmarks/decode_levers.py --students deltanet,gla --contexts 128,2048
 """
@@ -84,7 +85,7 @@ def variant_patches(name: str, model):
         return _reference_steps() + [mock.patch.object(ShortConv, "forward", _conv1d_forward)]
     if name == "compiled":  # inductor's kernels on torch's intra-op threads
         return [_compiled(model, None)]
-    if name == "compiled1":  # inductor's kernels single-threaded, GEMVs on torch's threads
+    if name == "compiled1":  # inductor's kernels single-threaded, GEMVs on torch's threads (the default)
         return [_compiled(model, 1)]
     raise SystemExit(f"unknown variant {name!r}: conv1d, ref, fused, compiled, compiled1")
 

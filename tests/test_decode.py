@@ -135,7 +135,11 @@ def test_compiled_decode_equals_eager_decode(tiny_llama, name):
         finally:
             uncompile_decode(student)
     assert counters["stats"]["unique_graphs"] > graphs  # the compiled step ran (a graph per mixer class)
-    torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-9)  # float64 model
+    # float32-level tolerance in a float64 model: Llama's RMSNorm computes in float32 (it upcasts
+    # to float32 and casts back), and inductor keeps such float32 intermediates unrounded where
+    # eager rounds them (emulate_precision_casts is off). A wrong state or step would be off by
+    # orders of magnitude more (measured: 6e-8 absolute, logits of order 1).
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_decode_refuses_the_teacher(tiny_llama):

@@ -34,13 +34,16 @@ def decoder_layer_step(layer, hidden_states, position_embeddings, state):
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states)), new_state
 
 
-def compile_decode(model, kernel_threads: int | None = None, **compile_kwargs):
+def compile_decode(model, kernel_threads: int | None = 1, **compile_kwargs):
     """Make ``model`` (a ``LinearizedLlamaForCausalLM``) take a compiled single-token step.
 
     ``kernel_threads``: OpenMP threads inductor's generated C++ kernels use (None: torch's
-    intra-op threads). 1 keeps the small fused state/elementwise kernels off the thread pool
-    (no fork/join per kernel) while the weight GEMVs, which inductor leaves to the BLAS, keep
-    torch's threads. Returns the model. ``uncompile_decode`` undoes it."""
+    intra-op threads). The default 1 keeps the small fused state/elementwise kernels off the
+    thread pool (no fork/join per kernel) while the weight GEMVs, which inductor leaves to the
+    BLAS, keep torch's threads: at 2 threads on the loaded 2-core machine (load 5-6), context 128,
+    it gave 0.75x / 0.88x the teacher's step (deltanet / gla) against 0.62x / 0.71x with None
+    and 0.69x / 0.59x eager (benchmarks/decode_levers.py). Returns the model;
+    ``uncompile_decode`` undoes it."""
     from .modeling import LinearizedLlamaForCausalLM
 
     if not isinstance(model, LinearizedLlamaForCausalLM):
