@@ -71,7 +71,8 @@ def part_decode(args) -> dict:
     from linearize.bench import decode_side_by_side
 
     return decode_side_by_side(args.students, args.contexts, steps=args.steps, threads=args.threads,
-                               log=lambda m: print(m, file=sys.stderr, flush=True), clock=CLOCK)
+                               log=lambda m: print(m, file=sys.stderr, flush=True), clock=CLOCK,
+                               compile_decode=args.compile_decode)
 
 
 def part_kernels(args) -> dict:
@@ -269,6 +270,8 @@ def main(argv=None):
     ap.add_argument("--students", default=",".join(STUDENTS))
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="students decode through linearize.decode.compile_decode (inductor); compile time logged")
     ap.add_argument("--mixers", default="", help="kernels: comma list (default: all ten)")
     ap.add_argument("--kernel-t", type=int, default=2048)
     ap.add_argument("--kernel-rounds", type=int, default=2)

@@ -282,6 +282,7 @@ def decode_side_by_side(
     seed: int = 0,
     log=print,
     clock=time.perf_counter,
+    compile_decode: bool = False,
 ) -> dict:
     """Decode tokens/s of the teacher and ``students`` at each context, measured in this one
     process with their steps interleaved (teacher step, student 1 step, ...), so that a load
@@ -293,7 +294,11 @@ def decode_side_by_side(
     step time by ``clock`` (``time.process_time`` on a loaded machine: CPU seconds count the
     work, not the wait for a core). The teacher is skipped beyond its context limit. Also returned per model and
     context: ``bytes_per_step`` (weights + cache/state after the prefill). Peak memory: the
-    teacher plus every student (about 0.55 GB each in float32)."""
+    teacher plus every student (about 0.55 GB each in float32).
+
+    ``compile_decode``: the students step through ``linearize.decode.compile_decode`` (inductor);
+    the first step at each context, which compiles (later contexts reuse it), is timed into
+    ``first_step_s`` (wall seconds) and logged, and, like every warm-up step, left out of tok/s."""
     import torch
 
     from . import mixers
@@ -309,9 +314,14 @@ def decode_side_by_side(
     models = {TEACHER: net}
     for name in students:
         models[name] = convert(net, name, qkv_copy=True).requires_grad_(False).eval()
+        if compile_decode:
+            from .decode import compile_decode as _compile
+
+            _compile(models[name])
     weights = {name: weight_bytes(m) for name, m in models.items()}
     out: dict = {"tok_s": {}, "bytes_per_step": {}, "state_bytes": {}, "weights_bytes": weights,
-                 "steps": steps, "threads": threads, "teacher_limit": limit, "prefill_chunk": prefill_chunk}
+                 "steps": steps, "threads": threads, "teacher_limit": limit, "prefill_chunk": prefill_chunk,
+                 "compile_decode": compile_decode, "first_step_s": {}}
     vocab = net.config.vocab_size
     for ctx in contexts:
         ids = torch.randint(0, vocab, (1, ctx))
@@ -328,9 +338,11 @@ def decode_side_by_side(
             prefill_s = time.perf_counter() - t0
             for i in range(steps + 2):
                 for name, session in sessions.items():
-                    t1 = clock()
+                    t1, w1 = clock(), time.perf_counter()
                     logits = session.step(tokens[name])
                     tokens[name] = logits.argmax(-1, keepdim=True)
+                    if i == 0:
+                        out["first_step_s"].setdefault(name, {})[str(ctx)] = time.perf_counter() - w1
                     if i >= 2:
                         times[name].append(clock() - t1)
         for name, session in sessions.items():
@@ -338,6 +350,9 @@ def decode_side_by_side(
             out["tok_s"].setdefault(name, {})[str(ctx)] = 1.0 / statistics.median(times[name])
             out["state_bytes"].setdefault(name, {})[str(ctx)] = state
             out["bytes_per_step"].setdefault(name, {})[str(ctx)] = weights[name] + state
+        if compile_decode:
+            log(f"T={ctx}: first (compiling) step " + ", ".join(
+                f"{n} {out['first_step_s'][n][str(ctx)]:.1f} s" for n in sessions if n != TEACHER) + " wall")
         log(f"T={ctx} (prefill {prefill_s:.0f} s): " + ", ".join(
             f"{n} {out['tok_s'][n][str(ctx)]:.1f}" for n in sessions) + " tok/s")
         del sessions

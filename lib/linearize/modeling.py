@@ -235,6 +235,12 @@ class LinearizedDecoderLayer(GradientCheckpointingLayer):
         cache: MixerCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        step = self.__dict__.get("compiled_decode_step")  # set by linearize.decode.compile_decode
+        if step is not None and cache is not None and hidden_states.shape[1] == 1:
+            slot = cache.layers[self.layer_idx]
+            if slot.state is not None:  # a fresh cache's first token starts below (init_state)
+                hidden_states, slot.state = step(self, hidden_states, position_embeddings, slot.state)
+                return hidden_states
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         if cache is None:

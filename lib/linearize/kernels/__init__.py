@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from .delta import delta_chunk, delta_matrix, delta_recurrent, delta_step
+from .delta import delta_chunk, delta_matrix, delta_recurrent, delta_step, delta_step_fused
 from .dispatch import FLA_DELTA_DTYPES, FLA_GATED_DTYPES, fla_delta, fla_dtype, fla_gated, use_fla
-from .gated import (append_ones, gla_chunk, gla_matrix, gla_recurrent, gla_step, segsum,
+from .gated import (append_ones, gla_chunk, gla_matrix, gla_recurrent, gla_step, gla_step_fused, segsum,
                     split_normaliser)
-from .mlstm import mlstm_chunk, mlstm_matrix, mlstm_recurrent, mlstm_step
+from .mlstm import mlstm_chunk, mlstm_matrix, mlstm_recurrent, mlstm_step, mlstm_step_fused
 
 MODES = ("chunk", "recurrent")
 
@@ -102,7 +102,8 @@ def mlstm(q, k, v, lf, ig, *, mode="chunk", initial_state=None, chunk_size=64, b
 
 __all__ = [
     "append_ones", "delta_chunk", "delta_matrix", "delta_recurrent", "delta_rule", "delta_step",
-    "gated_attention", "gated_matrix", "gla_chunk", "gla_matrix", "gla_recurrent", "gla_step",
-    "mlstm", "mlstm_chunk", "mlstm_matrix", "mlstm_recurrent", "mlstm_step", "segsum",
+    "delta_step_fused", "gated_attention", "gated_matrix", "gla_chunk", "gla_matrix", "gla_recurrent",
+    "gla_step", "gla_step_fused", "mlstm", "mlstm_chunk", "mlstm_matrix", "mlstm_recurrent", "mlstm_step",
+    "mlstm_step_fused", "segsum",
     "split_normaliser", "state_dtype", "use_fla",
 ]
