@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 FLA_PYTEST_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: env study grid publish teacher test test-fast test-slow test-fla test-long test-browser browser-env lock clean-env
+.PHONY: env study grid grid-snapshot publish teacher test test-fast test-slow test-fla test-long test-browser browser-env lock clean-env
 
 env: $(STAMP)
 
@@ -38,6 +38,11 @@ study: env
 # ablations for gla and xlstm, 500 documents per task. Resumable: run it again to go on.
 grid: env
 	$(PY) -m linearize.runner --preset cpu-grid --students all --grid study $(STUDY_ARGS)
+
+# For maintainers: the grid's records so far (no weights) into results/cpu-grid/, to commit as
+# cells finish (a long grid outlives any one machine only through what is committed)
+grid-snapshot: env
+	$(PY) -m linearize.runner --snapshot --preset cpu-grid
 
 # For maintainers: copy the finished study's page, results.json and figures from outputs/study/
 # into docs/ (`make study` itself writes only under outputs/).

@@ -109,3 +109,20 @@ def test_publish_copies_page_twin_and_figures_and_refuses_without_them(tmp_path)
     (study / "results.json").write_text('{"teacher": {}}')  # a twin off the schema is not published
     with pytest.raises(R.SchemaError):
         runner.publish(outputs, docs)
+
+
+def test_snapshot_keeps_the_records_not_the_weights(tmp_path):
+    outputs = tmp_path / "outputs"
+    run = outputs / "gla" / "cpu-grid-kd"
+    (run / "stage3").mkdir(parents=True)
+    for name in ("params.yaml", "metrics.jsonl", "eval_limit500.json", "03_evaluate.done", "stage3/done.json"):
+        (run / name).write_text(name)
+    (run / "stage3" / "student.pt").write_bytes(b"weights")
+    (outputs / "gla" / "cpu-quick-kd").mkdir(parents=True)
+    (outputs / "gla" / "cpu-quick-kd" / "params.yaml").write_text("other preset")
+    (outputs / "teacher").mkdir()
+    (outputs / "teacher" / "eval_limit500.json").write_text("teacher")
+    written = runner.snapshot("cpu-grid", outputs, tmp_path / "snap")
+    got = sorted(str(p.relative_to(tmp_path / "snap")) for p in written)
+    assert got == ["gla/cpu-grid-kd/03_evaluate.done", "gla/cpu-grid-kd/eval_limit500.json", "gla/cpu-grid-kd/metrics.jsonl",
+                   "gla/cpu-grid-kd/params.yaml", "gla/cpu-grid-kd/stage3/done.json", "teacher/eval_limit500.json"]

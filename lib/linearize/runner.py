@@ -172,6 +172,33 @@ def publish(outputs: Path = OUTPUTS, docs: Path = ROOT / "docs") -> list[Path]:
     return written
 
 
+# What `--snapshot` keeps of a study (a few hundred KB per run): everything the results page
+# reads (params, metrics, stage records, zero-shot results with per-document scores) and the
+# runner's step markers, none of the weights. A long grid's finished cells are committed from
+# here as they come, so they outlive the machine; notebook 05 can read the folder as `outputs`.
+SNAPSHOT_FILES = ("params.yaml", "metrics.jsonl", "teacher.json", "eval_limit*.json", "eval_full*.json",
+                  "*.done", "stage[0-9]/done.json", "stage[0-9]/params.yaml")
+
+
+def snapshot(preset: str, outputs: Path = OUTPUTS, dest: Path | None = None) -> list[Path]:
+    """Copy the records of the teacher and of every run of ``preset`` under ``outputs`` into
+    ``dest`` (default ``results/<preset>/``), same layout. Returns the files written."""
+    import shutil
+
+    outputs = Path(outputs)
+    dest = Path(dest) if dest is not None else ROOT / "results" / preset
+    folders = [outputs / "teacher", *sorted(p.parent for p in outputs.glob(f"*/{preset}-*/params.yaml"))]
+    written = []
+    for folder in folders:
+        for pattern in SNAPSHOT_FILES:
+            for src in sorted(folder.glob(pattern)):
+                dst = dest / src.relative_to(outputs)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                written.append(dst)
+    return written
+
+
 # Tokens of the closed-form readout fit in the "-fit" variants: 64 blocks of 128 = 8192 tokens,
 # 14x the 576 features each layer's o_proj reads (see benchmarks/conversion_gap.py).
 READOUT_FIT_TOKENS = 8192
@@ -360,10 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", action="store_true",
                         help="run nothing: copy the finished study's page, results.json and figures from "
                              "outputs/study/ into docs/ (for maintainers; `make publish`)")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="run nothing: copy the records of the teacher and of every run of --preset (no "
+                             "weights) into results/<preset>/, to commit a long grid's finished cells")
     parser.add_argument("--no-bench", action="store_true",
                         help="leave out the benchmark step (04): speed and memory depend on the students, "
                              "not on the training variant, so a new grid need not re-measure them")
     args = parser.parse_args(argv)
+    if args.snapshot:
+        written = snapshot(args.preset)
+        print(f"{len(written)} files of preset {args.preset} copied into {ROOT / 'results' / args.preset}")
+        return 0
     if args.publish:
         for path in publish():
             print(f"published {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
