@@ -354,7 +354,7 @@ def grid_status(runs, outputs, preset: str, grid: str) -> dict:
         except ValueError:
             continue
         marker = here.with_suffix(".done")
-        done = here.exists() and marker.exists()
+        done = marker.exists()  # written only after the step succeeded (a snapshot keeps no notebooks)
         if done:
             try:
                 seconds += float(json.loads(marker.read_text()).get("seconds") or 0.0)
