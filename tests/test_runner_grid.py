@@ -115,8 +115,10 @@ def test_snapshot_keeps_the_records_not_the_weights(tmp_path):
     outputs = tmp_path / "outputs"
     run = outputs / "gla" / "cpu-grid-kd"
     (run / "stage3").mkdir(parents=True)
-    for name in ("params.yaml", "metrics.jsonl", "eval_limit500.json", "03_evaluate.done", "stage3/done.json"):
+    for name in ("params.yaml", "metrics.jsonl", "eval_limit500.json", "stage3/done.json"):
         (run / name).write_text(name)
+    absolute = str(runner.ROOT / "outputs" / "gla" / "cpu-grid-kd")
+    (run / "03_evaluate.done").write_text(json.dumps({"seconds": 5.0, "parameters": {"run_dir": absolute}}))
     (run / "stage3" / "student.pt").write_bytes(b"weights")
     (outputs / "gla" / "cpu-quick-kd").mkdir(parents=True)
     (outputs / "gla" / "cpu-quick-kd" / "params.yaml").write_text("other preset")
@@ -126,3 +128,6 @@ def test_snapshot_keeps_the_records_not_the_weights(tmp_path):
     got = sorted(str(p.relative_to(tmp_path / "snap")) for p in written)
     assert got == ["gla/cpu-grid-kd/03_evaluate.done", "gla/cpu-grid-kd/eval_limit500.json", "gla/cpu-grid-kd/metrics.jsonl",
                    "gla/cpu-grid-kd/params.yaml", "gla/cpu-grid-kd/stage3/done.json", "teacher/eval_limit500.json"]
+    # markers are committed: their paths inside the checkout become relative (no machine's paths)
+    marker = json.loads((tmp_path / "snap" / "gla" / "cpu-grid-kd" / "03_evaluate.done").read_text())
+    assert marker == {"seconds": 5.0, "parameters": {"run_dir": "outputs/gla/cpu-grid-kd"}}

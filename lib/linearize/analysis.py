@@ -192,11 +192,8 @@ def rankings(runs, docs: Mapping, iters: int = ITERS) -> list[dict]:
             entry["spearman"] = C.spearman_bootstrap(models, ref, list(R.TASKS), iters=iters)
             with_kl = [x for x in rows if x["paper_label"] in ref and x["kl"] is not None]
             if len(with_kl) >= 3:
-                import numpy as np
-
-                entry["spearman_kl"] = _finite(float(C._pearson_rows(
-                    C._ranks(-np.asarray([x["kl"] for x in with_kl], dtype=float))[None],
-                    C._ranks(np.asarray([x["paper_avg"] for x in with_kl], dtype=float)))[0]))
+                entry["spearman_kl"] = _finite(C.spearman([-x["kl"] for x in with_kl],
+                                                          [x["paper_avg"] for x in with_kl]))
         out.append(entry)
     return out
 

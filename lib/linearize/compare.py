@@ -175,6 +175,11 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (xc * yc).sum(axis=-1) / np.where(den > 0, den, 1), np.nan)
 
 
+def spearman(x, y) -> float:
+    """Spearman's rho of two sequences (ties at their average rank); NaN when one is constant."""
+    return float(_pearson_rows(_ranks(np.asarray(x, dtype=float))[None], _ranks(np.asarray(y, dtype=float)))[0])
+
+
 def spearman_bootstrap(models: Mapping[str, Mapping], reference: Mapping[str, float], tasks=PAPER_TASKS,
                        iters: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Spearman's rho between each model's average accuracy over ``tasks`` and ``reference``

@@ -194,7 +194,12 @@ def snapshot(preset: str, outputs: Path = OUTPUTS, dest: Path | None = None) -> 
             for src in sorted(folder.glob(pattern)):
                 dst = dest / src.relative_to(outputs)
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
+                if src.suffix == ".done":  # a marker's parameters name paths: keep them machine-free
+                    marker = json.loads(src.read_text())
+                    marker["parameters"] = _portable(marker.get("parameters"))
+                    dst.write_text(json.dumps(marker))
+                else:
+                    shutil.copyfile(src, dst)
                 written.append(dst)
     return written
 
