@@ -231,57 +231,81 @@ def margin(student: dict, teacher: dict) -> float | None:
     return above_chance_margin(average(student)[0], average(teacher)[0])
 
 
-def collect(root: Path, limit: int) -> dict:
+# The study grid's recipe column (make grid, preset cpu-grid) trains gla, xlstm and the rest with
+# the project's recipe on the same mixed corpus and validation blocks as the mix-* recipes here;
+# its committed records (runner --snapshot) join this page as recipe GRID_VARIANT.
+GRID_RUN, GRID_VARIANT = "cpu-grid-qkv-fit-at", "grid"
+GRID_ARCHS = ("gla", "deltanet", "xlstm")  # the issue's one student per kernel family; the rest: docs/results.md
+GRID_RECIPE = ("QKV copy, readout fit, 64K transfer (lr 1e-3), 16K distillation (lr 1e-4), on the mixed "
+               "corpus: the study grid's recipe cell (`make grid`, preset cpu-grid, records in results/cpu-grid/)")
+
+
+def collect(root: Path, limit: int, grid_root: Path | None = None) -> dict:
     """The recipe.json data (linearize.results' schema, with each run's ``curve``, ``fit_tokens``
-    and ``margin`` added): one record per run folder ``outputs/<arch>/recipe-<name>``."""
-    from linearize.results import results_record, run_record, teacher_record
-    from linearize.stages import STAGES
+    and ``margin`` added): one record per run folder ``outputs/<arch>/recipe-<name>``, and with
+    ``grid_root`` one per ``<grid_root>/<arch>/cpu-grid-qkv-fit-at`` (variant "grid")."""
+    from linearize.results import results_record, teacher_record
 
     teacher_res = _eval_path(root / "teacher-recipe", limit)
     teacher_tasks = _tasks_record(json.loads(teacher_res.read_text())) if teacher_res.exists() else {}
+    folders = [(f, f.name.removeprefix("recipe-")) for f in sorted(root.glob("*/recipe-*"))]
+    if grid_root is not None:
+        folders += [(Path(grid_root) / a / GRID_RUN, GRID_VARIANT) for a in GRID_ARCHS
+                    if (Path(grid_root) / a / GRID_RUN).is_dir()]
     runs, teacher_ppl = [], None
-    for folder in sorted(root.glob("*/recipe-*")):
-        records = _metrics(folder)
-        evals = [r for r in records if r.get("event") == "eval"]
-        if not evals:
+    for folder, variant in folders:
+        run = _run_from_folder(folder, variant, limit, teacher_tasks)
+        if run is None:
             continue
-        import yaml
-
-        params = yaml.safe_load((folder / "params.yaml").read_text())
-        fit = next((r for r in records if r.get("event") == "readout_fit"), None)
-        # cumulative training tokens and wall time along the stages, in the order they ran
-        curve, done_tokens, done_wall = [], 0, (fit["wall_s"] if fit else 0.0)
-        for r in evals:
-            after = r["after"]
-            stage_tokens, stage_wall = r.get("tokens", 0), r.get("stage_wall_s", 0.0)
-            curve.append({"after": after, "tokens": done_tokens + stage_tokens, "wall_s": done_wall + stage_wall,
-                          "ppl": r["perplexity"], "kl": r.get("kl"), "teacher_ppl": r.get("teacher_perplexity"),
-                          # out-of-domain (wiki-val), where the run logged it (runs made before it existed did not)
-                          "ood_ppl": r.get("ood_perplexity"), "ood_kl": r.get("ood_kl"),
-                          "ood_teacher_ppl": r.get("ood_teacher_perplexity")})
-            if "@" not in after and after != "conversion":
-                done_tokens += stage_tokens
-                done_wall += stage_wall
-        if params.get("corpus", "embedded") in ("embedded", "sotu"):  # the teacher record's validation set
-            teacher_ppl = curve[-1]["teacher_ppl"] or teacher_ppl
-        res_path = _eval_path(folder, limit)
-        raw = json.loads(res_path.read_text()) if res_path.exists() else None
-        tasks = _tasks_record(raw)
-        last = curve[-1]
-        runs.append(run_record(params["arch"], folder.name.removeprefix("recipe-"), bool(params.get("hybrid_window")),
-                               last["tokens"], last["wall_s"], last["ppl"], last["kl"], tasks,
-                               corpus=params.get("corpus", "embedded"), teacher_ppl=last["teacher_ppl"],
-                               ood_ppl=last["ood_ppl"], ood_kl=last["ood_kl"], ood_teacher_ppl=last["ood_teacher_ppl"],
-                               fit_tokens=fit["tokens"] if fit else 0, lambada_ppl=_lambada_ppl(raw),
-                               margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve,
-                               long_val=_read_json(folder / f"long_val_{LONG_SEQ}.json"),
-                               # every enabled stage done; an unfinished run resumes where it
-                               # stopped, and its curve so far is shown
-                               finished=all((folder / f"stage{n}" / "done.json").exists()
-                                            for n, spec in STAGES.items() if params.get(spec.flag))))
+        if run["corpus"] in ("embedded", "sotu"):  # the teacher record's validation set
+            teacher_ppl = run["teacher_ppl"] or teacher_ppl
+        runs.append(run)
     teacher_raw = json.loads(teacher_res.read_text()) if teacher_res.exists() else None
     return results_record(teacher_record("SmolLM2-135M-Instruct (embedded)", teacher_ppl, teacher_tasks), runs,
                           teacher_lambada_ppl=_lambada_ppl(teacher_raw))
+
+
+def _run_from_folder(folder: Path, variant: str, limit: int, teacher_tasks: dict) -> dict | None:
+    """One run record from a run folder's metrics, parameters and evaluation (None: no eval yet)."""
+    from linearize.results import run_record
+    from linearize.stages import STAGES
+
+    records = _metrics(folder)
+    evals = [r for r in records if r.get("event") == "eval"]
+    if not evals:
+        return None
+    import yaml
+
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    fit = next((r for r in records if r.get("event") == "readout_fit"), None)
+    # cumulative training tokens and wall time along the stages, in the order they ran
+    curve, done_tokens, done_wall = [], 0, (fit["wall_s"] if fit else 0.0)
+    for r in evals:
+        after = r["after"]
+        stage_tokens, stage_wall = r.get("tokens", 0), r.get("stage_wall_s", 0.0)
+        curve.append({"after": after, "tokens": done_tokens + stage_tokens, "wall_s": done_wall + stage_wall,
+                      "ppl": r["perplexity"], "kl": r.get("kl"), "teacher_ppl": r.get("teacher_perplexity"),
+                      # out-of-domain (wiki-val), where the run logged it (runs made before it existed did not)
+                      "ood_ppl": r.get("ood_perplexity"), "ood_kl": r.get("ood_kl"),
+                      "ood_teacher_ppl": r.get("ood_teacher_perplexity")})
+        if "@" not in after and after != "conversion":
+            done_tokens += stage_tokens
+            done_wall += stage_wall
+    res_path = _eval_path(folder, limit)
+    raw = json.loads(res_path.read_text()) if res_path.exists() else None
+    tasks = _tasks_record(raw)
+    last = curve[-1]
+    return run_record(params["arch"], variant, bool(params.get("hybrid_window")),
+                      last["tokens"], last["wall_s"], last["ppl"], last["kl"], tasks,
+                      corpus=params.get("corpus", "embedded"), teacher_ppl=last["teacher_ppl"],
+                      ood_ppl=last["ood_ppl"], ood_kl=last["ood_kl"], ood_teacher_ppl=last["ood_teacher_ppl"],
+                      fit_tokens=fit["tokens"] if fit else 0, lambada_ppl=_lambada_ppl(raw),
+                      margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve,
+                      long_val=_read_json(folder / f"long_val_{LONG_SEQ}.json"),
+                      # every enabled stage done; an unfinished run resumes where it
+                      # stopped, and its curve so far is shown
+                      finished=all((folder / f"stage{n}" / "done.json").exists()
+                                   for n, spec in STAGES.items() if params.get(spec.flag)))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -302,7 +326,7 @@ def _long(run: dict, part: str) -> str:
     return f"{rec['ppl'] / rec['teacher_ppl']:.2f}x, {rec['kl']:.3f}" if rec else "-"
 
 
-def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> None:
+def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_root: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,10 +379,13 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         "[recipe.json](recipe.json) (same code, same run). Regenerate with:",
         "",
         "```bash",
-        *[f"python benchmarks/recipe.py run --arch {r['arch']} --recipe {r['variant']}" for r in data["runs"]],
+        *[f"python benchmarks/recipe.py run --arch {r['arch']} --recipe {r['variant']}" for r in data["runs"]
+          if r["variant"] != GRID_VARIANT],
+        *(["make grid && make grid-snapshot   # the grid's recipe cells (variant grid), results/cpu-grid/"]
+          if any(r["variant"] == GRID_VARIANT for r in data["runs"]) else []),
         f"python benchmarks/recipe.py eval --teacher --limit {limit}",
         f"python benchmarks/recipe.py eval --arch ARCH --recipe RECIPE --limit {limit}",
-        "python benchmarks/recipe.py report",
+        "python benchmarks/recipe.py report" + (f" --grid-root {grid_root}" if grid_root else ""),
         "```",
         "",
         f"Commit {commit}; 2-core CPU, fp32; load average when the page was written: {_load_average():.1f} "
@@ -377,6 +404,7 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
         "Recipes:",
         "",
         *[f"- `{k}`: {v[1]}" for k, v in RECIPES.items() if any(r["variant"] == k for r in data["runs"])],
+        *([f"- `{GRID_VARIANT}`: {GRID_RECIPE}"] if any(r["variant"] == GRID_VARIANT for r in data["runs"]) else []),
         "",
         "`tokens` counts training tokens over all stages; the closed-form readout fit reads another "
         "`fit` tokens (teacher-forced, no gradient). Curve points inside a stage are taken mid-schedule "
@@ -443,7 +471,7 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int) -> No
 
 
 def cmd_report(args) -> int:
-    data = collect(Path(args.root), args.limit)
+    data = collect(Path(args.root), args.limit, Path(args.grid_root) if args.grid_root else None)
     # an unfinished run (one resumed in a later session) is named, not tabulated: its curve so far
     # is the start of the run it was branched into, or of its own finished run later
     data["unfinished"] = [{"arch": r["arch"], "variant": r["variant"], "after": r["curve"][-1]["after"]}
@@ -452,7 +480,7 @@ def cmd_report(args) -> int:
     if not data["runs"]:
         raise SystemExit(f"no recipe runs under {args.root}/*/recipe-*: run `benchmarks/recipe.py run` first")
     write_report(data, ROOT / "docs" / "recipe.md", ROOT / "docs" / "recipe.json",
-                 ROOT / "docs" / "figures" / "recipe_curves.png", args.limit)
+                 ROOT / "docs" / "figures" / "recipe_curves.png", args.limit, args.grid_root)
     print(f"wrote docs/recipe.md and docs/recipe.json ({len(data['runs'])} runs)")
     return 0
 
@@ -480,6 +508,8 @@ def main(argv=None) -> int:
     p_long.add_argument("--recipe", default="at")
     p_rep = sub.add_parser("report", help="write docs/recipe.md and docs/recipe.json")
     p_rep.add_argument("--limit", type=int, default=500)
+    p_rep.add_argument("--grid-root", default=None, metavar="DIR",
+                       help="also the study grid's recipe cells from this snapshot (results/cpu-grid)")
     for p in (p_run, p_eval, p_long, p_rep):
         p.add_argument("--root", default=str(OUTPUTS))
         p.add_argument("--threads", type=int, default=2)

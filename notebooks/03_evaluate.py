@@ -30,6 +30,7 @@ teacher = None          # teacher name, hub id or folder (None: embedded SmolLM2
 tasks = ["lambada_openai", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag"]
 limit = 100             # documents per task (None: all - hours on a 2-core CPU)
 batch_size = 8
+workers = "auto"        # processes the tasks are split over on a CPU ("auto": one per torch thread; 1: this process)
 online = False          # True: lm-eval's stock tasks from the Hugging Face hub
 metric = "acc"          # table metric: "acc" (the paper's) or "acc_norm"
 compare_teacher = True  # also evaluate the teacher with the same tasks/limit (reused when saved)
@@ -66,7 +67,7 @@ print(label, "->", out)
 
 # %%
 results = E.evaluate_tasks(model, tok, tasks=tasks, limit=limit, batch_size=batch_size,
-                           online=online, output_dir=out, label=label)
+                           online=online, output_dir=out, label=label, workers=workers)
 print(f"{results['wall_time_s']:.0f} s")
 
 # %%
@@ -77,7 +78,7 @@ if run_dir and compare_teacher:
     if prior is None or prior["model"] != teacher_label or not set(tasks) <= set(prior["tasks"]):
         prior = E.evaluate_tasks(teacher_model, teacher_tok, tasks=tasks, limit=limit,
                                  batch_size=batch_size, online=online, output_dir=teacher_dir,
-                                 label=teacher_label)
+                                 label=teacher_label, workers=workers)
     rows[teacher_label] = prior
 
 # %% [markdown]

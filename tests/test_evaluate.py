@@ -189,14 +189,18 @@ def test_evaluate_notebook_on_a_saved_student(teacher, tmp_path, monkeypatch):
 
     convert(teacher[0], "gla", qkv_copy=True).save_pretrained(tmp_path / "student")
     pm.execute_notebook(str(ROOT / "notebooks" / "03_evaluate.ipynb"), str(tmp_path / "out.ipynb"),
-                        parameters=dict(run_dir=str(tmp_path / "student"), tasks=["piqa"], limit=2,
-                                        kl_blocks=1, seq_len=32),
+                        # two tasks over two processes: the split forks inside the notebook's kernel
+                        parameters=dict(run_dir=str(tmp_path / "student"), tasks=["piqa", "winogrande"],
+                                        limit=2, kl_blocks=1, seq_len=32, workers=2),
                         cwd=str(ROOT), kernel_name="python3", progress_bar=False)
     table = (tmp_path / "student" / "eval_table.csv").read_text().splitlines()
     assert table[0] == "model,Lamb.,WinoG.,Arc-E,Arc-C,PIQA,HellaS.,Avg."
     assert table[1].startswith("student,") and table[2].startswith("teacher: ")
     assert any(line.startswith('"paper, SmolLM-360M teacher: teacher"') for line in table)
     assert (tmp_path / "outputs" / "teacher" / "eval_limit2.json").exists()
+    saved = json.loads((tmp_path / "student" / "eval_limit2.json").read_text())
+    assert sorted(t for w in saved["workers"] for t in w["tasks"]) == ["piqa", "winogrande"]
+    assert all(saved["tasks"][t]["n_docs"] == 2 for t in ("piqa", "winogrande"))
     kl = json.loads((tmp_path / "student" / "eval_perplexity_kl.json").read_text())
     assert kl["kl"] > 0 and kl["n_blocks"] == 1
 
@@ -211,3 +215,35 @@ def test_the_papers_numbers_have_one_home():
     assert len(paper.PAPER_ROWS) == 1 + 2 * len(paper.TABLE2_AVG) + len(paper.TABLE3_AVG) == 27
     assert paper.PAPER_ROWS["paper, SmolLM-360M teacher: Llama-Mamba2 + MM"] == {"Avg.": 46.16}
     assert set(paper.TABLE2_AVG) == set(paper.PAPER_PARAMS_M) <= set(paper.PAPER_NAMES)
+
+
+def test_tasks_split_over_two_processes_score_as_one(teacher, tmp_path):
+    """workers=2 forks a child for one group of tasks: the merged result must hold every task,
+    each scored as the independent reference scorer does, and be saved as one evaluation."""
+    model, tok = teacher
+    threads = torch.get_num_threads()
+    res = E.evaluate_tasks(model, tok, tasks=["arc_easy", "lambada_openai"], limit=LIMIT,
+                           output_dir=tmp_path, per_doc=True, label="teacher", workers=2)
+    assert torch.get_num_threads() == threads  # restored after the split
+    assert list(res["tasks"]) == ["arc_easy", "lambada_openai"]
+    assert sorted(g for w in res["workers"] for g in w["tasks"]) == ["arc_easy", "lambada_openai"]
+    assert len(res["workers"]) == 2
+    check_arc(res, model, tok, LIMIT)
+    check_lambada(res, model, tok, LIMIT)
+    saved = json.loads((tmp_path / f"eval_limit{LIMIT}.json").read_text())
+    assert set(saved["tasks"]) == {"arc_easy", "lambada_openai"}
+    assert set(saved["lm_eval_results"]) == set(res["lm_eval_results"]) and len(saved["lm_eval_results"]) == 2
+
+
+def test_split_balances_scored_tokens():
+    groups = E.split_tasks(list(E.TASK_TOKENS_500), 2)
+    loads = [sum(E.TASK_TOKENS_500[t] for t in g) for g in groups]
+    assert sorted(t for g in groups for t in g) == sorted(E.TASK_TOKENS_500)
+    assert max(loads) / min(loads) < 1.1
+    assert E.split_tasks(["piqa"], 4) == [["piqa"]]
+
+
+def test_bad_worker_count_is_an_error(teacher):
+    model, tok = teacher
+    with pytest.raises(ValueError, match="workers"):
+        E.evaluate_tasks(model, tok, tasks=["piqa"], limit=1, workers=0)

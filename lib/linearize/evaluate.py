@@ -89,6 +89,7 @@ def evaluate_tasks(
     per_doc: bool = True,
     cache: str | os.PathLike | None = None,
     share_context: bool = True,
+    workers: int | str = 1,
 ) -> dict:
     """Zero-shot lm-eval on an in-memory causal LM.
 
@@ -106,15 +107,28 @@ def evaluate_tasks(
     their shared context (:mod:`linearize.scoring`; same scores up to float rounding, 1.3x
     faster on HellaSwag and ARC at 2 threads, docs/shared_context.md); False runs lm-eval's
     HFLM unchanged.
+    ``workers``: split the tasks over this many processes on the CPU (``"auto"``: one per
+    torch thread, at most one per task), each with ``threads // workers`` threads, the tasks
+    balanced by their scored tokens (``TASK_TOKENS_500``). The scorer's Python and lm-eval's
+    bookkeeping leave a 2-thread process about 1.5 cores busy; two 1-thread processes on the
+    six tasks took 0.85x the wall time of one 2-thread process (deltanet, 60 documents, load
+    ~1, benchmarks/eval_speed.py). The children are forked, so they share the model's memory.
+    Scores are the same up to float rounding of the thread count (a 1-thread matmul sums in
+    another order). One process on a GPU, for one task, or with a request cache.
     """
+    names = check_task_names(tasks)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None (all documents), got {limit!r}")
+    n_workers = _worker_count(workers, model, names, cache)
+    if n_workers > 1:
+        return _evaluate_split(model, tokenizer, names, n_workers, output_dir, dict(
+            limit=limit, batch_size=batch_size, online=online, label=label,
+            bootstrap_iters=bootstrap_iters, per_doc=per_doc, share_context=share_context))
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     from .scoring import SharedContextLM
 
-    names = check_task_names(tasks)
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None (all documents), got {limit!r}")
     # One manager for loading and evaluating: without it simple_evaluate builds a default one,
     # indexing all of lm-eval's ~13k task YAMLs (about 30 s here) for nothing.
     manager = task_manager(online)
@@ -182,6 +196,94 @@ def evaluate_tasks(
     if output_dir is not None:
         save_results(results, output_dir)
     return results
+
+
+# Tokens each task feeds the shared-context scorer at 500 documents (SmolLM2's tokenizer,
+# benchmarks/eval_speed.py --count-tokens --limit 500): the weights that balance a split.
+TASK_TOKENS_500 = {"lambada_openai": 39192, "winogrande": 19522, "arc_easy": 40046,
+                   "arc_challenge": 47922, "piqa": 35275, "hellaswag": 67498}
+
+
+def _worker_count(workers, model, names, cache) -> int:
+    if workers == "auto":
+        workers = torch.get_num_threads()
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive int or 'auto', got {workers!r}")
+    if next(model.parameters()).device.type != "cpu" or cache is not None:
+        return 1
+    return min(workers, len(names))
+
+
+def split_tasks(names: list[str], workers: int) -> list[list[str]]:
+    """The tasks in at most ``workers`` groups of about equal scored tokens (largest first,
+    each to the lightest group); each group keeps the order the tasks were given in."""
+    groups: list[list[str]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for name in sorted(names, key=lambda n: -TASK_TOKENS_500.get(n, 40000)):
+        i = load.index(min(load))
+        groups[i].append(name)
+        load[i] += TASK_TOKENS_500.get(name, 40000)
+    return [[n for n in names if n in g] for g in groups if g]
+
+
+def _evaluate_split(model, tokenizer, names, workers, output_dir, kwargs) -> dict:
+    """evaluate_tasks over task groups, groups 1.. in forked children and group 0 here, the
+    per-task results merged into one result for all the tasks."""
+    import multiprocessing as mp
+    import traceback
+
+    groups = split_tasks(names, workers)
+    threads = torch.get_num_threads()
+    per_worker = max(1, threads // len(groups))
+    ctx = mp.get_context("fork")
+    start = time.perf_counter()
+
+    def child(group, conn):
+        try:
+            torch.set_num_threads(per_worker)
+            conn.send(("ok", evaluate_tasks(model, tokenizer, tasks=group, workers=1, **kwargs)))
+        except BaseException:  # noqa: BLE001 - the parent raises it again, with the traceback
+            conn.send(("error", traceback.format_exc()))
+        finally:
+            conn.close()
+
+    procs = []
+    for group in groups[1:]:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=child, args=(group, send), daemon=True)
+        proc.start()
+        send.close()
+        procs.append((group, proc, recv))
+    try:
+        torch.set_num_threads(per_worker)
+        parts = [evaluate_tasks(model, tokenizer, tasks=groups[0], workers=1, **kwargs)]
+        for group, proc, recv in procs:
+            try:
+                status, payload = recv.recv()  # before join: a large result would fill the pipe
+            except EOFError:
+                proc.join()
+                raise RuntimeError(f"the evaluation worker for {group} died (exit code "
+                                   f"{proc.exitcode}) without a result; run with workers=1 to "
+                                   "see its error in this process") from None
+            proc.join()
+            if status != "ok":
+                raise RuntimeError(f"the evaluation worker for {group} failed:\n{payload}")
+            parts.append(payload)
+    finally:
+        torch.set_num_threads(threads)
+        for _, proc, _ in procs:
+            if proc.is_alive():
+                proc.terminate()
+    merged = dict(parts[0])
+    tasks = {n: t for p in parts for n, t in p["tasks"].items()}
+    merged["tasks"] = {n: tasks[n] for n in names}
+    merged["lm_eval_results"] = {k: v for p in parts for k, v in p["lm_eval_results"].items()}
+    merged["wall_time_s"] = round(time.perf_counter() - start, 1)
+    merged["workers"] = [{"tasks": g, "threads": per_worker, "wall_time_s": p["wall_time_s"]}
+                         for g, p in zip(groups, parts)]
+    if output_dir is not None:
+        save_results(merged, output_dir)
+    return merged
 
 
 def results_path(output_dir: str | os.PathLike, limit: int | None, online: bool) -> Path:
