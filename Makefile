@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 FLA_PYTEST_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: env study grid grid-snapshot publish teacher test test-fast test-slow test-fla test-long test-browser browser-env lock clean-env
+.PHONY: env study grid grid-snapshot grid-page publish teacher test test-fast test-slow test-fla test-long test-browser browser-env lock clean-env
 
 env: $(STAMP)
 
@@ -43,6 +43,12 @@ grid: env
 # cells finish (a long grid outlives any one machine only through what is committed)
 grid-snapshot: env
 	$(PY) -m linearize.runner --snapshot --preset cpu-grid
+
+# For maintainers: docs/results.md + results.json from the committed grid records alone (no
+# weights, so no attention explorer), to publish the grid's finished cells as they come
+grid-page: env
+	mkdir -p outputs/grid-page && $(VENV)/bin/papermill notebooks/05_study.ipynb outputs/grid-page/05_study.ipynb --cwd . \
+		-p outputs results/cpu-grid -p presets cpu-grid -p grid study -p explore False
 
 # For maintainers: copy the finished study's page, results.json and figures from outputs/study/
 # into docs/ (`make study` itself writes only under outputs/).

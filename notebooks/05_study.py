@@ -39,6 +39,7 @@ figures_dir = "docs/figures"      # PNGs for the results page
 results_page = "docs/results.md"  # the generated results page
 metric = "acc"                    # "acc" (the paper's) or "acc_norm"
 explorer_keep = 2                 # students held in memory at once by the explorer
+explore = True                    # False: no attention explorer (records without weights, e.g. results/cpu-grid)
 
 # %%
 from linearize import notebook_params
@@ -124,14 +125,15 @@ else:
 
 # %%
 with viz.quiet_loading():  # no weight-loading progress bars among the figures
-    explorer = study.build_explorer(runs, explorer_texts, max_tokens, keep=explorer_keep, outputs=outputs) if runs else None
+    explorer = (study.build_explorer(runs, explorer_texts, max_tokens, keep=explorer_keep, outputs=outputs)
+                if runs and explore else None)
 if explorer is not None:
     pngs = page_figures["Attention alignment (explorer's first view)"] = study.save_explorer_view(explorer, figures)
     for png in pngs:
         display(Image(filename=str(png)))
 else:
     page_figures["Attention alignment (explorer's first view)"] = None
-    print("no student runs to explore yet")
+    print("no student runs to explore yet" if explore else "explorer off (explore=False)")
 
 # %% [markdown]
 # ### Per layer: how far each student is from the teacher before and after each alignment stage
@@ -159,7 +161,7 @@ else:
 
 # %%
 explorer_widget = explorer.widget() if explorer is not None else None
-display(explorer_widget) if explorer_widget is not None else print("no student runs to explore yet")
+display(explorer_widget) if explorer_widget is not None else print("no explorer (see above)")
 
 # %% [markdown]
 # ## Results page

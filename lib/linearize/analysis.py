@@ -374,7 +374,8 @@ def grid_status(runs, outputs, preset: str, grid: str) -> dict:
 def grid_section(status: Mapping) -> str:
     hours = status["machine_seconds"] / 3600
     lines = [f"## The grid: {status['evaluated']} of {len(status['cells'])} cells finished", "",
-             f"`make grid` (preset `{status['preset']}`, grid `{status['grid']}`): {status['trained']} cells trained, "
+             f"`make grid` (preset `{status['preset']}`, grid `{status['grid']}`): {status['trained']} "
+             f"{'cell' if status['trained'] == 1 else 'cells'} trained, "
              f"{status['evaluated']} evaluated; the finished steps took {hours:.1f} hours of this machine "
              "(the runner's step markers). The runner resumes where it stopped; a cell is on this page "
              "as soon as its evaluation is done.", "",
