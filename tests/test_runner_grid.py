@@ -91,6 +91,14 @@ def test_estimate_uses_the_median_of_the_same_notebook_else_of_all():
     assert re.search(r"about 0:10:00 left \(from 4 finished steps\)", line)
 
 
+def test_the_teachers_evaluation_does_not_predict_a_students():
+    teacher_eval = runner.Step("03_evaluate.ipynb", runner.Path("/o/teacher/03_evaluate.ipynb"))
+    student_eval = runner.Step("03_evaluate.ipynb", runner.Path("/o/gla/cpu-grid-kd/03_evaluate.ipynb"))
+    assert teacher_eval.kind != student_eval.kind
+    durations = {teacher_eval.kind: [4600.0], student_eval.kind: [1200.0, 1400.0]}
+    assert runner.estimate_left([student_eval] * 3, durations) == (3 * 1300.0, 3)
+
+
 def test_publish_copies_page_twin_and_figures_and_refuses_without_them(tmp_path):
     from linearize import results as R
 

@@ -38,6 +38,13 @@ class Step:
     parameters: dict = field(default_factory=dict)
 
     @property
+    def kind(self) -> str:
+        """What the step's duration predicts: its notebook, and whether it works on the teacher
+        (the teacher's evaluation is neither a student's nor a typical step: 77 minutes in the grid
+        against about 20 for a student)."""
+        return self.notebook + (" (teacher)" if self.output.parent.name == "teacher" else "")
+
+    @property
     def marker(self) -> Path:
         return self.output.with_suffix(".done")
 
@@ -122,8 +129,8 @@ def clock(seconds: float) -> str:
 
 def estimate_left(remaining: list[Step], durations: dict[str, list[float]]) -> tuple[float, int] | None:
     """Seconds the ``remaining`` steps will take: each step the median duration of the finished
-    steps of the same notebook (this session's and earlier ones', from their markers), else the
-    median of all finished steps. Returns (seconds, how many durations it rests on), or None
+    steps of the same kind (``Step.kind``: notebook, teacher or student; this session's and
+    earlier ones', from their markers), else the median of all finished steps. Returns (seconds, how many durations it rests on), or None
     before any step has finished."""
     import statistics
 
@@ -131,7 +138,7 @@ def estimate_left(remaining: list[Step], durations: dict[str, list[float]]) -> t
     if not every:
         return None
     overall = statistics.median(every)
-    total = sum(statistics.median(durations[s.notebook]) if durations.get(s.notebook) else overall
+    total = sum(statistics.median(durations[s.kind]) if durations.get(s.kind) else overall
                 for s in remaining)
     return total, len(every)
 
@@ -448,7 +455,7 @@ def _run_steps(steps: list[Step], args, total: float) -> int:
     durations: dict[str, list[float]] = {}
     for step in steps:
         if step.finished() and (seconds := recorded_seconds(step)) is not None:
-            durations.setdefault(step.notebook, []).append(seconds)
+            durations.setdefault(step.kind, []).append(seconds)
     for index, step in enumerate(steps):
         remaining = [s for s in steps[index:] if args.force or not s.finished()
                      or (ran and s.notebook == "05_study.ipynb")]
@@ -464,7 +471,7 @@ def _run_steps(steps: list[Step], args, total: float) -> int:
             return 1
         ran = ran or outcome != "skipped"
         if outcome != "skipped" and (seconds := recorded_seconds(step)) is not None:
-            durations.setdefault(step.notebook, []).append(seconds)
+            durations.setdefault(step.kind, []).append(seconds)
         print(f"  {outcome}", flush=True)
     print(f"study finished in {time.perf_counter() - total:.0f} s; results under {OUTPUTS}")
     return 0
