@@ -131,9 +131,11 @@ if explorer is not None:
     pngs = page_figures["Attention alignment (explorer's first view)"] = study.save_explorer_view(explorer, figures)
     for png in pngs:
         display(Image(filename=str(png)))
-else:
+elif explore:
     page_figures["Attention alignment (explorer's first view)"] = None
-    print("no student runs to explore yet" if explore else "explorer off (explore=False)")
+    print("no student runs to explore yet")
+else:  # a records-only page (make grid-page) has no section for what it cannot draw
+    print("explorer off (explore=False)")
 
 # %% [markdown]
 # ### Per layer: how far each student is from the teacher before and after each alignment stage
