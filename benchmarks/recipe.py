@@ -292,6 +292,10 @@ def _run_from_folder(folder: Path, variant: str, limit: int, teacher_tasks: dict
             done_tokens += stage_tokens
             done_wall += stage_wall
     res_path = _eval_path(folder, limit)
+    if not res_path.exists():  # a runner's run (the grid) keeps notebook 03's file name
+        from linearize.evaluate import results_path
+
+        res_path = results_path(folder, limit, online=False)
     raw = json.loads(res_path.read_text()) if res_path.exists() else None
     tasks = _tasks_record(raw)
     last = curve[-1]

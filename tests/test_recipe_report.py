@@ -1,0 +1,75 @@
+"""benchmarks/recipe.py's report data: a run's curve from its metrics (tokens and wall time summed
+over the stages in the order they ran, points inside a stage not double-counted), its six-task
+record and margin, and the study grid's recipe cells joining the page (--grid-root)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["lambada_openai", "winogrande", "arc_easy", "arc_challenge", "piqa", "hellaswag"]
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("recipe_bench", ROOT / "benchmarks" / "recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _eval_file(path: Path, accs: dict) -> None:
+    """An evaluate_tasks-shaped result on 4 documents a task (per-document accuracies given)."""
+    tasks = {t: {"acc": sum(a) / len(a), "acc_stderr": 0.1, "n_docs": len(a), "n_docs_total": 100,
+                 "per_doc": {"doc_id": list(range(len(a))), "acc": a}} for t, a in accs.items()}
+    path.write_text(json.dumps({"tasks": tasks, "limit": 4}))
+
+
+def _grid_run(folder: Path, arch: str) -> None:
+    folder.mkdir(parents=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(
+        {"arch": arch, "corpus": "mix", "attention_transfer": True, "distill": True,
+         "matrix_mixing": False, "h2h": False}))
+    records = [
+        {"event": "readout_fit", "tokens": 8192, "wall_s": 50.0},
+        {"event": "eval", "after": "conversion", "tokens": 0, "stage_wall_s": 0.0, "perplexity": 240.0,
+         "teacher_perplexity": 30.0, "kl": 2.3},
+        {"event": "eval", "after": "stage0@32768", "tokens": 32768, "stage_wall_s": 300.0, "perplexity": 120.0,
+         "teacher_perplexity": 30.0, "kl": 1.7},
+        {"event": "eval", "after": "stage0", "tokens": 65536, "stage_wall_s": 600.0, "perplexity": 90.0,
+         "teacher_perplexity": 30.0, "kl": 1.4},
+        {"event": "eval", "after": "stage3", "tokens": 16384, "stage_wall_s": 400.0, "perplexity": 60.0,
+         "teacher_perplexity": 30.0, "kl": 1.2},
+    ]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    for stage in (0, 3):
+        (folder / f"stage{stage}").mkdir()
+        (folder / f"stage{stage}" / "done.json").write_text("{}")
+
+
+def test_grid_cells_join_the_recipe_page_with_their_tasks(recipe, tmp_path):
+    outputs, grid = tmp_path / "outputs", tmp_path / "results" / "cpu-grid"
+    (outputs / "teacher-recipe").mkdir(parents=True)
+    teacher = {t: [1.0, 1.0, 0.0, 1.0] for t in TASKS}  # 75% everywhere
+    _eval_file(recipe._eval_path(outputs / "teacher-recipe", 4), teacher)
+    _grid_run(grid / "xlstm" / recipe.GRID_RUN, "xlstm")
+    _grid_run(grid / "retnet" / recipe.GRID_RUN, "retnet")  # not one of the page's three students
+    student = {t: [1.0, 0.0, 0.0, 1.0] for t in TASKS}  # 50% everywhere
+    _eval_file(grid / "xlstm" / recipe.GRID_RUN / "eval_limit4.json", student)  # the runner's file name
+
+    data = recipe.collect(outputs, 4, grid)
+    assert [(r["arch"], r["variant"]) for r in data["runs"]] == [("xlstm", "grid")]
+    run = data["runs"][0]
+    assert run["finished"] and run["tokens"] == 65536 + 16384
+    assert run["wall_s"] == pytest.approx(50 + 600 + 400)  # the mid-stage point is not added again
+    assert [p["tokens"] for p in run["curve"]] == [0, 32768, 65536, 81920]
+    assert run["ppl"] == 60.0 and run["kl"] == 1.2 and run["teacher_ppl"] == 30.0
+    assert run["tasks"]["piqa"]["acc"] == 0.5 and run["tasks"]["piqa"]["docs"] == 4
+    # chance: 0 for LAMBADA, 0.5 for WinoGrande and PIQA, 0.25 for the rest
+    chance = (0 + 0.5 + 0.25 + 0.25 + 0.5 + 0.25) / 6
+    assert run["margin"] == pytest.approx((0.5 - chance) / (0.75 - chance))
+    assert recipe.collect(outputs, 4)["runs"] == []  # without --grid-root only recipe-* folders count
