@@ -39,9 +39,8 @@ from linearize import notebook_params
 notebook_params.check(globals())  # a papermill -p name this notebook does not define is an error
 import time
 import matplotlib.pyplot as plt
-import seaborn as sns
 import yaml
-from linearize import runs as R, stages as S
+from linearize import runs as R, stages as S, viz
 
 # a value left at None defers to `overrides` (a mapping, or its JSON/YAML string from papermill -p),
 # then to the student's settings and the preset
@@ -67,15 +66,10 @@ print(f"run folder: {result['run'].dir}  ({time.perf_counter() - start:.0f} s); 
 # %%
 steps, evals = R.metrics_frames(result["run"].dir)
 shown = steps[steps["stage"].isin([3])] if len(steps) else steps
-if len(shown):
-    fig, axes = plt.subplots(1, len([3]), figsize=(5.5 * len([3]), 3.6), squeeze=False)
-    for ax, stage in zip(axes[0], [3]):
-        part = shown[shown["stage"] == stage]
-        sns.lineplot(data=part, x="tokens", y="loss", ax=ax)
-        ax.set_title(f"stage {stage}: {S.STAGE_NAMES[stage]}")
-        ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(result["run"].dir / "distill_loss.png", dpi=110)
+fig = viz.plot_run_losses(steps, [3], S.STAGE_NAMES)
+if fig is not None:
+    viz.save_png(fig, result["run"].dir / "distill_loss.png")
+    display(fig)
 else:
     print("no training steps logged (stages disabled or reused)")
 

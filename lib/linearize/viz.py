@@ -262,6 +262,23 @@ def plot_training_curves(steps, stage_names: dict, runs_variants: dict | None = 
     return fig
 
 
+def plot_run_losses(steps, stages, stage_names: dict):
+    """One run's training loss against tokens, a panel per stage of ``stages`` that logged steps
+    (side by side, log scale): what notebooks 01 and 02 show after training. ``steps``: the run's
+    step records (``runs.metrics_frames``). None when none of those stages logged a step."""
+    shown = steps[steps["stage"].isin(list(stages))] if len(steps) else steps
+    ran = sorted(shown["stage"].unique()) if len(shown) else []
+    if not ran:
+        return None
+    fig = new_figure(5.5 * len(ran), 3.6)
+    for ax, stage in zip(fig.subplots(1, len(ran), squeeze=False)[0], ran):
+        part = shown[shown["stage"] == stage]
+        ax.plot(part["tokens"], part["loss"])
+        ax.set(title=f"stage {stage}: {stage_names.get(int(stage), '')}", xlabel="tokens", ylabel="loss",
+               yscale="log")
+    return fig
+
+
 def plot_validation(records, stage_order, teacher_perplexity: float | None = None):
     """Validation perplexity and KL after conversion and each stage, one line per run (model
     colour and marker, variant line style, points slightly offset so that equal values of two
