@@ -219,10 +219,10 @@ def split_tasks(names: list[str], workers: int) -> list[list[str]]:
     each to the lightest group); each group keeps the order the tasks were given in."""
     groups: list[list[str]] = [[] for _ in range(workers)]
     load = [0] * workers
-    for name in sorted(names, key=lambda n: -TASK_TOKENS_500.get(n, 40000)):
+    for name in sorted(names, key=lambda n: -TASK_TOKENS_500[n]):  # names: the six, checked
         i = load.index(min(load))
         groups[i].append(name)
-        load[i] += TASK_TOKENS_500.get(name, 40000)
+        load[i] += TASK_TOKENS_500[name]
     return [[n for n in names if n in g] for g in groups if g]
 
 
