@@ -146,7 +146,14 @@ def test_students_are_ranked_per_column_and_findings_follow_the_intervals(output
     # the direction of the ranking finding follows its interval, never "holds" when it covers 0
     sp = kd["spearman"]
     rank_line = next(s for s in text.splitlines() if s.startswith("- **The ranking of the mixers** (`kd`"))
-    assert ("holds" in rank_line) == (sp["lo"] > 0)
+    assert ("holds" in rank_line) == (sp["lo"] > 0 and sp["n"] >= A.RANKING_MIN)
+
+
+def test_a_ranking_of_few_students_is_never_said_to_hold():
+    sp = {"rho": 1.0, "lo": 1.0, "hi": 1.0, "n": 3}
+    assert A._direction(sp).startswith("is not determined yet")
+    assert A._direction({**sp, "n": A.RANKING_MIN}).startswith("holds")
+    assert A._direction({**sp, "rho": -1.0, "lo": -1.0, "hi": -1.0, "n": 6}).startswith("is reversed")
 
 
 def test_grid_status_counts_cells_from_the_runner_markers(outputs, tmp_path, monkeypatch):

@@ -198,10 +198,18 @@ def rankings(runs, docs: Mapping, iters: int = ITERS) -> list[dict]:
     return out
 
 
+# Fewest students whose ranking is said to hold or be reversed: with n students a rank
+# correlation takes few values (with 3, one ordering in 6 gives rho = 1 by chance), and the
+# bootstrap over documents does not see that coarseness.
+RANKING_MIN = 5
+
+
 def _direction(sp: Mapping | None) -> str:
     if not sp:
         return "not computed (fewer than three students with a paper number)"
     where = f"rho {sp['rho']:.2f}, 95% interval {sp['lo']:.2f} to {sp['hi']:.2f}, {sp['n']} students"
+    if sp["n"] < RANKING_MIN:
+        return f"is not determined yet: {sp['n']} students ranked, fewer than {RANKING_MIN} ({where})"
     if sp["lo"] > 0:
         return f"holds ({where})"
     if sp["hi"] < 0:
@@ -214,7 +222,7 @@ def findings(result: Mapping) -> list[str]:
     out = []
     for entry in result.get("rankings") or []:
         col = entry["variant"]
-        against = "its own column" if col == entry["paper_variant"] else f"its `{entry['paper_variant']}` column"
+        against = "same column" if col == entry["paper_variant"] else f"`{entry['paper_variant']}` column"
         kl = entry.get("spearman_kl")
         kl_text = "" if kl is None else f" Ranked by validation KL instead, rho is {kl:.2f}."
         out.append(f"- **The ranking of the mixers** (`{col}`, against the paper's {against}) "
