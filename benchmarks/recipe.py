@@ -306,10 +306,29 @@ def _run_from_folder(folder: Path, variant: str, limit: int, teacher_tasks: dict
                       fit_tokens=fit["tokens"] if fit else 0, lambada_ppl=_lambada_ppl(raw),
                       margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve,
                       long_val=_read_json(folder / f"long_val_{LONG_SEQ}.json"),
+                      hybrid_gate=_hybrid_gate(folder) if params.get("hybrid_window") else None,
                       # every enabled stage done; an unfinished run resumes where it
                       # stopped, and its curve so far is shown
                       finished=all((folder / f"stage{n}" / "done.json").exists()
                                    for n, spec in STAGES.items() if params.get(spec.flag)))
+
+
+def _hybrid_gate(folder: Path) -> dict | None:
+    """The weight a hybrid's heads give the softmax window after its last finished stage:
+    sigmoid of every layer's ``hybrid.mix_logit`` (linearize.mixers.hybrid), mean / min / max,
+    from the stage's saved weights (None when none are here, e.g. a records-only snapshot)."""
+    import torch
+
+    done = sorted(folder.glob("stage[0-9]/student.pt"))
+    if not done:
+        return None
+    state = torch.load(done[-1], map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    gates = [torch.sigmoid(v.float().flatten()) for k, v in state.items() if k.endswith("hybrid.mix_logit")]
+    if not gates:
+        return None
+    g = torch.cat(gates)
+    return {"mean": float(g.mean()), "min": float(g.min()), "max": float(g.max()), "stage": done[-1].parent.name}
 
 
 def _read_json(path: Path) -> dict | None:
@@ -431,6 +450,16 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
                      f"{r['fit_tokens']:,} | {r['wall_s'] / 60:.1f} | {r['ppl']:.2f} | "
                      f"{r['ppl'] / (r.get('teacher_ppl') or t_ppl):.2f}x | {r['kl']:.3f} | {ood} | {_long(r, 'val')} | "
                      f"{_long(r, 'ood')} | {tasks} | {m} |")
+    gated = [r for r in data["runs"] if r.get("hybrid_gate")]
+    if gated:
+        lines += ["", "Where the hybrids' quality comes from: the weight each head gives the softmax window "
+                  "(sigmoid of `hybrid.mix_logit`, learned, starting at 0.99) after training: " + "; ".join(
+                      f"{r['arch']} / {r['variant']} mean {r['hybrid_gate']['mean']:.4f} "
+                      f"(min {r['hybrid_gate']['min']:.4f}, max {r['hybrid_gate']['max']:.4f})" for r in gated)
+                  + (". The gates have not moved from their start, so the linear branch carries about 1% of "
+                     "each head's output, and hybrids of different students agree to the third decimal: what "
+                     "they keep of the teacher is the window's (64 tokens + 4 sinks), not the student's."
+                     if all(abs(r["hybrid_gate"]["mean"] - 0.99) < 0.005 for r in gated) else ".")]
     if data.get("unfinished"):
         lines += ["", "Unfinished, resumable with the same command (not shown): " + ", ".join(
             f"{u['arch']} / {u['variant']} (after {u['after']})" for u in data["unfinished"]) + "."]
