@@ -198,22 +198,21 @@ def rankings(runs, docs: Mapping, iters: int = ITERS) -> list[dict]:
     return out
 
 
-# Fewest students whose ranking is said to hold or be reversed: with n students a rank
-# correlation takes few values (with 3, one ordering in 6 gives rho = 1 by chance), and the
-# bootstrap over documents does not see that coarseness.
-RANKING_MIN = 5
-
-
 def _direction(sp: Mapping | None) -> str:
+    """A ranking "holds" only when it agrees with the paper's beyond both kinds of chance: the
+    documents' (the bootstrap interval excludes 0) and the ordering's (a random order of these
+    students reaches the same rho with probability under 5%, exact permutation p)."""
     if not sp:
         return "not computed (fewer than three students with a paper number)"
-    where = f"rho {sp['rho']:.2f}, 95% interval {sp['lo']:.2f} to {sp['hi']:.2f}, {sp['n']} students"
-    if sp["n"] < RANKING_MIN:
-        return f"is not determined yet: {sp['n']} students ranked, fewer than {RANKING_MIN} ({where})"
-    if sp["lo"] > 0:
+    where = (f"rho {sp['rho']:.2f}, 95% interval {sp['lo']:.2f} to {sp['hi']:.2f}, {sp['n']} students, "
+             f"permutation p {sp.get('p_agree', float('nan')):.2f}")
+    if sp["lo"] > 0 and sp.get("p_agree", 1.0) < 0.05:
         return f"holds ({where})"
-    if sp["hi"] < 0:
+    if sp["hi"] < 0 and sp.get("p_reverse", 1.0) < 0.05:
         return f"is reversed ({where})"
+    if sp["lo"] > 0 or sp["hi"] < 0:
+        return (f"is not determined yet: the documents separate the students, but a random order of "
+                f"{sp['n']} students reaches this rho too often ({where})")
     return f"is not determined at this budget: the interval covers 0 ({where})"
 
 
