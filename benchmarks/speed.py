@@ -147,6 +147,15 @@ def read_external(path: str | None, key: str):
     return data.get(key, data) if isinstance(data, dict) and key in data else data
 
 
+def _source_of(path: str | None, key: str) -> str | None:
+    """Where another benchmark's numbers come from: its JSON's ``key`` field, if it has one
+    (read_external would return the whole file for a missing key)."""
+    if not path:
+        return None
+    data = json.loads(Path(path).read_text())
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def eval_from_grid(root: Path) -> dict:
     """``eval_seconds_6x500`` and its source from a grid's records (``runner --snapshot``): the wall
     time each 500-document evaluation of all six tasks took inside the grid, labelled with how it
@@ -184,8 +193,8 @@ def build_json(parts: dict, args) -> dict:
         "detail": {"bandwidth": bw, "decode": {k: v for k, v in dec.items() if k != "tok_s"},
                    "kernels": {k: v for k, v in ker.items() if k != "ratio"},
                    "load_samples": loads, "threads": args.threads, "repeat": args.repeat,
-                   "sources": {"distill": read_external(args.distill_json, "source") if args.distill_json else None,
-                               "eval": read_external(args.eval_json, "eval_source") if args.eval_json else None},
+                   "sources": {"distill": _source_of(args.distill_json, "source"),
+                               "eval": _source_of(args.eval_json, "eval_source")},
                    "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "errors": {n: p["error"] for n, p in parts.items() if "error" in p}},
     }
