@@ -35,9 +35,10 @@ study: env
 	$(PY) -m linearize.runner $(STUDY_ARGS)
 
 # The study of issue 15: all ten students, Table 2 (kd, mm) and the default recipe each, Table 3's
-# ablations for gla and xlstm, 500 documents per task. Resumable: run it again to go on.
+# ablations for gla and xlstm, 500 documents per task. Resumable: run it again to go on; on a new
+# machine (empty outputs/) the cells committed in results/cpu-grid/ count as finished (--restore).
 grid: env
-	$(PY) -m linearize.runner --preset cpu-grid --students all --grid study $(STUDY_ARGS)
+	$(PY) -m linearize.runner --preset cpu-grid --students all --grid study --restore results/cpu-grid $(STUDY_ARGS)
 
 # For maintainers: the grid's records so far (no weights) into results/cpu-grid/, to commit as
 # cells finish (a long grid outlives any one machine only through what is committed)

@@ -139,3 +139,46 @@ def test_snapshot_keeps_the_records_not_the_weights(tmp_path):
     # markers are committed: their paths inside the checkout become relative (no machine's paths)
     marker = json.loads((tmp_path / "snap" / "gla" / "cpu-grid-kd" / "03_evaluate.done").read_text())
     assert marker == {"seconds": 5.0, "parameters": {"run_dir": "outputs/gla/cpu-grid-kd"}}
+
+
+def test_restore_brings_back_whole_finished_folders_only(tmp_path, monkeypatch):
+    """A grid resumed on a new machine (empty outputs/) skips the cells its committed records
+    say are finished: each folder whose every step is recorded done with today's parameters
+    comes back (records, no weights); a half-finished cell, one recorded with other parameters,
+    and a folder that already holds work are left to the runner."""
+    outputs = tmp_path / "outputs"
+    monkeypatch.setattr(runner, "OUTPUTS", outputs)
+    steps = runner.plan(["gla", "xlstm", "hgrn2"], "cpu-grid", grid="default")
+    by_folder = {}
+    for step in steps:
+        by_folder.setdefault(step.output.parent.name if step.output.parent.name == "teacher"
+                             else step.output.parent.parent.name, []).append(step)
+    # a finished machine: teacher and gla done; xlstm stopped after its first step; hgrn2 done
+    # but evaluated at another document count than the plan asks for now
+    for name in ("teacher", "gla", "xlstm", "hgrn2"):
+        for i, step in enumerate(by_folder[name]):
+            if name == "xlstm" and i > 0:
+                break
+            step.output.parent.mkdir(parents=True, exist_ok=True)
+            step.output.write_text("{}")
+            params = dict(step.parameters, limit=100) if name == "hgrn2" and "limit" in step.parameters else step.parameters
+            step.marker.write_text(json.dumps({"seconds": 60.0 + i, "parameters": params}))
+        folder = by_folder[name][-1].output.parent
+        (folder / "params.yaml").write_text(name)
+        (folder / "student.pt").write_bytes(b"weights")
+    runner.snapshot("cpu-grid", outputs, tmp_path / "snap")
+    import shutil
+    shutil.rmtree(outputs)  # the new machine
+    (outputs / "gla").mkdir(parents=True)
+    back = runner.restore(steps, tmp_path / "snap", outputs)
+    assert sorted(f.relative_to(outputs).as_posix() for f in back) == ["gla/cpu-grid-qkv-fit-at", "teacher"]
+    finished = {s.output.relative_to(outputs).as_posix() for s in steps if s.finished()}
+    assert finished == {s.output.relative_to(outputs).as_posix() for s in by_folder["teacher"] + by_folder["gla"]}
+    assert not (outputs / "gla" / "cpu-grid-qkv-fit-at" / "student.pt").exists()  # records, never weights
+    marker = json.loads(by_folder["gla"][0].marker.read_text())
+    assert marker["seconds"] == 60.0 and marker["restored_from"] == str(tmp_path / "snap")
+    assert not (outputs / "xlstm").exists() and not (outputs / "hgrn2").exists()
+    # a folder that holds work is never mixed with records: restoring again changes nothing
+    (outputs / "xlstm" / "cpu-grid-qkv-fit-at").mkdir(parents=True)
+    (outputs / "xlstm" / "cpu-grid-qkv-fit-at" / "params.yaml").write_text("a new run")
+    assert runner.restore(steps, tmp_path / "snap", outputs) == []

@@ -49,13 +49,17 @@ class Step:
         return self.output.with_suffix(".done")
 
     def finished(self) -> bool:
-        """Executed, marked done, and with the parameters asked for now."""
-        if not (self.output.exists() and self.marker.exists()):
+        """Executed (or restored from committed records, see ``restore``), marked done, and with
+        the parameters asked for now."""
+        if not self.marker.exists():
             return False
         try:
-            stored = json.loads(self.marker.read_text()).get("parameters")
+            marker = json.loads(self.marker.read_text())
+            stored = marker.get("parameters")
         except (json.JSONDecodeError, AttributeError):
             return False  # a damaged marker: redo the step rather than trust it
+        if not (self.output.exists() or marker.get("restored_from")):
+            return False
         return _portable(stored) == _portable(self.parameters)
 
 
@@ -209,6 +213,47 @@ def snapshot(preset: str, outputs: Path = OUTPUTS, dest: Path | None = None) -> 
                     shutil.copyfile(src, dst)
                 written.append(dst)
     return written
+
+
+def restore(steps: list[Step], source: Path, outputs: Path = OUTPUTS) -> list[Path]:
+    """Bring the committed records of finished work (``snapshot``'s layout under ``source``,
+    e.g. ``results/cpu-grid``) back into ``outputs``, so that a grid resumed on a new machine,
+    whose outputs/ is empty, skips the cells it already finished instead of training them again.
+
+    Only whole run folders come back: a folder (the teacher's, or one student cell's) is restored
+    when every step the plan has in it is recorded there as finished with the parameters asked
+    for now, and outputs/ has nothing in that folder yet (a folder with work in it is left as it
+    is, never mixed). The records carry no weights, so a restored cell is finished, not
+    continuable; its markers say ``restored_from``, which ``Step.finished`` accepts in place of
+    the executed notebook. Returns the run folders restored."""
+    import shutil
+
+    source, outputs = Path(source), Path(outputs)
+    folders: dict[Path, list[Step]] = {}
+    for step in steps:
+        if step.output.is_relative_to(outputs) and step.notebook not in ("04_benchmark.ipynb", "05_study.ipynb"):
+            folders.setdefault(step.output.parent, []).append(step)
+    restored = []
+    for folder, folder_steps in folders.items():
+        committed = source / folder.relative_to(outputs)
+        if not committed.is_dir() or (folder.exists() and any(folder.iterdir())):
+            continue
+        markers = []
+        for step in folder_steps:
+            try:
+                marker = json.loads((committed / step.marker.name).read_text())
+            except (OSError, json.JSONDecodeError):
+                break
+            if not isinstance(marker, dict) or _portable(marker.get("parameters")) != _portable(step.parameters):
+                break
+            markers.append((step, marker))
+        else:
+            shutil.copytree(committed, folder, dirs_exist_ok=True)
+            where = str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source)
+            for step, marker in markers:
+                step.marker.write_text(json.dumps({**marker, "parameters": step.parameters, "restored_from": where}))
+            restored.append(folder)
+    return restored
 
 
 # Tokens of the closed-form readout fit in the "-fit" variants: 64 blocks of 128 = 8192 tokens,
@@ -402,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snapshot", action="store_true",
                         help="run nothing: copy the records of the teacher and of every run of --preset (no "
                              "weights) into results/<preset>/, to commit a long grid's finished cells")
+    parser.add_argument("--restore", default=None, metavar="DIR",
+                        help="before running, bring back from DIR (a --snapshot folder, e.g. results/cpu-grid) "
+                             "the records of every teacher or student folder whose steps are all finished "
+                             "there, so a grid resumed on a new machine skips them (records only, no weights)")
     parser.add_argument("--no-bench", action="store_true",
                         help="leave out the benchmark step (04): speed and memory depend on the students, "
                              "not on the training variant, so a new grid need not re-measure them")
@@ -438,12 +487,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_bench:
         steps = [s for s in steps if s.notebook != "04_benchmark.ipynb"]
     validate_plan(steps)
+    source = None
+    if args.restore:
+        source = Path(args.restore) if Path(args.restore).is_absolute() else ROOT / args.restore
+        if not source.is_dir():
+            raise SystemExit(f"--restore {args.restore}: no such folder (make it with --snapshot)")
     # one study per outputs/ at a time: a second one would train the same runs twice and time
     # the benchmark while the other trains
     from .runfiles import RunLockedError, hold_lock
 
     try:
         with hold_lock(OUTPUTS, f"outputs folder {OUTPUTS} (a study)", name=".study.lock"):
+            if source is not None:
+                back = restore(steps, source)
+                print(f"restored {len(back)} finished folder(s) from {args.restore} (records, no weights): "
+                      + (", ".join(str(f.relative_to(OUTPUTS)) for f in back) or "none"), flush=True)
             return _run_steps(steps, args, total)
     except RunLockedError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
