@@ -61,6 +61,12 @@ RECIPES: dict[str, tuple[dict, str]] = {
                "mix-kd's stage 0 alone: QKV copy, readout fit, 64K transfer on the mixed corpus, no distillation"),
     "mix-at-w64": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
                     "hybrid_window": 64}, "mix-at with the 64-token softmax window"),
+    # the control for the hybrids: their learned gates stayed at the 0.99 start, so is what they
+    # keep the window's? The 64-token window (+4 sinks) alone, the linear branch weighted 0, the
+    # teacher's own q/k/v/o and MLPs, no training: the teacher with its attention cut to a window
+    "window-w64": ({"corpus": "mix", "readout_fit_tokens": 0, "attention_transfer": False, "distill": False,
+                    "hybrid_window": 64, "hybrid_mix": 1.0, "hybrid_learn_mix": False},
+                   "control: the 64-token softmax window (+4 sinks) alone, linear branch off, no training"),
     "paper": ({"readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True, "h2h": True,
                "stage1_tokens": 16384, "stage2_tokens": 16384, "stage1_lr": 1e-3, "stage2_lr": 1e-3},
               "the paper's recipe: QKV copy, matrix mixing, hidden-to-hidden, distillation"),
@@ -240,7 +246,7 @@ GRID_RECIPE = ("QKV copy, readout fit, 64K transfer (lr 1e-3), 16K distillation 
                "corpus: the study grid's recipe cell (`make grid`, preset cpu-grid, records in results/cpu-grid/)")
 
 
-def collect(root: Path, limit: int, grid_root: Path | None = None) -> dict:
+def collect(root: Path, limit: int, grid_root: Path | None = None, carry: dict | None = None) -> dict:
     """The recipe.json data (linearize.results' schema, with each run's ``curve``, ``fit_tokens``
     and ``margin`` added): one record per run folder ``outputs/<arch>/recipe-<name>``, and with
     ``grid_root`` one per ``<grid_root>/<arch>/cpu-grid-qkv-fit-at`` (variant "grid")."""
@@ -248,6 +254,8 @@ def collect(root: Path, limit: int, grid_root: Path | None = None) -> dict:
 
     teacher_res = _eval_path(root / "teacher-recipe", limit)
     teacher_tasks = _tasks_record(json.loads(teacher_res.read_text())) if teacher_res.exists() else {}
+    if not teacher_tasks and carry:  # the teacher's evaluation from the page's twin (see carry_over)
+        teacher_tasks = carry["teacher"].get("tasks") or {}
     folders = [(f, f.name.removeprefix("recipe-")) for f in sorted(root.glob("*/recipe-*"))]
     if grid_root is not None:
         folders += [(Path(grid_root) / a / GRID_RUN, GRID_VARIANT) for a in GRID_ARCHS
@@ -261,8 +269,25 @@ def collect(root: Path, limit: int, grid_root: Path | None = None) -> dict:
             teacher_ppl = run["teacher_ppl"] or teacher_ppl
         runs.append(run)
     teacher_raw = json.loads(teacher_res.read_text()) if teacher_res.exists() else None
+    teacher_lambada = _lambada_ppl(teacher_raw)
+    if carry:
+        runs = carry_over(runs, carry)
+        teacher_ppl = teacher_ppl or carry["teacher"].get("ppl")
+        teacher_lambada = teacher_lambada if teacher_lambada is not None else carry.get("teacher_lambada_ppl")
     return results_record(teacher_record("SmolLM2-135M-Instruct (embedded)", teacher_ppl, teacher_tasks), runs,
-                          teacher_lambada_ppl=_lambada_ppl(teacher_raw))
+                          teacher_lambada_ppl=teacher_lambada)
+
+
+def carry_over(runs: list[dict], previous: dict) -> list[dict]:
+    """``runs`` (made from the run folders on this machine) plus every finished run of the
+    previous docs/recipe.json whose folder is not here, marked ``carried``. The run folders live in
+    the git-ignored outputs/ of the machine that trained them, and the page's JSON twin is the
+    only committed record of them (a machine that lost outputs/ regenerates the page without
+    losing its runs); a run here replaces the carried record of the same arch and variant."""
+    here = {(r["arch"], r["variant"]) for r in runs}
+    carried = [dict(r, carried=True) for r in previous.get("runs", [])
+               if (r["arch"], r["variant"]) not in here and r.get("finished", True)]
+    return carried + runs
 
 
 def _run_from_folder(folder: Path, variant: str, limit: int, teacher_tasks: dict) -> dict | None:
@@ -460,6 +485,24 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
                      "each head's output, and hybrids of different students agree to the third decimal: what "
                      "they keep of the teacher is the window's (64 tokens + 4 sinks), not the student's."
                      if all(abs(r["hybrid_gate"]["mean"] - 0.99) < 0.005 for r in gated) else ".")]
+    control = next((r for r in data["runs"] if r["variant"] == "window-w64"), None)
+    if control is not None:
+        hybrids = [r for r in data["runs"] if r.get("hybrid") and r is not control]
+        t_of = lambda r: r.get("teacher_ppl") or t_ppl  # noqa: E731
+        lines += ["", f"The control (`window-w64`): the 64-token window and 4 sinks alone, the linear branch "
+                  f"switched off, the teacher's own weights, no training: {control['ppl'] / t_of(control):.2f}x the "
+                  f"teacher's perplexity, KL {control['kl']:.3f}, @{LONG_SEQ} {_long(control, 'val')}"
+                  + (f", {100 * control['margin']:.0f}% of the margin" if control.get("margin") is not None else "")
+                  + ". The trained hybrids: " + "; ".join(
+                      f"{r['arch']} / {r['variant']} {r['ppl'] / t_of(r):.2f}x, KL {r['kl']:.3f}, @{LONG_SEQ} "
+                      f"{_long(r, 'val')}" + (f", {100 * r['margin']:.0f}%" if r.get("margin") is not None else "")
+                      for r in hybrids)
+                  + ". A hybrid is worth its linear branch only where it beats this control."]
+    carried = [r for r in data["runs"] if r.get("carried")]
+    if carried:
+        lines += ["", f"{len(carried)} run(s) carried from the previous docs/recipe.json (their run folders, in "
+                  "the git-ignored outputs/ of the machine that trained them, are not on this machine; the twin "
+                  "is their committed record): " + ", ".join(f"{r['arch']} / {r['variant']}" for r in carried) + "."]
     if data.get("unfinished"):
         lines += ["", "Unfinished, resumable with the same command (not shown): " + ", ".join(
             f"{u['arch']} / {u['variant']} (after {u['after']})" for u in data["unfinished"]) + "."]
@@ -504,7 +547,9 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
 
 
 def cmd_report(args) -> int:
-    data = collect(Path(args.root), args.limit, Path(args.grid_root) if args.grid_root else None)
+    twin = ROOT / "docs" / "recipe.json"
+    carry = json.loads(twin.read_text()) if args.carry and twin.exists() else None
+    data = collect(Path(args.root), args.limit, Path(args.grid_root) if args.grid_root else None, carry)
     # an unfinished run (one resumed in a later session) is named, not tabulated: its curve so far
     # is the start of the run it was branched into, or of its own finished run later
     data["unfinished"] = [{"arch": r["arch"], "variant": r["variant"], "after": r["curve"][-1]["after"]}
@@ -543,6 +588,9 @@ def main(argv=None) -> int:
     p_rep.add_argument("--limit", type=int, default=500)
     p_rep.add_argument("--grid-root", default=None, metavar="DIR",
                        help="also the study grid's recipe cells from this snapshot (results/cpu-grid)")
+    p_rep.add_argument("--no-carry", dest="carry", action="store_false",
+                       help="only the run folders on this machine (default: keep the runs of the previous "
+                            "docs/recipe.json whose folders are not here, marked carried)")
     for p in (p_run, p_eval, p_long, p_rep):
         p.add_argument("--root", default=str(OUTPUTS))
         p.add_argument("--threads", type=int, default=2)

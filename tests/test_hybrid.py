@@ -358,6 +358,17 @@ def test_params_fill_mixer_options_and_old_identities_still_match():
         P.resolve("gla", "cpu-quick", {"hybrid_window": 8, "hybrid_mix": 0.0})
     with pytest.raises(P.ParamsError, match="exact attention already"):
         P.resolve("softmax", "cpu-quick", {"hybrid_window": 8})
+    # the window alone (the control of benchmarks/recipe.py's window-w64): a fixed mix of 1, and a
+    # stage identity that differs from the learned hybrid's
+    alone = P.resolve("gla", "cpu-quick", {"hybrid_window": 64, "hybrid_sinks": 2, "hybrid_mix": 1.0,
+                                           "hybrid_learn_mix": False})
+    assert alone["mixer_options"] == {"hybrid_window": 64, "hybrid_sinks": 2, "hybrid_mix": 1.0,
+                                      "hybrid_learn_mix": False}
+    assert H.settings(alone["mixer_options"]).learn_mix is False
+    assert stage_identity(alone, 3, "conversion") != stage_identity(
+        P.resolve("gla", "cpu-quick", {"hybrid_window": 64, "hybrid_sinks": 2, "hybrid_mix": 0.5}), 3, "conversion")
+    with pytest.raises(P.ParamsError, match="hybrid_learn_mix must be true or false"):
+        P.resolve("gla", "cpu-quick", {"hybrid_window": 8, "hybrid_learn_mix": "maybe"})
 
 
 def test_runner_plans_hybrid_runs_and_the_study_labels_them(tmp_path):

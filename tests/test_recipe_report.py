@@ -73,3 +73,30 @@ def test_grid_cells_join_the_recipe_page_with_their_tasks(recipe, tmp_path):
     chance = (0 + 0.5 + 0.25 + 0.25 + 0.5 + 0.25) / 6
     assert run["margin"] == pytest.approx((0.5 - chance) / (0.75 - chance))
     assert recipe.collect(outputs, 4)["runs"] == []  # without --grid-root only recipe-* folders count
+
+
+def test_report_keeps_the_runs_whose_folders_are_gone(recipe, tmp_path):
+    """A machine that lost outputs/ (the run folders are git-ignored) regenerates the page without
+    losing its runs: the previous twin's records come back marked carried, the teacher's tasks
+    with them (so a new run's margin is still measured), and a run present here replaces the
+    carried one of the same arch and variant."""
+    outputs, grid = tmp_path / "outputs", tmp_path / "results" / "cpu-grid"
+    _grid_run(grid / "xlstm" / recipe.GRID_RUN, "xlstm")
+    _eval_file(grid / "xlstm" / recipe.GRID_RUN / "eval_limit4.json", {t: [1.0, 0.0, 0.0, 1.0] for t in TASKS})
+    teacher_tasks = {t: {"acc": 0.75, "stderr": 0.2, "docs": 4} for t in TASKS}
+    old = {"arch": "deltanet", "variant": "at", "hybrid": False, "tokens": 1, "wall_s": 1.0, "ppl": 50.0,
+           "kl": 0.7, "tasks": {}, "finished": True, "curve": []}
+    previous = {"teacher": {"name": "t", "ppl": 42.0, "tasks": teacher_tasks}, "teacher_lambada_ppl": 55.0,
+                "runs": [old, dict(old, arch="xlstm", variant="grid", ppl=999.0),
+                         dict(old, variant="half", finished=False)]}
+    data = recipe.collect(outputs, 4, grid, carry=previous)
+    runs = {(r["arch"], r["variant"]): r for r in data["runs"]}
+    assert set(runs) == {("deltanet", "at"), ("xlstm", "grid")}
+    assert runs[("deltanet", "at")]["carried"] is True and runs[("deltanet", "at")]["ppl"] == 50.0
+    assert not runs[("xlstm", "grid")].get("carried") and runs[("xlstm", "grid")]["ppl"] == 60.0
+    # the grid cell's margin against the carried teacher: (0.5 - chance) / (0.75 - chance) per task
+    chance = {"lambada_openai": 0.0, "winogrande": 0.5, "piqa": 0.5}
+    avg = lambda acc: sum(acc - chance.get(t, 0.25) for t in TASKS) / len(TASKS)  # noqa: E731
+    assert runs[("xlstm", "grid")]["margin"] == pytest.approx(avg(0.5) / avg(0.75))
+    assert data["teacher"]["ppl"] == 42.0 and data["teacher_lambada_ppl"] == 55.0
+    assert all("carried" not in r for r in recipe.collect(outputs, 4, grid)["runs"])

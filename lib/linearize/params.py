@@ -52,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "hybrid_window": 0,
     "hybrid_sinks": 4,
     "hybrid_mix": 0.99,
+    # False: the mix stays at hybrid_mix (with hybrid_mix 1.0, the window alone: the control that
+    # says what a hybrid owes to its window and what to its student)
+    "hybrid_learn_mix": True,
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
     # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
     # decay gates set per head from the teacher's attention distances (linearize.gate_init; an
@@ -176,12 +179,12 @@ def _with_hybrid(p: dict) -> dict:
     from .mixers import hybrid
 
     options = dict(p["mixer_options"])
-    wanted = hybrid.options_of(p["hybrid_window"], p["hybrid_sinks"], p["hybrid_mix"])
+    wanted = hybrid.options_of(p["hybrid_window"], p["hybrid_sinks"], p["hybrid_mix"], p.get("hybrid_learn_mix", True))
     given = {k: options[k] for k in hybrid.OPTION_KEYS if k in options}
     clash = {k: v for k, v in given.items() if k not in wanted or wanted[k] != v}
     if clash:
         raise ParamsError(f"mixer_options {clash} set the hybrid window directly; use the keys hybrid_window, "
-                          "hybrid_sinks and hybrid_mix instead (they fill mixer_options).")
+                          "hybrid_sinks, hybrid_mix and hybrid_learn_mix instead (they fill mixer_options).")
     try:
         hybrid.settings(wanted)
     except ValueError as err:
@@ -255,7 +258,7 @@ def _check_values(p: dict) -> None:
 
 # Switches: YAML reads true/false/yes/no as booleans; anything else (e.g. "maybe") is refused
 # rather than read as truthy.
-_BOOL_KEYS = ("qkv_copy", "matrix_mixing", "h2h", "distill", "bf16", "measure_teacher_throughput")
+_BOOL_KEYS = ("qkv_copy", "matrix_mixing", "h2h", "distill", "bf16", "measure_teacher_throughput", "hybrid_learn_mix")
 _BACKENDS = ("auto", "torch", "fla")
 # run_name is one folder under outputs/<arch>/: no separators, no "..", nothing absolute.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@-]*$")

@@ -98,8 +98,10 @@ def settings(options: dict | None) -> HybridSettings | None:
     return HybridSettings(int(window), int(sinks), mix, learn)
 
 
-def options_of(window: int, sinks: int | None = None, mix: float | None = None) -> dict:
-    """The mixer options that switch the hybrid on (empty for window 0)."""
+def options_of(window: int, sinks: int | None = None, mix: float | None = None, learn: bool = True) -> dict:
+    """The mixer options that switch the hybrid on (empty for window 0). ``learn=False`` (a fixed
+    mix; with mix 1, the window alone) is the only case that writes ``hybrid_learn_mix``, so the
+    options, and the stage identities made of them, of learned-mix runs are as they were."""
     if not window:
         return {}
     out = {"hybrid_window": int(window)}
@@ -107,6 +109,8 @@ def options_of(window: int, sinks: int | None = None, mix: float | None = None) 
         out["hybrid_sinks"] = int(sinks)
     if mix is not None:
         out["hybrid_mix"] = float(mix)
+    if not learn:
+        out["hybrid_learn_mix"] = False
     return out
 
 
