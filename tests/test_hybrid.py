@@ -454,3 +454,34 @@ def test_stages_train_the_gate_of_a_hybrid(stage, tmp_path):
     losses = [m["loss"] for m in run.metrics() if m.get("event") == "step" and m["stage"] == stage]
     assert losses and all(math.isfinite(x) for x in losses)
     assert all(not torch.equal(b, m.hybrid.mix_logit) for b, m in zip(before, res.student.mixers))
+
+
+def test_the_mix_gets_its_own_learning_rate(tmp_path):
+    """hybrid_mix_lr: Adam's first step moves every parameter by its learning rate (lr g / (|g| +
+    eps), whatever the gradient's size), so with the stage at 1e-6 and the mix at 0.1, one step
+    moves the mix logits by 0.1 and nothing else by more than 1e-6 (plus weight decay)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from linearize import params as P
+    from linearize import runs as RF
+    from linearize import stages as S
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=64)).eval().requires_grad_(False)
+    blocks = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    params = P.resolve("deltanet", overrides=dict(
+        seq_len=16, batch_size=4, val_blocks=2, val_batch_size=2, run_name="h", qkv_copy=True, warmup_fraction=0.0,
+        decay_fraction=0.0, min_lr_ratio=1.0, hybrid_window=4, hybrid_sinks=1, hybrid_mix=0.5, hybrid_mix_lr=0.1,
+        stage3_tokens=4 * 16, stage3_lr=1e-6))
+    run = RF.Run(params, root=tmp_path)
+    student, _ = RF.load_student(run, teacher, params, 3)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    res = S.train_stage(3, student, teacher, blocks, params, run, progress=False)
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in res.student.named_parameters() if n in before}
+    gates = {n: d for n, d in moved.items() if n.endswith("hybrid.mix_logit")}
+    assert len(gates) == 2 and all(d == pytest.approx(0.1, rel=1e-3) for d in gates.values()), gates
+    assert max(d for n, d in moved.items() if n not in gates) < 1e-5
+    with pytest.raises(P.ParamsError, match="hybrid_mix_lr must be > 0"):
+        P.resolve("deltanet", overrides={"hybrid_window": 4, "hybrid_mix_lr": 0})

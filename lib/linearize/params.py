@@ -55,6 +55,10 @@ DEFAULTS: dict[str, Any] = {
     # False: the mix stays at hybrid_mix (with hybrid_mix 1.0, the window alone: the control that
     # says what a hybrid owes to its window and what to its student)
     "hybrid_learn_mix": True,
+    # the learned mix's own learning rate (None: the stage's). AdamW moves a parameter by about lr
+    # per step, so at 1e-3 a 64-step stage can move the mix logit by 0.06 at most: the gates of the
+    # first hybrids ended within 0.0004 of their 0.99 start (docs/recipe.md). Not weight-decayed.
+    "hybrid_mix_lr": None,
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
     # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
     # decay gates set per head from the teacher's attention distances (linearize.gate_init; an
@@ -170,7 +174,7 @@ def resolve(arch: str | None = None, preset: str | None = None, overrides: dict 
 
 
 # keys whose default is None but whose value, when set, is a number of this type
-_NUMBER_TYPES = {"stop_after_steps": int, "grad_clip": float}
+_NUMBER_TYPES = {"stop_after_steps": int, "grad_clip": float, "hybrid_mix_lr": float}
 
 
 def _with_hybrid(p: dict) -> dict:
@@ -290,6 +294,8 @@ def _check_kinds(p: dict) -> None:
         raise ParamsError(f"backend must be one of {_BACKENDS}, got {p['backend']!r}.")
     for stage in (1, 2, 3):
         _finite(p, f"stage{stage}_lr", 0, True, "a learning rate")
+    if p.get("hybrid_mix_lr") is not None:
+        _finite(p, "hybrid_mix_lr", 0, True, "the learned mix's learning rate; None: the stage's")
     _finite(p, "kd_alpha", 0, False, "the weight of the KL term")
     _finite(p, "kd_temperature", 0, True, "a softmax temperature")
     _finite(p, "weight_decay", 0, False, "AdamW's decoupled decay")

@@ -147,7 +147,8 @@ class Run:
 OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge"),
                   "gate_init_tokens": ("gate_init_tokens",),
                   # beyond the paper: the softmax window (also in mixer_options, where the mixer reads it)
-                  "hybrid_window": ("hybrid_window", "hybrid_sinks", "hybrid_mix")}
+                  "hybrid_window": ("hybrid_window", "hybrid_sinks", "hybrid_mix"),
+                  "hybrid_mix_lr": ("hybrid_mix_lr",)}
 
 def check_identity(run: Run, stage: int, ident: dict) -> dict:
     """``ident`` (a stage's identity, :func:`linearize.stages.stage_identity`); RunError if the

@@ -228,7 +228,8 @@ def train_stage(
     names = select_trainable(student, spec.trainable(params), f"stage {stage} ({spec.name})")
     named = dict(student.named_parameters())
     trainable = [named[n] for n in names]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=tuple(params["betas"]), weight_decay=params["weight_decay"])
+    optimizer = torch.optim.AdamW(_param_groups(names, named, lr, params), lr=lr, betas=tuple(params["betas"]),
+                                  weight_decay=params["weight_decay"])
     schedule = lambda s: lr_factor(spec.schedule, s, total_steps, params["warmup_fraction"],  # noqa: E731
                                    params["decay_fraction"], params["min_lr_ratio"])
     # Not passed to accelerator.prepare: the prepared scheduler steps once per process per
@@ -367,6 +368,19 @@ def train_stage(
         tidy_finished_stage(sdir)
     accelerator.wait_for_everyone()
     return StageResult(stage, student, step, step * tokens_per_step, wall, True, summary)
+
+
+def _param_groups(names: list[str], named: dict, lr: float, params: dict) -> list[dict]:
+    """AdamW's groups: every trainable parameter at the stage's rate, except a hybrid's learned
+    mix logits when ``hybrid_mix_lr`` is set (their own rate, no weight decay, which would pull
+    the mix towards 0.5). The schedule scales every group alike."""
+    gate_lr = params.get("hybrid_mix_lr")
+    gates = [n for n in names if n.endswith("hybrid.mix_logit")] if gate_lr else []
+    rest = [named[n] for n in names if n not in gates]
+    groups = [{"params": rest}] if rest else []
+    if gates:
+        groups.append({"params": [named[n] for n in gates], "lr": float(gate_lr), "weight_decay": 0.0})
+    return groups
 
 
 def teacher_train_throughput(teacher, ids: torch.Tensor, steps: int = 3, autocast=nullcontext) -> float:
