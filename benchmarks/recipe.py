@@ -61,6 +61,11 @@ RECIPES: dict[str, tuple[dict, str]] = {
                "mix-kd's stage 0 alone: QKV copy, readout fit, 64K transfer on the mixed corpus, no distillation"),
     "mix-at-w64": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
                     "hybrid_window": 64}, "mix-at with the 64-token softmax window"),
+    # mix-at-w64 with a gate that can move: at the stage's 1e-3 the mix logit moves 0.06 at most in
+    # 64 steps (the gates of mix-at-w64 ended within 0.0004 of 0.99); at 0.05 it can move ~3
+    "mix-at-w64-gate": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
+                         "hybrid_window": 64, "hybrid_mix_lr": 0.05},
+                        "mix-at-w64 with the mix's own learning rate 0.05 (the rest at 1e-3)"),
     # the control for the hybrids: their learned gates stayed at the 0.99 start, so is what they
     # keep the window's? The 64-token window (+4 sinks) alone, the linear branch weighted 0, the
     # teacher's own q/k/v/o and MLPs, no training: the teacher with its attention cut to a window
