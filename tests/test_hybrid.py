@@ -429,19 +429,24 @@ def test_bench_measures_a_hybrid_like_every_student(tmp_path):
         bench.build_model("deltanet+64", str(tmp_path / "teacher"), torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_stages_train_the_gate_of_a_hybrid(stage, tmp_path):
+def _tiny_teacher_and_blocks():
+    """A 2-layer Llama teacher (GQA) and 8 blocks of 16 tokens, for the stage tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from linearize import params as P
-    from linearize import runs as RF
-    from linearize import stages as S
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2,
                                            max_position_embeddings=64)).eval().requires_grad_(False)
-    blocks = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    return teacher, torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stages_train_the_gate_of_a_hybrid(stage, tmp_path):
+    from linearize import params as P
+    from linearize import runs as RF
+    from linearize import stages as S
+
+    teacher, blocks = _tiny_teacher_and_blocks()
     params = P.resolve("deltanet", overrides=dict(
         seq_len=16, batch_size=4, val_blocks=2, val_batch_size=2, run_name="h", qkv_copy=True, warmup_fraction=0.0,
         decay_fraction=0.0, hybrid_window=4, hybrid_sinks=1, **{f"stage{stage}_tokens": 64 * 2,
@@ -460,17 +465,11 @@ def test_the_mix_gets_its_own_learning_rate(tmp_path):
     """hybrid_mix_lr: Adam's first step moves every parameter by its learning rate (lr g / (|g| +
     eps), whatever the gradient's size), so with the stage at 1e-6 and the mix at 0.1, one step
     moves the mix logits by 0.1 and nothing else by more than 1e-6 (plus weight decay)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from linearize import params as P
     from linearize import runs as RF
     from linearize import stages as S
 
-    torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2,
-                                           max_position_embeddings=64)).eval().requires_grad_(False)
-    blocks = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    teacher, blocks = _tiny_teacher_and_blocks()
     params = P.resolve("deltanet", overrides=dict(
         seq_len=16, batch_size=4, val_blocks=2, val_batch_size=2, run_name="h", qkv_copy=True, warmup_fraction=0.0,
         decay_fraction=0.0, min_lr_ratio=1.0, hybrid_window=4, hybrid_sinks=1, hybrid_mix=0.5, hybrid_mix_lr=0.1,
