@@ -182,3 +182,23 @@ def test_restore_brings_back_whole_finished_folders_only(tmp_path, monkeypatch):
     (outputs / "xlstm" / "cpu-grid-qkv-fit-at").mkdir(parents=True)
     (outputs / "xlstm" / "cpu-grid-qkv-fit-at" / "params.yaml").write_text("a new run")
     assert runner.restore(steps, tmp_path / "snap", outputs) == []
+
+
+def test_snapshot_of_another_checkouts_outputs_is_portable_and_keeps_original_markers(tmp_path):
+    """A grid run from another worktree (its outputs/ outside this checkout) snapshots with its
+    markers' paths relative to that worktree, as the restore on any machine compares them; and
+    a marker --restore brought back does not overwrite the committed original."""
+    other = tmp_path / "worktree"
+    run = other / "outputs" / "gla" / "cpu-grid-kd"
+    run.mkdir(parents=True)
+    (run / "params.yaml").write_text("p")
+    (run / "03_evaluate.done").write_text(json.dumps({"seconds": 5.0, "parameters": {"run_dir": str(run)}}))
+    (run / "01_align.done").write_text(json.dumps({"seconds": 1.0, "parameters": {"run_dir": str(run)},
+                                                   "restored_from": "results/cpu-grid"}))
+    snap = tmp_path / "snap"
+    (snap / "gla" / "cpu-grid-kd").mkdir(parents=True)
+    (snap / "gla" / "cpu-grid-kd" / "01_align.done").write_text("the committed original")
+    runner.snapshot("cpu-grid", other / "outputs", snap)
+    assert json.loads((snap / "gla" / "cpu-grid-kd" / "03_evaluate.done").read_text())["parameters"] == {
+        "run_dir": "outputs/gla/cpu-grid-kd"}
+    assert (snap / "gla" / "cpu-grid-kd" / "01_align.done").read_text() == "the committed original"

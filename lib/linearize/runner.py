@@ -63,11 +63,17 @@ class Step:
         return _portable(stored) == _portable(self.parameters)
 
 
-def _portable(value):
-    """Parameters as JSON with paths inside the repository made relative, so a moved or cloned
-    checkout still recognises its finished steps."""
+def _portable_under(value, outputs: Path):
+    """``_portable`` against this checkout and against the one that owns ``outputs`` (a grid run
+    from another worktree names its own paths), so both compare equal wherever they were made."""
+    return _portable(_portable(value, Path(outputs).resolve().parent))
+
+
+def _portable(value, root: Path | None = None):
+    """Parameters as JSON with paths inside the repository (``root``, default this checkout)
+    made relative, so a moved or cloned checkout still recognises its finished steps."""
     value = json.loads(json.dumps(value, default=str))
-    root = str(ROOT) + os.sep
+    root = str(root or ROOT) + os.sep
 
     def fix(v):
         if isinstance(v, dict):
@@ -207,7 +213,9 @@ def snapshot(preset: str, outputs: Path = OUTPUTS, dest: Path | None = None) -> 
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 if src.suffix == ".done":  # a marker's parameters name paths: keep them machine-free
                     marker = json.loads(src.read_text())
-                    marker["parameters"] = _portable(marker.get("parameters"))
+                    if marker.get("restored_from") and dst.exists():
+                        continue  # brought back from this very record by --restore: keep the original
+                    marker["parameters"] = _portable_under(marker.get("parameters"), outputs)
                     dst.write_text(json.dumps(marker))
                 else:
                     shutil.copyfile(src, dst)
@@ -244,7 +252,8 @@ def restore(steps: list[Step], source: Path, outputs: Path = OUTPUTS) -> list[Pa
                 marker = json.loads((committed / step.marker.name).read_text())
             except (OSError, json.JSONDecodeError):
                 break
-            if not isinstance(marker, dict) or _portable(marker.get("parameters")) != _portable(step.parameters):
+            if (not isinstance(marker, dict)
+                    or _portable_under(marker.get("parameters"), outputs) != _portable_under(step.parameters, outputs)):
                 break
             markers.append((step, marker))
         else:
