@@ -273,6 +273,7 @@ def collect(root: Path, limit: int, grid_root: Path | None = None, carry: dict |
         if run["corpus"] in ("embedded", "sotu"):  # the teacher record's validation set
             teacher_ppl = run["teacher_ppl"] or teacher_ppl
         runs.append(run)
+    _against_control(runs, root, limit)
     teacher_raw = json.loads(teacher_res.read_text()) if teacher_res.exists() else None
     teacher_lambada = _lambada_ppl(teacher_raw)
     if carry:
@@ -281,6 +282,40 @@ def collect(root: Path, limit: int, grid_root: Path | None = None, carry: dict |
         teacher_lambada = teacher_lambada if teacher_lambada is not None else carry.get("teacher_lambada_ppl")
     return results_record(teacher_record("SmolLM2-135M-Instruct (embedded)", teacher_ppl, teacher_tasks), runs,
                           teacher_lambada_ppl=teacher_lambada)
+
+
+CONTROL = "window-w64"  # the window alone: what every hybrid is measured against
+
+
+def _per_doc(folder: Path, limit: int) -> dict | None:
+    from linearize.evaluate import results_path
+
+    for path in (_eval_path(folder, limit), results_path(folder, limit, online=False)):
+        if path.exists():
+            raw = json.loads(path.read_text())
+            if all(t.get("per_doc") for t in raw.get("tasks", {}).values()) and raw.get("tasks"):
+                return raw
+    return None
+
+
+def _against_control(runs: list[dict], root: Path, limit: int) -> None:
+    """Each hybrid whose folder is here gains ``vs_window``: its six-task average minus the
+    window control's on the same documents, with a paired bootstrap interval over documents
+    (linearize.compare), so the page can say whether training the linear branch bought anything
+    the window alone does not have."""
+    from linearize.compare import correctness, paired_bootstrap
+
+    control = _per_doc(root / "gla" / f"recipe-{CONTROL}", limit)
+    if control is None:
+        return
+    for run in runs:
+        if not run.get("hybrid") or run["variant"] == CONTROL:
+            continue
+        mine = _per_doc(root / run["arch"] / f"recipe-{run['variant']}", limit)
+        if mine is None or set(mine["tasks"]) != set(control["tasks"]):
+            continue
+        avg = paired_bootstrap(correctness(mine), correctness(control), seed=0)["avg"]
+        run["vs_window"] = {k: avg[k] for k in ("diff", "lo", "hi", "p", "docs")}
 
 
 def carry_over(runs: list[dict], previous: dict) -> list[dict]:
@@ -502,7 +537,15 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
                       f"{r['arch']} / {r['variant']} {r['ppl'] / t_of(r):.2f}x, KL {r['kl']:.3f}, @{LONG_SEQ} "
                       f"{_long(r, 'val')}" + (f", {100 * r['margin']:.0f}%" if r.get("margin") is not None else "")
                       for r in hybrids)
-                  + ". A hybrid is worth its linear branch only where it beats this control."]
+                  + ". A hybrid is worth its linear branch only where it beats this control"
+                  + ("; paired on the same documents (six-task average, hybrid minus window alone, 95% bootstrap "
+                     "interval over documents): " + "; ".join(
+                         f"{r['arch']} / {r['variant']} {100 * r['vs_window']['diff']:+.1f} points "
+                         f"({100 * r['vs_window']['lo']:+.1f} to {100 * r['vs_window']['hi']:+.1f})"
+                         for r in hybrids if r.get("vs_window"))
+                     if any(r.get("vs_window") for r in hybrids) else
+                     " (no hybrid evaluated on this machine keeps its per-document results, so no paired test yet)")
+                  + "."]
     carried = [r for r in data["runs"] if r.get("carried")]
     if carried:
         lines += ["", f"{len(carried)} run(s) carried from the previous docs/recipe.json (their run folders, in "

@@ -100,3 +100,21 @@ def test_report_keeps_the_runs_whose_folders_are_gone(recipe, tmp_path):
     assert runs[("xlstm", "grid")]["margin"] == pytest.approx(avg(0.5) / avg(0.75))
     assert data["teacher"]["ppl"] == 42.0 and data["teacher_lambada_ppl"] == 55.0
     assert all("carried" not in r for r in recipe.collect(outputs, 4, grid)["runs"])
+
+
+def test_a_hybrid_is_paired_with_the_window_alone(recipe, tmp_path):
+    """vs_window: the hybrid's six-task average minus the window control's on the same documents
+    (here +1 document of 4 on every task: +25 points), with a bootstrap interval around it."""
+    outputs = tmp_path / "outputs"
+    control = outputs / "gla" / f"recipe-{recipe.CONTROL}"
+    hybrid = outputs / "xlstm" / "recipe-mix-at-w64"
+    for folder, accs, window in ((control, [1.0, 0.0, 0.0, 1.0], 64), (hybrid, [1.0, 1.0, 0.0, 1.0], 64)):
+        _grid_run(folder, folder.parent.name)
+        params = yaml.safe_load((folder / "params.yaml").read_text())
+        (folder / "params.yaml").write_text(yaml.safe_dump({**params, "hybrid_window": window}))
+        _eval_file(recipe._eval_path(folder, 4), {t: accs for t in TASKS})
+    data = recipe.collect(outputs, 4)
+    runs = {r["variant"]: r for r in data["runs"]}
+    got = runs["mix-at-w64"]["vs_window"]
+    assert got["diff"] == pytest.approx(0.25) and got["lo"] <= 0.25 <= got["hi"] and got["docs"] == 24
+    assert "vs_window" not in runs[recipe.CONTROL]
