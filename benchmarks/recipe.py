@@ -59,6 +59,13 @@ RECIPES: dict[str, tuple[dict, str]] = {
                  "as mix-kd, 64K distillation"),
     "mix-at": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False},
                "mix-kd's stage 0 alone: QKV copy, readout fit, 64K transfer on the mixed corpus, no distillation"),
+    # does the gate initialisation from the teacher's attention distances (linearize.gate_init),
+    # which lowers the KL at zero tokens (docs/gate_init.md), still count after 64K of transfer?
+    # mix-at for gla is the grid's gla stage 0 (same preset values, seed and data): its 64K point
+    # is the baseline
+    "mix-at-gi": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
+                   "gate_init_tokens": 8192},
+                  "mix-at with the decay gates set from the teacher's attention distances (8K tokens) first"),
     "mix-at-w64": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
                     "hybrid_window": 64}, "mix-at with the 64-token softmax window"),
     # mix-at-w64 with a gate that can move: at the stage's 1e-3 the mix logit moves 0.06 at most in
