@@ -22,8 +22,13 @@ import torch
 from linearize.bench_measure import Session, build_model
 
 
-def measure(student: str, contexts: list[int], rounds: int, warmup: int, chunk: int, seed: int = 0) -> dict:
+def measure(student: str, contexts: list[int], rounds: int, warmup: int, chunk: int, seed: int = 0,
+            compiled: bool = False) -> dict:
     net = build_model(student, None, torch.float32, "cpu")
+    if compiled:  # as docs/speed.md's students decode (speed.py --compile-decode)
+        from linearize.decode import compile_decode
+
+        compile_decode(net)
     token = torch.tensor([[5]])
     with torch.inference_mode():
         sessions = {}
@@ -51,12 +56,14 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prefill-chunk", type=int, default=2048)
+    parser.add_argument("--compile-decode", action="store_true", help="the students' step compiled (inductor)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
-    print(f"{args.threads} thread(s), {args.rounds} rounds; load average at start {os.getloadavg()[0]:.2f}")
+    print(f"{args.threads} thread(s), {args.rounds} rounds, {'compiled' if args.compile_decode else 'eager'} step; "
+          f"load average at start {os.getloadavg()[0]:.2f}")
     for student in args.students.split(","):
-        res = measure(student, contexts, args.rounds, args.warmup, args.prefill_chunk)
+        res = measure(student, contexts, args.rounds, args.warmup, args.prefill_chunk, compiled=args.compile_decode)
         base_wall, base_cpu = res[contexts[0]]
         for ctx, (w, c) in res.items():
             print(f"{student:10s} ctx {ctx:6d}: {1e3 * w:7.1f} ms wall ({base_wall / w:.2f}x of ctx {contexts[0]}), "
