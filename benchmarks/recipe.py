@@ -66,6 +66,16 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "mix-at-gi": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
                    "gate_init_tokens": 8192},
                   "mix-at with the decay gates set from the teacher's attention distances (8K tokens) first"),
+    # stage-3 choices (issue 13, item 3), each 16K tokens of distillation at 1e-4 branched from
+    # mix-at-gi's finished stage 0 (run --from mix-at-gi): CE + KL on all parameters (the grid's
+    # stage 3), the KL alone, and peft LoRA (rank 8) on q/k/v/o + the mixers' gates
+    **{name: ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "gate_init_tokens": 8192,
+               "stage3_tokens": 16384, "stage3_lr": 1e-4, **extra}, what)
+       for name, extra, what in (
+           ("mix-gi-kd", {}, "mix-at-gi, then 16K distillation (CE + KL, all parameters, lr 1e-4)"),
+           ("mix-gi-kl", {"kd_ce_weight": 0.0}, "as mix-gi-kd on the KL alone (no next-token CE)"),
+           ("mix-gi-lora", {"stage3_train": "lora"}, "as mix-gi-kd training peft LoRA (rank 8) on q/k/v/o "
+                                                     "and the mixers' gates only"))},
     "mix-at-w64": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
                     "hybrid_window": 64}, "mix-at with the 64-token softmax window"),
     # mix-at-w64 with a gate that can move: at the stage's 1e-3 the mix logit moves 0.06 at most in
