@@ -304,14 +304,20 @@ def collect(root: Path, limit: int, grid_root: Path | None = None, carry: dict |
 CONTROL = "window-w64"  # the window alone: what every hybrid is measured against
 
 
-def _per_doc(folder: Path, limit: int) -> dict | None:
+def _eval_raw(folder: Path, limit: int) -> dict | None:
+    """A run's six-task result: recipe.py eval's file, else notebook 03's (a runner's run, the grid)."""
     from linearize.evaluate import results_path
 
     for path in (_eval_path(folder, limit), results_path(folder, limit, online=False)):
         if path.exists():
-            raw = json.loads(path.read_text())
-            if all(t.get("per_doc") for t in raw.get("tasks", {}).values()) and raw.get("tasks"):
-                return raw
+            return json.loads(path.read_text())
+    return None
+
+
+def _per_doc(folder: Path, limit: int) -> dict | None:
+    raw = _eval_raw(folder, limit)
+    if raw and raw.get("tasks") and all(t.get("per_doc") for t in raw["tasks"].values()):
+        return raw
     return None
 
 
@@ -373,12 +379,7 @@ def _run_from_folder(folder: Path, variant: str, limit: int, teacher_tasks: dict
         if "@" not in after and after != "conversion":
             done_tokens += stage_tokens
             done_wall += stage_wall
-    res_path = _eval_path(folder, limit)
-    if not res_path.exists():  # a runner's run (the grid) keeps notebook 03's file name
-        from linearize.evaluate import results_path
-
-        res_path = results_path(folder, limit, online=False)
-    raw = json.loads(res_path.read_text()) if res_path.exists() else None
+    raw = _eval_raw(folder, limit)
     tasks = _tasks_record(raw)
     last = curve[-1]
     return run_record(params["arch"], variant, bool(params.get("hybrid_window")),
