@@ -247,3 +247,37 @@ def test_bad_worker_count_is_an_error(teacher):
     model, tok = teacher
     with pytest.raises(ValueError, match="workers"):
         E.evaluate_tasks(model, tok, tasks=["piqa"], limit=1, workers=0)
+
+
+def test_request_cache_resumes_split_workers_and_follows_the_weights(teacher, tmp_path, monkeypatch):
+    """With a request cache, each split worker writes a SQLite file of its own, and a second
+    evaluation of the same weights scores nothing again (the model is made to fail if called):
+    what a session's end leaves behind is enough to finish. Changed weights get another cache."""
+    model, tok = teacher
+    cache = E.request_cache(tmp_path, model)
+    first = E.evaluate_tasks(model, tok, tasks=["arc_easy", "lambada_openai"], limit=LIMIT,
+                             per_doc=True, workers=2, cache=cache)
+    files = sorted(p.name for p in cache.parent.glob("*.db"))
+    assert len(files) == 2 and all(f.startswith(cache.name) for f in files)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cached request was scored again")
+
+    monkeypatch.setattr(model, "forward", no_forward)  # the scorer calls the whole model,
+    monkeypatch.setattr(model.model, "forward", no_forward)  # or its body and head apart
+    again = E.evaluate_tasks(model, tok, tasks=["arc_easy", "lambada_openai"], limit=LIMIT,
+                             per_doc=True, workers=2, cache=cache)
+    monkeypatch.undo()
+    check_arc(again, model, tok, LIMIT)
+    check_lambada(again, model, tok, LIMIT)
+    for task in ("arc_easy", "lambada_openai"):
+        assert again["tasks"][task]["per_doc"] == first["tasks"][task]["per_doc"]
+
+    with torch.no_grad():
+        p = next(model.parameters())
+        p[0, 0] += 1.0
+        try:
+            assert E.request_cache(tmp_path, model) != cache
+        finally:
+            p[0, 0] -= 1.0
+    assert E.request_cache(tmp_path, model) == cache

@@ -102,7 +102,9 @@ def evaluate_tasks(
     :mod:`linearize.compare` and the study page need them, and they cost ~10 bytes a document.
     ``cache``: a path prefix for lm-eval's request cache (SQLite ``<cache>_rank0.db``). Every
     scored request is written as it finishes, so a killed run resumes where it stopped. Its keys
-    are the requests only, not the model: give each model (and dtype) its own cache.
+    are the requests only, not the model: give each model (and dtype) its own cache
+    (:func:`request_cache` names one after the weights). Split over workers, each worker has a
+    file of its own (``<cache>_<its tasks>_rank0.db``): two processes never write one SQLite file.
     ``share_context``: score the choices of a multiple-choice document after one forward of
     their shared context (:mod:`linearize.scoring`; same scores up to float rounding, 1.3x
     faster on HellaSwag and ARC at 2 threads, docs/shared_context.md); False runs lm-eval's
@@ -114,14 +116,16 @@ def evaluate_tasks(
     six tasks took 0.85x the wall time of one 2-thread process (deltanet, 60 documents, load
     ~1, benchmarks/eval_speed.py). The children are forked, so they share the model's memory.
     Scores are the same up to float rounding of the thread count (a 1-thread matmul sums in
-    another order). One process on a GPU, for one task, or with a request cache.
+    another order). One process on a GPU or for one task.
     """
     names = check_task_names(tasks)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None (all documents), got {limit!r}")
-    n_workers = _worker_count(workers, model, names, cache)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)  # sqlitedict makes no folders
+    n_workers = _worker_count(workers, model, names)
     if n_workers > 1:
-        return _evaluate_split(model, tokenizer, names, n_workers, output_dir, dict(
+        return _evaluate_split(model, tokenizer, names, n_workers, output_dir, cache, dict(
             limit=limit, batch_size=batch_size, online=online, label=label,
             bootstrap_iters=bootstrap_iters, per_doc=per_doc, share_context=share_context))
     from lm_eval import simple_evaluate
@@ -204,12 +208,12 @@ TASK_TOKENS_500 = {"lambada_openai": 39192, "winogrande": 19522, "arc_easy": 400
                    "arc_challenge": 47922, "piqa": 35275, "hellaswag": 67498}
 
 
-def _worker_count(workers, model, names, cache) -> int:
+def _worker_count(workers, model, names) -> int:
     if workers == "auto":
         workers = torch.get_num_threads()
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be a positive int or 'auto', got {workers!r}")
-    if next(model.parameters()).device.type != "cpu" or cache is not None:
+    if next(model.parameters()).device.type != "cpu":
         return 1
     return min(workers, len(names))
 
@@ -226,7 +230,13 @@ def split_tasks(names: list[str], workers: int) -> list[list[str]]:
     return [[n for n in names if n in g] for g in groups if g]
 
 
-def _evaluate_split(model, tokenizer, names, workers, output_dir, kwargs) -> dict:
+def _group_cache(cache, group: list[str]):
+    """The request cache of one worker: its own SQLite file, named after its tasks (a file per
+    process, so no two processes write one database; the same split finds the same file)."""
+    return None if cache is None else f"{cache}_{'+'.join(group)}"
+
+
+def _evaluate_split(model, tokenizer, names, workers, output_dir, cache, kwargs) -> dict:
     """evaluate_tasks over task groups, groups 1.. in forked children and group 0 here, the
     per-task results merged into one result for all the tasks."""
     import multiprocessing as mp
@@ -241,7 +251,8 @@ def _evaluate_split(model, tokenizer, names, workers, output_dir, kwargs) -> dic
     def child(group, conn):
         try:
             torch.set_num_threads(per_worker)
-            conn.send(("ok", evaluate_tasks(model, tokenizer, tasks=group, workers=1, **kwargs)))
+            conn.send(("ok", evaluate_tasks(model, tokenizer, tasks=group, workers=1,
+                                            cache=_group_cache(cache, group), **kwargs)))
         except BaseException:  # noqa: BLE001 - the parent raises it again, with the traceback
             conn.send(("error", traceback.format_exc()))
         finally:
@@ -256,7 +267,8 @@ def _evaluate_split(model, tokenizer, names, workers, output_dir, kwargs) -> dic
         procs.append((group, proc, recv))
     try:
         torch.set_num_threads(per_worker)
-        parts = [evaluate_tasks(model, tokenizer, tasks=groups[0], workers=1, **kwargs)]
+        parts = [evaluate_tasks(model, tokenizer, tasks=groups[0], workers=1,
+                                cache=_group_cache(cache, groups[0]), **kwargs)]
         for group, proc, recv in procs:
             try:
                 status, payload = recv.recv()  # before join: a large result would fill the pipe
@@ -284,6 +296,29 @@ def _evaluate_split(model, tokenizer, names, workers, output_dir, kwargs) -> dic
     if output_dir is not None:
         save_results(merged, output_dir)
     return merged
+
+
+def weights_digest(model) -> str:
+    """sha256 over a model's parameters and buffers (names, dtypes, shapes and bytes): the same
+    weights give the same digest, any changed weight another one. About a second for 135M
+    float32 parameters."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def request_cache(directory: str | os.PathLike, model, share_context: bool = True) -> Path:
+    """A request-cache prefix for ``evaluate_tasks(cache=...)`` under ``directory``, named after
+    the model's weights (:func:`weights_digest`) and the scorer: lm-eval's cache keys hold the
+    requests only, so a student retrained in the same folder must not find the old scores. An
+    evaluation killed half-way (a session's end) resumes from the requests already scored."""
+    scorer = "shared" if share_context else "hflm"
+    return Path(directory) / "eval_cache" / f"{weights_digest(model)[:20]}_{scorer}"
 
 
 def results_path(output_dir: str | os.PathLike, limit: int | None, online: bool) -> Path:
