@@ -61,7 +61,8 @@ def test_study_grid_gives_table3_ablations_to_gla_and_xlstm_only():
     for arch in available():
         mine = {name.removeprefix("cpu-grid-") for a, name in runs if a == arch}
         expected = {"qkv-fit-at", "kd", "mm"} | (
-            {"qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h"} if arch in ("gla", "xlstm") else set())
+            {"qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h"} if arch in ("gla", "xlstm") else set()) | (
+            {"qkv-fit-at-gi"} if arch in ("gla", "metala", "hgrn2", "xlstm", "mamba2") else set())
         assert mine == expected, arch
     evals = [s for s in steps if s.notebook == "03_evaluate.ipynb"]
     assert all(s.parameters["limit"] >= 500 for s in evals)  # the study preset separates students
@@ -69,6 +70,17 @@ def test_study_grid_gives_table3_ablations_to_gla_and_xlstm_only():
     # in parts finishes whole columns first
     order = [s.output.parent.name.removeprefix("cpu-grid-") for s in steps if s.notebook == "02_distill.ipynb"]
     assert order[:10] == ["qkv-fit-at"] * 10 and order[10:20] == ["kd"] * 10
+    assert order[-5:] == ["qkv-fit-at-gi"] * 5  # beyond the paper, after the paper's columns
+
+
+def test_default_grid_gives_each_student_one_recipe_gate_init_where_it_has_gates():
+    steps = runner.plan(["gla", "deltanet", "xlstm", "rebased"], "cpu-quick")
+    runs = [(s.output.parent.parent.name, s.output.parent.name.removeprefix("cpu-quick-"))
+            for s in steps if s.notebook == "02_distill.ipynb"]
+    assert sorted(runs) == [("deltanet", "qkv-fit-at"), ("gla", "qkv-fit-at-gi"),
+                            ("rebased", "qkv-fit-at"), ("xlstm", "qkv-fit-at-gi")]
+    gi = next(s for s in steps if s.notebook == "01_align.ipynb" and s.output.parent.name.endswith("-gi"))
+    assert gi.parameters["overrides"]["gate_init_tokens"] == runner.GATE_INIT_TOKENS > 0
 
 
 def test_the_study_page_is_written_under_outputs_not_docs():
@@ -148,7 +160,7 @@ def test_restore_brings_back_whole_finished_folders_only(tmp_path, monkeypatch):
     and a folder that already holds work are left to the runner."""
     outputs = tmp_path / "outputs"
     monkeypatch.setattr(runner, "OUTPUTS", outputs)
-    steps = runner.plan(["gla", "xlstm", "hgrn2"], "cpu-grid", grid="default")
+    steps = runner.plan(["gla", "xlstm", "hgrn2"], "cpu-grid", grid="paper")  # one variant a student
     by_folder = {}
     for step in steps:
         by_folder.setdefault(step.output.parent.name if step.output.parent.name == "teacher"
@@ -171,16 +183,16 @@ def test_restore_brings_back_whole_finished_folders_only(tmp_path, monkeypatch):
     shutil.rmtree(outputs)  # the new machine
     (outputs / "gla").mkdir(parents=True)
     back = runner.restore(steps, tmp_path / "snap", outputs)
-    assert sorted(f.relative_to(outputs).as_posix() for f in back) == ["gla/cpu-grid-qkv-fit-at", "teacher"]
+    assert sorted(f.relative_to(outputs).as_posix() for f in back) == ["gla/cpu-grid-qkv-mm-h2h", "teacher"]
     finished = {s.output.relative_to(outputs).as_posix() for s in steps if s.finished()}
     assert finished == {s.output.relative_to(outputs).as_posix() for s in by_folder["teacher"] + by_folder["gla"]}
-    assert not (outputs / "gla" / "cpu-grid-qkv-fit-at" / "student.pt").exists()  # records, never weights
+    assert not (outputs / "gla" / "cpu-grid-qkv-mm-h2h" / "student.pt").exists()  # records, never weights
     marker = json.loads(by_folder["gla"][0].marker.read_text())
     assert marker["seconds"] == 60.0 and marker["restored_from"] == str(tmp_path / "snap")
     assert not (outputs / "xlstm").exists() and not (outputs / "hgrn2").exists()
     # a folder that holds work is never mixed with records: restoring again changes nothing
-    (outputs / "xlstm" / "cpu-grid-qkv-fit-at").mkdir(parents=True)
-    (outputs / "xlstm" / "cpu-grid-qkv-fit-at" / "params.yaml").write_text("a new run")
+    (outputs / "xlstm" / "cpu-grid-qkv-mm-h2h").mkdir(parents=True)
+    (outputs / "xlstm" / "cpu-grid-qkv-mm-h2h" / "params.yaml").write_text("a new run")
     assert runner.restore(steps, tmp_path / "snap", outputs) == []
 
 

@@ -39,6 +39,7 @@ PAIRS = (
     # beyond the paper: the project's recipe (QKV copy, readout fit, attention transfer, then KD)
     ("qkv-fit-at", "kd", "the project's recipe against distillation alone"),
     ("qkv-fit-at", "mm", "the project's recipe against matrix mixing + distillation"),
+    ("qkv-fit-at-gi", "qkv-fit-at", "the gate initialisation from the teacher, in the recipe"),
 )
 # Columns of the study ranked against the paper: (our variant, the paper's Table 2 variant whose
 # Avg. per student is the reference). The project's recipe has no paper row; it is ranked
@@ -441,7 +442,9 @@ def write_results_page(path: str | os.PathLike, outputs: str | os.PathLike, runs
             "## The project's recipe (beyond the paper): QKV copy, readout fit, attention transfer, distillation",
             "",
             "Every layer's o_proj fitted in closed form, then every mixer regressed onto the teacher's attention "
-            "output from the teacher's own layer inputs (stage 0), then end-to-end distillation (docs/recipe.md).",
+            "output from the teacher's own layer inputs (stage 0), then end-to-end distillation (docs/recipe.md). "
+            "`+ gate init` (the five gated students): each head's decay gate first set from how far the "
+            "teacher's head looks back (docs/gate_init.md).",
             "",
             S.markdown_table(with_stderr(S.table_recipe(runs, outputs, metric), runs, outputs, metric)),
             "",

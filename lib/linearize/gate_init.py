@@ -33,6 +33,10 @@ import torch
 from torch import nn
 
 
+# The students whose decay gates ``init_gates`` sets (the others have none, or fixed ones).
+GATED = ("gla", "metala", "hgrn2", "xlstm", "mamba2")
+
+
 def geometric_mean_distance(gamma: torch.Tensor, reach: torch.Tensor) -> torch.Tensor:
     """E[d] under w_d proportional to gamma^d, d = 0..reach-1, for each reach (float64).
 

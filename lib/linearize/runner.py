@@ -275,6 +275,12 @@ FIT_STAGE2_LR = 1e-4
 # Stage 3 after attention transfer: 3e-4 diverged on the mixed corpus (KL 1.58 -> 3.39 in 24
 # steps, outputs/diverged/), 1e-4 did not (docs/recipe.md).
 RECIPE_STAGE3_LR = 1e-4
+# Teacher tokens the gate initialisation measures attention distances on (64 blocks of 128), as
+# in docs/gate_init.md and the recipe page's mix-at-gi runs.
+GATE_INIT_TOKENS = 8192
+_RECIPE = dict(qkv_copy=True, matrix_mixing=False, h2h=False)
+_RECIPE_OVERRIDES = {"readout_fit_tokens": READOUT_FIT_TOKENS, "attention_transfer": True,
+                     "stage3_lr": RECIPE_STAGE3_LR}
 
 # Training variants of one student (the paper's Table 2 and Table 3 grid). Stage 3 (end-to-end
 # distillation) always runs; the name says what comes before it.
@@ -292,15 +298,20 @@ VARIANTS: dict[str, dict] = {
     # beyond the paper: the token-efficient recipe (docs/recipe.md): readout fit, then stage 0,
     # attention-output transfer, in place of matrix mixing and hidden-to-hidden
     # (distillation after it at 1e-4: at 3e-4 it diverged on the mixed corpus, docs/recipe.md)
-    "qkv-fit-at": dict(qkv_copy=True, matrix_mixing=False, h2h=False,
-                       overrides={"readout_fit_tokens": READOUT_FIT_TOKENS, "attention_transfer": True,
-                                  "stage3_lr": RECIPE_STAGE3_LR}),
+    "qkv-fit-at": dict(_RECIPE, overrides=dict(_RECIPE_OVERRIDES)),
+    # the recipe with each head's decay gate set from the teacher's attention distances first
+    # (linearize.gate_init), for the students that have such gates (gate_init.GATED): gla's
+    # recipe cell went from 4.80x / KL 2.00 to 2.79x / KL 1.44 at the same 80K tokens
+    # (docs/recipe.md, mix-gi-kd against the grid's gla cell)
+    "qkv-fit-at-gi": dict(_RECIPE, overrides=dict(_RECIPE_OVERRIDES, gate_init_tokens=GATE_INIT_TOKENS)),
 }
+GATED_ONLY = {"qkv-fit-at-gi"}  # variants that only mean something for a gated student
 GRIDS = {
     # `make study`'s default: the project's recipe, which took DeltaNet to 1.3-1.9x the teacher's
-    # perplexity where the paper's pipeline at similar tokens left it at 21x (docs/recipe.md);
-    # the paper's best recipe is one flag away (--grid paper)
-    "default": ["qkv-fit-at"],
+    # perplexity where the paper's pipeline at similar tokens left it at 21x (docs/recipe.md),
+    # with the gate initialisation for a gated student and without it for the others (one
+    # variant per student, see variants_for); the paper's best recipe is one flag away (--grid paper)
+    "default": ["qkv-fit-at-gi", "qkv-fit-at"],
     "paper": ["qkv-mm-h2h"],
     "table2": ["kd", "mm"],
     "table3": ["qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h"],
@@ -313,15 +324,25 @@ GRIDS = {
 # xlstm). The recipe comes first: the study runs variant by variant (see plan), so after each
 # part of a long grid one whole column, every student under one variant, is finished.
 TABLE3_STUDENTS = ("gla", "xlstm")
-GRIDS["study"] = list(dict.fromkeys(["qkv-fit-at"] + GRIDS["table2"] + GRIDS["table3"]))
+# The gate-initialised recipe comes last (beyond the paper, five gated students): the paper's
+# columns are the study's core, and the recipe column without it already holds every student.
+GRIDS["study"] = list(dict.fromkeys(["qkv-fit-at"] + GRIDS["table2"] + GRIDS["table3"] + ["qkv-fit-at-gi"]))
 
 
 def variants_for(arch: str, grid: str) -> list[str]:
-    """The training variants of one student in a grid (all students share one, except in
-    "study", where only TABLE3_STUDENTS get the Table 3 ablations)."""
+    """The training variants of one student in a grid. A gated-only variant (``GATED_ONLY``)
+    goes to the students with decay gates (``gate_init.GATED``) alone; in "default" each student
+    gets one recipe, the gated one where it applies; in "study" only TABLE3_STUDENTS get the
+    Table 3 ablations."""
+    from .gate_init import GATED
+
+    gated = arch in GATED
+    variants = [v for v in GRIDS[grid] if gated or v not in GATED_ONLY]
+    if grid == "default":
+        variants = variants[:1]
     if grid == "study" and arch not in TABLE3_STUDENTS:
-        return [v for v in GRIDS["study"] if v not in GRIDS["table3"]]
-    return GRIDS[grid]
+        variants = [v for v in variants if v not in GRIDS["table3"]]
+    return variants
 
 
 DEFAULT_STUDENTS = ["gla", "xlstm", "deltanet"]  # one per kernel family

@@ -50,11 +50,13 @@ VARIANT_SUFFIX = {
     "qkv-fit": " + QKV + fit", "qkv-fit-mm-h2h": " + QKV + fit + MM + H2H",
     # beyond the paper: the project's recipe, readout fit then attention transfer (linearize.transfer)
     "qkv-fit-at": " + QKV + fit + AT (recipe, beyond the paper)",
+    # beyond the paper: the recipe after the gate initialisation (linearize.gate_init)
+    "qkv-fit-at-gi": " + QKV + gate init + fit + AT (recipe, beyond the paper)",
 }
 TABLE2_VARIANTS = ("kd", "mm")  # students without and with matrix mixing (no Q/K/V copy)
 TABLE3_VARIANTS = ("qkv", "qkv-mm", "qkv-mm-h2h", "mm-h2h")  # the ablations
 FIT_VARIANTS = ("qkv-mm-h2h", "qkv-fit", "qkv-fit-mm-h2h")  # the paper's best recipe beside the readout fit
-RECIPE_VARIANTS = ("qkv-fit-at",)  # the project's recipe (the study grid's first column)
+RECIPE_VARIANTS = ("qkv-fit-at", "qkv-fit-at-gi")  # the project's recipe (the study grid's first column), and with gate init
 TASK_COLUMNS = list(COLUMNS.values())
 MISSING = "-"
 
@@ -68,12 +70,12 @@ class StudyError(ValueError):
 # ---------------------------------------------------------------------------------------
 def variant_of(params: Mapping) -> str:
     """The variant name of ``runner.VARIANTS`` that a run's parameters describe: the parts
-    "qkv", "fit" (readout fit), "at" (attention transfer), "mm", "h2h" that are switched on, joined by '-', or "kd"
-    (stage 3 alone)."""
+    "qkv", "fit" (readout fit), "at" (attention transfer), "mm", "h2h", "gi" (gate initialisation)
+    that are switched on, joined by '-', or "kd" (stage 3 alone)."""
     flat = {**(params.get("overrides") or {}), **params}  # a runner step's notebook parameters nest some
     parts = [name for key, name in (("qkv_copy", "qkv"), ("readout_fit_tokens", "fit"),
                                     ("attention_transfer", "at"), ("matrix_mixing", "mm"),
-                                    ("h2h", "h2h")) if flat.get(key)]
+                                    ("h2h", "h2h"), ("gate_init_tokens", "gi")) if flat.get(key)]
     # beyond the paper: a hybrid (softmax window) is its own variant, "<variant>-w64", never
     # shown as the paper's row of the same recipe
     window = _hybrid_part(flat)
