@@ -201,3 +201,37 @@ def _tiny_config(folder):
 
     return AutoConfig.from_pretrained(folder)
 
+
+
+def test_decode_side_by_side_interleaves_contexts_and_models(tiny_llama, tmp_path, monkeypatch):
+    """Steps go round-robin over every (context, model), so a load change between contexts
+    cannot pass for a context effect: each round of single-token steps visits every session
+    once. A context past the teacher's limit measures the students alone; the state a student
+    carries is the same at every context, the teacher's cache grows with it."""
+    from linearize import bench_measure
+    from linearize.bench_measure import TEACHER, decode_side_by_side
+
+    folder = tmp_path / "tiny"
+    tiny_llama.float().save_pretrained(folder)
+    tiny_llama.double()
+    visits = []
+    step = bench_measure.Session.step
+
+    def recording_step(self, ids):
+        if ids.shape[1] == 1:
+            visits.append(id(self))
+        return step(self, ids)
+
+    monkeypatch.setattr(bench_measure.Session, "step", recording_step)
+    steps = 3
+    out = decode_side_by_side(["deltanet", "gla"], [8, 32, 300], teacher=str(folder), steps=steps,
+                              threads=1, log=lambda *_: None)
+    assert set(out["tok_s"]) == {TEACHER, "deltanet", "gla"}
+    assert set(out["tok_s"][TEACHER]) == {"8", "32"}  # 300 is past the tiny teacher's 256 positions
+    assert set(out["tok_s"]["gla"]) == {"8", "32", "300"}
+    pairs = 3 + 3 + 2
+    assert len(visits) == pairs * (steps + 2)
+    rounds = [visits[r * pairs:(r + 1) * pairs] for r in range(steps + 2)]
+    assert all(len(set(r)) == pairs for r in rounds) and all(r == rounds[0] for r in rounds)
+    assert out["state_bytes"]["gla"]["8"] == out["state_bytes"]["gla"]["300"]
+    assert out["state_bytes"][TEACHER]["32"] > out["state_bytes"][TEACHER]["8"]

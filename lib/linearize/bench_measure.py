@@ -285,12 +285,15 @@ def decode_side_by_side(
     compile_decode: bool = False,
 ) -> dict:
     """Decode tokens/s of the teacher and ``students`` at each context, measured in this one
-    process with their steps interleaved (teacher step, student 1 step, ...), so that a load
-    change on a shared machine hits every model alike and the ratios stay meaningful.
+    process with their steps interleaved over models and contexts (teacher at 128, student 1 at
+    128, ..., teacher at 512, ...), so that a load change on a shared machine hits every model
+    and every context alike and the ratios (student/teacher, and flatness across contexts) stay
+    meaningful.
 
     At each context every model is prefilled with the same random prompt (students in chunks of
-    ``prefill_chunk`` tokens, carrying the state, which bounds the chunked form's memory), then
-    ``steps`` + 2 greedy steps run round-robin; the first two are warm-up. tok/s = 1 / median
+    ``prefill_chunk`` tokens, carrying the state, which bounds the chunked form's memory); then
+    ``steps`` + 2 greedy steps run round-robin over every (context, model); the first two are
+    warm-up. tok/s = 1 / median
     step time by ``clock`` (``time.process_time`` on a loaded machine: CPU seconds count the
     work, not the wait for a core). The teacher is skipped beyond its context limit. Also returned per model and
     context: ``bytes_per_step`` (weights + cache/state after the prefill). Peak memory: the
@@ -323,38 +326,45 @@ def decode_side_by_side(
                  "steps": steps, "threads": threads, "teacher_limit": limit, "prefill_chunk": prefill_chunk,
                  "compile_decode": compile_decode, "first_step_s": {}}
     vocab = net.config.vocab_size
-    for ctx in contexts:
-        ids = torch.randint(0, vocab, (1, ctx))
-        active = {n: v for n, v in models.items() if not (n == TEACHER and limit is not None and ctx > limit)}
-        if len(active) < len(models):
-            log(f"T={ctx}: teacher skipped (beyond its context limit of {limit})")
-        sessions, tokens, times = {}, {}, {n: [] for n in active}
-        t0 = time.perf_counter()
-        with torch.inference_mode():
+    # Every (context, model) pair is prefilled first and then stepped round-robin, contexts
+    # interleaved like the models: a sweep run context after context put any load change
+    # between two contexts into the flatness ratio (a step's CPU time grows when the other core
+    # is busy), and flatness is a ratio across contexts. The cost is holding every context's
+    # cache at once: the teacher's at 128..8192 add up to about 0.5 GB.
+    sessions, tokens, times = {}, {}, {}
+    with torch.inference_mode():
+        for ctx in contexts:
+            ids = torch.randint(0, vocab, (1, ctx))
+            active = {n: v for n, v in models.items() if not (n == TEACHER and limit is not None and ctx > limit)}
+            if len(active) < len(models):
+                log(f"T={ctx}: teacher skipped (beyond its context limit of {limit})")
+            t0 = time.perf_counter()
             for name, model in active.items():
-                session = sessions[name] = Session(model)
+                session = sessions[ctx, name] = Session(model)
                 logits = session.prefill(ids, None if name == TEACHER else min(ctx, prefill_chunk))
-                tokens[name] = logits.argmax(-1, keepdim=True)
-            prefill_s = time.perf_counter() - t0
-            for i in range(steps + 2):
-                for name, session in sessions.items():
-                    t1, w1 = clock(), time.perf_counter()
-                    logits = session.step(tokens[name])
-                    tokens[name] = logits.argmax(-1, keepdim=True)
-                    if i == 0:
-                        out["first_step_s"].setdefault(name, {})[str(ctx)] = time.perf_counter() - w1
-                    if i >= 2:
-                        times[name].append(clock() - t1)
-        for name, session in sessions.items():
-            state = session.state_bytes()
-            out["tok_s"].setdefault(name, {})[str(ctx)] = 1.0 / statistics.median(times[name])
-            out["state_bytes"].setdefault(name, {})[str(ctx)] = state
-            out["bytes_per_step"].setdefault(name, {})[str(ctx)] = weights[name] + state
+                tokens[ctx, name] = logits.argmax(-1, keepdim=True)
+                times[ctx, name] = []
+            log(f"T={ctx}: prefilled in {time.perf_counter() - t0:.0f} s")
+        for i in range(steps + 2):
+            for (ctx, name), session in sessions.items():
+                t1, w1 = clock(), time.perf_counter()
+                logits = session.step(tokens[ctx, name])
+                tokens[ctx, name] = logits.argmax(-1, keepdim=True)
+                if i == 0:
+                    out["first_step_s"].setdefault(name, {})[str(ctx)] = time.perf_counter() - w1
+                if i >= 2:
+                    times[ctx, name].append(clock() - t1)
+    for (ctx, name), session in sessions.items():
+        state = session.state_bytes()
+        out["tok_s"].setdefault(name, {})[str(ctx)] = 1.0 / statistics.median(times[ctx, name])
+        out["state_bytes"].setdefault(name, {})[str(ctx)] = state
+        out["bytes_per_step"].setdefault(name, {})[str(ctx)] = weights[name] + state
+    for ctx in contexts:
+        here = [n for (c, n) in sessions if c == ctx]
         if compile_decode:
             log(f"T={ctx}: first (compiling) step " + ", ".join(
-                f"{n} {out['first_step_s'][n][str(ctx)]:.1f} s" for n in sessions if n != TEACHER) + " wall")
-        log(f"T={ctx} (prefill {prefill_s:.0f} s): " + ", ".join(
-            f"{n} {out['tok_s'][n][str(ctx)]:.1f}" for n in sessions) + " tok/s")
-        del sessions
-        gc.collect()
+                f"{n} {out['first_step_s'][n][str(ctx)]:.1f} s" for n in here if n != TEACHER) + " wall")
+        log(f"T={ctx}: " + ", ".join(f"{n} {out['tok_s'][n][str(ctx)]:.1f}" for n in here) + " tok/s")
+    del sessions
+    gc.collect()
     return out
