@@ -75,3 +75,32 @@ def test_chunked_state_equals_the_recurrent_state():
     assert s_chunk["S"].shape == s_rec["S"].shape == (2, 4, 36, 9)
     assert torch.allclose(s_chunk["S"], s_rec["S"], rtol=1e-10, atol=1e-10)
     assert torch.allclose(y_chunk, y_rec, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_t", [R.QUADRATIC_MAX_T, 16])  # T = 50: the T x T form, then the chunked one
+def test_stateless_forward_matches_float64_quadratic_attention(max_t, monkeypatch):
+    """A forward that keeps no state (no cache, training) takes the T x T form up to
+    QUADRATIC_MAX_T tokens and the chunked form beyond: outputs and gradients equal the masked
+    [T, T] reference either way, and no state comes back."""
+    monkeypatch.setattr(R, "QUADRATIC_MAX_T", max_t)
+    hidden, heads, kv_heads, d, t = 32, 6, 2, 8, 50
+    torch.manual_seed(2)
+    m = mixers.build("rebased", MixerConfig(hidden, heads, kv_heads, d, chunk_size=16, backend="torch")).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(2, t, hidden, dtype=torch.float64, requires_grad=True)
+    q, k = m.heads(m.q_proj(x)), m.heads(m.k_proj(x), kv=True)
+    a = (m.normed(q) @ m.normed(k).transpose(-1, -2) / math.sqrt(d)).square()
+    a = a * torch.ones(t, t, dtype=torch.bool).tril()
+    o_ref = a @ m.heads(m.v_proj(x), kv=True) / (a.sum(-1, keepdim=True) + m.eps)
+    y_ref = m.o_proj(o_ref.transpose(1, 2).reshape(2, t, heads * d))
+    y, state = m(x, keep_state=False)
+    assert state is None
+    assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-10)
+    params = [x, *m.parameters()]
+    w = torch.randn_like(y)
+    got = torch.autograd.grad((y * w).sum(), params)
+    want = torch.autograd.grad((y_ref * w).sum(), params)
+    for p, g1, g2 in zip(params, got, want):
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-10), tuple(p.shape)

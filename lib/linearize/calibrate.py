@@ -124,7 +124,7 @@ def fit_readouts(
             for trace in iter_layers(teacher, ids, with_attention=False):
                 layer = s_layers[trace.index]
                 x = layer.input_layernorm(trace.hidden_in)
-                layer.self_attn(x, position_embeddings=trace.position_embeddings)
+                layer.self_attn(x, position_embeddings=trace.position_embeddings, keep_state=False)
                 moments[trace.index].add(captured.pop("z"), captured.pop(f"y{trace.index}"))
     finally:
         for h in hooks:

@@ -244,7 +244,7 @@ class LinearizedDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         if cache is None:
-            y, _ = self.self_attn(x, position_embeddings=position_embeddings, mode="chunk")
+            y, _ = self.self_attn(x, position_embeddings=position_embeddings, mode="chunk", keep_state=False)
         else:
             slot = cache.layers[self.layer_idx]
             # The first call starts from the mixer's empty state. Several tokens at once (a

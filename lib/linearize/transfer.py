@@ -128,7 +128,7 @@ def attention_transfer_step(student, teacher, ids, params, backward: Callable, a
                 layer = s_layers[trace.index]
                 with torch.no_grad():
                     x = layer.input_layernorm(trace.hidden_in)
-                y_s, _ = layer.self_attn(x, position_embeddings=trace.position_embeddings)
+                y_s, _ = layer.self_attn(x, position_embeddings=trace.position_embeddings, keep_state=False)
                 if target == "heads":
                     y_s = captured.pop("s")
                 loss = relative_sq_error(y_s, y_t.detach())

@@ -89,8 +89,11 @@ class TokenMixer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         state: dict[str, torch.Tensor] | None = None,
         mode: Mode | None = None,
+        keep_state: bool = True,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """y [B, T, hidden], new state. ``mode=None``: recurrent if a state is given, else chunk.
+        ``keep_state=False``: the caller keeps no state (a forward without a cache, training);
+        the state returned is None and the mixer may take a form that never builds it.
 
         ``position_embeddings`` is the (cos, sin) pair the Llama model computes for these
         positions; mixers that use RoPE apply it, others ignore it."""

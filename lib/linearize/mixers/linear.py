@@ -222,23 +222,27 @@ class LinearMixer(TokenMixer):
     def kernel(self) -> KernelFamily:
         return kernel_family(self.family)
 
-    def _run(self, f: Features, mode, state):
+    def _run(self, f: Features, mode, state, keep_state: bool = True):
+        # keep_state=False lets a mixer skip its final state (ReBased's T x T form); the
+        # generic kernels compute it anyway and the forward drops it
         o, kstate = self.kernel.run(self, f, mode, state)
         if f.diag is not None:
             o = o + f.diag.unsqueeze(-1) * f.v
         return o, kstate
 
-    def forward(self, x, position_embeddings=None, state=None, mode=None):
+    def forward(self, x, position_embeddings=None, state=None, mode=None, keep_state=True):
         mode = mode or ("recurrent" if state is not None else "chunk")
         new_state: dict = {}
         f = self.features(x, position_embeddings, state, new_state)
-        o, kstate = self._run(f, mode, state)
+        o, kstate = self._run(f, mode, state, keep_state)
         new_state.update(kstate)
         out_input = x if f.out_input is None else f.out_input
         if self.hybrid is not None:
             o_window = self.hybrid.attend(self, x, position_embeddings, state, mode, new_state)
-            return self.hybrid.combine(self, o, out_input, o_window), new_state
-        return self.output(o, out_input), new_state
+            y = self.hybrid.combine(self, o, out_input, o_window)
+        else:
+            y = self.output(o, out_input)
+        return y, (new_state if keep_state else None)
 
     def core(self, x, position_embeddings=None, mode="chunk") -> CoreOut:
         f = self.features(x, position_embeddings, None, {})

@@ -8,7 +8,10 @@ kernel as the full outer product at half the width (``quadratic_features``, orde
 cyclic offset b - a so that forward and backward are a few whole-tensor passes). The kernel runs
 on the full head dim (not FLA's 16-dim feature projection) so the teacher's q_proj/k_proj copy
 in. Normalised: o_i = sum_j K_ij v_j / (sum_j K_ij + eps). Output: o_proj. The chunked form
-(``quadratic_chunk``) keeps each KV head's features and state once for its query heads.
+(``quadratic_chunk``) keeps each KV head's features and state once for its query heads. A
+forward that keeps no state (no cache: evaluation, training) up to ``QUADRATIC_MAX_T`` tokens
+takes the T x T form instead (``quadratic_parallel``, as FLA's parallel_rebased), which never
+builds the features.
 
 Options (defaults): norm_eps 1e-6 (the normaliser's eps), rope False.
 """
@@ -70,10 +73,13 @@ class ReBased(LinearMixer):
         k_low = repeat_kv(f.k_low, self.num_heads)
         return replace(f, q=quadratic_features(f.q_low), k=quadratic_features(k_low), k_low=k_low)
 
-    def _run(self, f, mode, state):
+    def _run(self, f, mode, state, keep_state=True):
         if mode != "chunk":
             return super()._run(self._full(f), mode, state)
         backend = self.config.backend
+        if not keep_state and state is None and f.q_low.shape[-2] <= QUADRATIC_MAX_T:
+            # no state in, none wanted: the T x T form, which never builds the 2080-wide features
+            return quadratic_parallel(f.q_low, f.k_low, f.v_kv, self.eps), {}
         if state is None and not kernels.use_fla(backend, f.q_low.device, "gated linear attention",
                                                  key_dim=self.key_dim, dtype=f.q_low.dtype,
                                                  fla_dtypes=kernels.FLA_GATED_DTYPES):
@@ -173,6 +179,29 @@ class _QuadraticFeatures(torch.autograd.Function):
 def quadratic_features(x: torch.Tensor) -> torch.Tensor:
     """[..., d] -> [..., d(d+1)/2] with phi(x).phi(y) = (x.y)^2 (layout: see above)."""
     return _QuadraticFeatures.apply(x)
+
+
+# Longest sequence the stateless forward takes in the T x T form (``quadratic_parallel``):
+# its cost grows as T^2 (d + V) against the chunked form's T d(d+1)/2 V. Forward at batch 8,
+# 9 query / 3 KV heads, d = V = 64, one thread (benchmarks/rebased_forms.py, load 3.0): the
+# chunked form takes 19x the T x T form's time at T = 128, 9.9x at 256, 3.1x at 512, 1.3x at
+# 1024, 0.8x at 2048; the whole student's forward at evaluation's shapes (8 x 41..128) runs
+# 2.2-3.0x faster with it. 512 keeps the T x T weights at batch 8 to ~75 MB.
+QUADRATIC_MAX_T = 512
+
+
+def quadratic_parallel(a, b, v, eps: float):
+    """Normalised attention with weights (a_i.b_j)^2, j <= i, as one T x T matrix (no state).
+
+    Same arguments and output as ``quadratic_chunk`` without the final state: o [B, H, T, V] =
+    sum_j w_ij v_j / (sum_j w_ij + eps); query head h reads KV head h // (H / H_kv). The G query
+    heads of a KV head are one batch of matmuls against that head's keys and values."""
+    bsz, h, t, d = a.shape
+    hk = b.shape[1]
+    w = (a.view(bsz, hk, h // hk, t, d) @ b.unsqueeze(2).transpose(-1, -2)).square()  # [B, Hk, G, T, T]
+    w = w * torch.ones(t, t, dtype=torch.bool, device=a.device).tril()
+    o = (w @ v.unsqueeze(2)) / (w.sum(-1, keepdim=True) + eps)
+    return o.reshape(bsz, h, t, v.shape[-1])
 
 
 def quadratic_chunk(a, b, v, chunk_size: int, eps: float):

@@ -67,14 +67,14 @@ class SoftmaxAttention(TokenMixer):
         scores = scores.masked_fill(~keep, float("-inf"))
         return scores.softmax(-1) @ v
 
-    def forward(self, x, position_embeddings=None, state=None, mode=None):
+    def forward(self, x, position_embeddings=None, state=None, mode=None, keep_state=True):
         mode = mode or ("recurrent" if state is not None else "chunk")
         q, k, v = self._qkv(x, position_embeddings)
         if state is not None:
             k = torch.cat([state["k"].to(k.dtype), k], dim=2)
             v = torch.cat([state["v"].to(v.dtype), v], dim=2)
         o = self._attend(q, k, v, mode if state is None else "recurrent")
-        return self.o_proj(merge_heads(o)), {"k": k, "v": v}
+        return self.o_proj(merge_heads(o)), ({"k": k, "v": v} if keep_state else None)
 
     def core(self, x, position_embeddings=None, mode="chunk"):
         q, k, v = self._qkv(x, position_embeddings)
