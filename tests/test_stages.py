@@ -179,6 +179,28 @@ def test_readout_fit_runs_after_conversion_and_enters_the_identity_only_when_on(
         RF.load_student(RF.Run({**on, "run_name": "fit2"}, root=tmp_path), teacher, on, 1)
 
 
+def test_gate_init_sets_the_gates_from_the_teacher_when_a_run_starts_from_conversion(teacher, blocks, tmp_path):
+    """gate_init_tokens > 0 (the study's qkv-fit-at-gi): a run that starts from the conversion
+    gets every head's decay from the teacher's attention distances on its first training
+    blocks, logs it, and keys its stages on it; off, the run is the plain conversion."""
+    from linearize import gate_init as G
+
+    off = _params("gla", qkv_copy=True)
+    on = _params("gla", qkv_copy=True, gate_init_tokens=8 * SEQ, run_name="gi")
+    assert "gate_init_tokens" not in S.stage_identity(off, 3, "conversion")
+    assert S.stage_identity(on, 3, "conversion")["gate_init_tokens"] == 8 * SEQ
+    run = RF.Run(on, root=tmp_path)
+    student, start = RF.load_student(run, teacher, on, 3, blocks)
+    assert start == "conversion"
+    [event] = [m for m in run.metrics() if m.get("event") == "gate_init"]
+    assert event["tokens"] == 8 * SEQ and event["mixers_changed"] == len(student.model.layers)
+    want = G.teacher_retention(teacher, blocks[:8], batch_size=on["batch_size"])
+    for layer, gamma in zip(student.model.layers, want):
+        assert torch.allclose(G.decay_of(layer.self_attn), gamma.double(), rtol=1e-4, atol=1e-6)
+    plain, _ = RF.load_student(RF.Run(off, root=tmp_path), teacher, off, 3, blocks)
+    assert not torch.allclose(G.decay_of(plain.model.layers[0].self_attn), want[0].double(), rtol=1e-3)
+
+
 def test_a_fitted_conversion_is_kept_and_reused_only_with_the_same_parameters(teacher, blocks, tmp_path):
     on = _params("deltanet", qkv_copy=True, readout_fit_tokens=8 * SEQ, run_name="fit")
     run = RF.Run(on, root=tmp_path)

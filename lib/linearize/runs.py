@@ -115,6 +115,7 @@ class Run:
     def log(self, record: dict) -> None:
         if self.is_main:
             try:
+                self.dir.mkdir(parents=True, exist_ok=True)  # the first record may come before any stage
                 with open(self.metrics_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
             except OSError as err:
