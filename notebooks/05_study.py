@@ -73,11 +73,11 @@ study.show(study.table3(runs, outputs, metric))
 
 # %% [markdown]
 # ## Beyond the paper: the project's recipe for every student
-# QKV copy, closed-form readout fit, attention transfer (stage 0), then distillation: the study grid's first column (`qkv-fit-at`).
+# QKV copy, closed-form readout fit, attention transfer (stage 0), then distillation: the study grid's first column (`qkv-fit-at`), and for the five gated students its last, after the gate initialisation from the teacher's attention distances (`qkv-fit-at-gi`, `make study`'s default for them).
 
 # %%
 recipe_table = study.table_recipe(runs, outputs, metric)
-study.show(recipe_table) if len(recipe_table) > 1 else print("no recipe runs (variant qkv-fit-at of the runner)")
+study.show(recipe_table) if len(recipe_table) > 1 else print("no recipe runs (variants qkv-fit-at, qkv-fit-at-gi of the runner)")
 
 # %% [markdown]
 # ## Beyond the paper: closed-form readout fit after conversion
