@@ -31,11 +31,11 @@ def test_quadratic_features_give_the_squared_dot_product_and_its_gradient(d, mon
     assert torch.autograd.gradcheck(R.quadratic_features, (x[:1, :1].detach().clone().requires_grad_(),))
 
 
-def test_chunked_rebased_matches_float64_quadratic_attention():
-    """Outputs and every gradient of the chunked core equal sum_j (s q~.k~_j)^2 v_j / (sum + eps),
-    computed as a masked [T, T] matrix (no features, no chunks)."""
-    hidden, heads, kv_heads, d, t = 32, 4, 2, 8, 50
-    torch.manual_seed(0)
+def _perturbed_mixer_and_input(heads, kv_heads, seed, hidden=32, d=8, t=50):
+    """A float64 ReBased mixer with its parameters moved off their initial values, an input
+    that requires grad, and the masked [T, T] reference of its core output:
+    sum_j (s q~.k~_j)^2 v_j / (sum + eps)."""
+    torch.manual_seed(seed)
     m = mixers.build("rebased", MixerConfig(hidden, heads, kv_heads, d, chunk_size=16, backend="torch")).double()
     with torch.no_grad():
         for p in m.parameters():
@@ -49,6 +49,14 @@ def test_chunked_rebased_matches_float64_quadratic_attention():
         a = a * torch.ones(t, t, dtype=torch.bool).tril()
         return a @ v / (a.sum(-1, keepdim=True) + m.eps)
 
+    return m, x, reference
+
+
+def test_chunked_rebased_matches_float64_quadratic_attention():
+    """Outputs and every gradient of the chunked core equal sum_j (s q~.k~_j)^2 v_j / (sum + eps),
+    computed as a masked [T, T] matrix (no features, no chunks)."""
+    heads, d, t = 4, 8, 50
+    m, x, reference = _perturbed_mixer_and_input(heads, 2, seed=0)
     params = [x, *m.parameters()]
     w = torch.randn(2, heads, t, d, dtype=torch.float64)
     o = m.core(x, mode="chunk").o
@@ -83,18 +91,9 @@ def test_stateless_forward_matches_float64_quadratic_attention(max_t, monkeypatc
     QUADRATIC_MAX_T tokens and the chunked form beyond: outputs and gradients equal the masked
     [T, T] reference either way, and no state comes back."""
     monkeypatch.setattr(R, "QUADRATIC_MAX_T", max_t)
-    hidden, heads, kv_heads, d, t = 32, 6, 2, 8, 50
-    torch.manual_seed(2)
-    m = mixers.build("rebased", MixerConfig(hidden, heads, kv_heads, d, chunk_size=16, backend="torch")).double()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    x = torch.randn(2, t, hidden, dtype=torch.float64, requires_grad=True)
-    q, k = m.heads(m.q_proj(x)), m.heads(m.k_proj(x), kv=True)
-    a = (m.normed(q) @ m.normed(k).transpose(-1, -2) / math.sqrt(d)).square()
-    a = a * torch.ones(t, t, dtype=torch.bool).tril()
-    o_ref = a @ m.heads(m.v_proj(x), kv=True) / (a.sum(-1, keepdim=True) + m.eps)
-    y_ref = m.o_proj(o_ref.transpose(1, 2).reshape(2, t, heads * d))
+    heads, d, t = 6, 8, 50
+    m, x, reference = _perturbed_mixer_and_input(heads, 2, seed=2)
+    y_ref = m.o_proj(reference().transpose(1, 2).reshape(2, t, heads * d))
     y, state = m(x, keep_state=False)
     assert state is None
     assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-10)
