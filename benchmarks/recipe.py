@@ -291,6 +291,8 @@ def collect(root: Path, limit: int, grid_root: Path | None = None, carry: dict |
             teacher_ppl = run["teacher_ppl"] or teacher_ppl
         runs.append(run)
     _against_control(runs, root, limit)
+    if grid_root is not None:
+        _against_grid(runs, root, Path(grid_root), limit)
     teacher_raw = json.loads(teacher_res.read_text()) if teacher_res.exists() else None
     teacher_lambada = _lambada_ppl(teacher_raw)
     if carry:
@@ -339,6 +341,24 @@ def _against_control(runs: list[dict], root: Path, limit: int) -> None:
             continue
         avg = paired_bootstrap(correctness(mine), correctness(control), seed=0)["avg"]
         run["vs_window"] = {k: avg[k] for k in ("diff", "lo", "hi", "p", "docs")}
+
+
+def _against_grid(runs: list[dict], root: Path, grid_root: Path, limit: int) -> None:
+    """Each pure run here with per-document results gains ``vs_grid``: its six-task average minus
+    the study grid's recipe cell of the same student on the same documents (paired bootstrap).
+    The grid cell is the recipe at the grid's budget; a run branched from it (mix-gi-kd: the same
+    stages after the gate initialisation) measures what its one change buys."""
+    from linearize.compare import correctness, paired_bootstrap
+
+    for run in runs:
+        if run.get("hybrid") or run["variant"] == GRID_VARIANT:
+            continue
+        cell = _per_doc(grid_root / run["arch"] / GRID_RUN, limit)
+        mine = _per_doc(root / run["arch"] / f"recipe-{run['variant']}", limit)
+        if cell is None or mine is None or set(mine["tasks"]) != set(cell["tasks"]):
+            continue
+        avg = paired_bootstrap(correctness(mine), correctness(cell), seed=0)["avg"]
+        run["vs_grid"] = {k: avg[k] for k in ("diff", "lo", "hi", "p", "docs")}
 
 
 def carry_over(runs: list[dict], previous: dict) -> list[dict]:
@@ -593,6 +613,14 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
                      if any(r.get("vs_window") for r in hybrids) else
                      " (no hybrid evaluated on this machine keeps its per-document results, so no paired test yet)")
                   + "."]
+    paired = [r for r in data["runs"] if r.get("vs_grid")]
+    if paired:
+        lines += ["", "Paired against the study grid's recipe cell of the same student (`grid`; six-task average, "
+                  "run minus grid cell on the same documents, 95% bootstrap interval over documents): " + "; ".join(
+                      f"{r['arch']} / {r['variant']} {100 * r['vs_grid']['diff']:+.1f} points "
+                      f"({100 * r['vs_grid']['lo']:+.1f} to {100 * r['vs_grid']['hi']:+.1f}, "
+                      f"{r['vs_grid']['docs']} documents)" for r in paired)
+                  + ". An interval that covers 0 says the documents do not separate the two."]
     carried = [r for r in data["runs"] if r.get("carried")]
     if carried:
         lines += ["", f"{len(carried)} run(s) carried from the previous docs/recipe.json (their run folders, in "

@@ -118,3 +118,27 @@ def test_a_hybrid_is_paired_with_the_window_alone(recipe, tmp_path):
     got = runs["mix-at-w64"]["vs_window"]
     assert got["diff"] == pytest.approx(0.25) and got["lo"] <= 0.25 <= got["hi"] and got["docs"] == 24
     assert "vs_window" not in runs[recipe.CONTROL]
+
+
+def test_a_pure_run_is_paired_with_the_grid_cell_of_its_student(recipe, tmp_path):
+    """vs_grid: a pure run's six-task average minus the grid's recipe cell of the same student
+    on the same documents (+1 document of 4 on every task: +25 points); hybrids and students
+    without a grid cell get none."""
+    from linearize.evaluate import results_path
+
+    outputs, grid = tmp_path / "outputs", tmp_path / "results" / "cpu-grid"
+    cell = grid / "gla" / recipe.GRID_RUN
+    _grid_run(cell, "gla")
+    _eval_file(results_path(cell, 4, online=False), {t: [1.0, 0.0, 0.0, 1.0] for t in TASKS})
+    for arch, name, window in (("gla", "mix-gi-kd", None), ("gla", "mix-at-w64", 64), ("deltanet", "mix-at", None)):
+        folder = outputs / arch / f"recipe-{name}"
+        _grid_run(folder, arch)
+        if window:
+            params = yaml.safe_load((folder / "params.yaml").read_text())
+            (folder / "params.yaml").write_text(yaml.safe_dump({**params, "hybrid_window": window}))
+        _eval_file(recipe._eval_path(folder, 4), {t: [1.0, 1.0, 0.0, 1.0] for t in TASKS})
+    runs = {r["variant"]: r for r in recipe.collect(outputs, 4, grid)["runs"]}
+    got = runs["mix-gi-kd"]["vs_grid"]
+    assert got["diff"] == pytest.approx(0.25) and got["lo"] <= 0.25 <= got["hi"] and got["docs"] == 24
+    assert "vs_grid" not in runs["mix-at-w64"] and "vs_grid" not in runs["mix-at"]
+    assert "vs_grid" not in runs["grid"]
