@@ -36,10 +36,14 @@ def _eval_file(folder, label, offset, rng):
 
 @pytest.fixture
 def outputs(tmp_path):
+    return _make_outputs(tmp_path, SKILL)
+
+
+def _make_outputs(tmp_path, skill):
     rng = np.random.default_rng(0)
     out = tmp_path / "outputs"
     _eval_file(out / "teacher", "teacher: tiny", 0.1, rng)
-    for (arch, variant), offset in SKILL.items():
+    for (arch, variant), offset in skill.items():
         run = out / arch / f"cpu-study-{variant}"
         run.mkdir(parents=True)
         params = dict(arch=arch, run_name=run.name, preset="cpu-study", teacher="tiny", qkv_copy=False,
@@ -160,3 +164,21 @@ def test_a_ranking_that_chance_explains_is_never_said_to_hold():
     # against scipy's exact null for 5 models: P(rho >= 0.9) = 5 / 120 (ties of rank sums)
     p, _ = C.rank_permutation_p([1, 2, 3, 5, 4], [1, 2, 3, 4, 5])
     assert p == pytest.approx(5 / 120)
+
+
+def test_the_ranking_is_also_given_without_the_softmax_student(tmp_path):
+    """The softmax student tops both rankings by construction: the page also gives rho over the
+    subquadratic students alone (here the kd column's four linear students)."""
+    out = _make_outputs(tmp_path, {**SKILL, ("softmax", "kd"): 0.3})
+    runs = study.find_runs(out)
+    page = A.write_results_page(tmp_path / "results.md", out, runs, {})
+    record = R.read_results(page.with_suffix(".json"))
+    kd = next(e for e in record["analysis"]["rankings"] if e["variant"] == "kd")
+    linear = [x for x in kd["students"] if x["arch"] != "softmax" and x["paper_avg"] is not None]
+    assert kd["spearman"]["n"] == len(linear) + 1 and kd["spearman_subquadratic"]["n"] == len(linear) >= 3
+    from scipy.stats import spearmanr
+
+    assert kd["spearman_subquadratic"]["rho"] == pytest.approx(
+        spearmanr([x["avg"] for x in linear], [x["paper_avg"] for x in linear]).statistic)
+    line = next(s for s in page.read_text().splitlines() if s.startswith("- **The ranking of the mixers** (`kd`"))
+    assert "subquadratic students alone" in line

@@ -186,17 +186,28 @@ def rankings(runs, docs: Mapping, iters: int = ITERS) -> list[dict]:
                          "paper_avg": _finite(paper_average(paper_label))})
         rows.sort(key=lambda x: -x["avg"])
         entry = {"variant": ours, "paper_variant": paper_variant, "students": rows, "spearman": None,
-                 "spearman_kl": None}
+                 "spearman_kl": None, "spearman_subquadratic": None}
         ref = {x["paper_label"]: x["paper_avg"] for x in rows if x["paper_avg"] is not None}
         if len(ref) >= 3:
             models = {x["paper_label"]: docs[x["run"]] for x in rows if x["paper_label"] in ref}
             entry["spearman"] = C.spearman_bootstrap(models, ref, list(R.TASKS), iters=iters)
+            # the softmax student is first in both rankings by construction (exact attention):
+            # the same rho over the subquadratic students alone says whether the mixers' order
+            # agrees, not only that attention beats them
+            linear = {k: v for k, v in ref.items()
+                      if next(x["arch"] for x in rows if x["paper_label"] == k) not in EXACT_ATTENTION}
+            if len(linear) >= 3 and len(linear) < len(ref):
+                entry["spearman_subquadratic"] = C.spearman_bootstrap(
+                    {k: models[k] for k in linear}, linear, list(R.TASKS), iters=iters)
             with_kl = [x for x in rows if x["paper_label"] in ref and x["kl"] is not None]
             if len(with_kl) >= 3:
                 entry["spearman_kl"] = _finite(C.spearman([-x["kl"] for x in with_kl],
                                                           [x["paper_avg"] for x in with_kl]))
         out.append(entry)
     return out
+
+
+EXACT_ATTENTION = ("softmax", "llama")  # students that keep the teacher's softmax attention
 
 
 def _direction(sp: Mapping | None) -> str:
@@ -225,8 +236,11 @@ def findings(result: Mapping) -> list[str]:
         against = "same column" if col == entry["paper_variant"] else f"`{entry['paper_variant']}` column"
         kl = entry.get("spearman_kl")
         kl_text = "" if kl is None else f" Ranked by validation KL instead, rho is {kl:.2f}."
+        sub = entry.get("spearman_subquadratic")
+        sub_text = ("" if not sub else " Over the subquadratic students alone (the softmax student, first in "
+                    f"both rankings, left out) the ranking {_direction(sub)}.")
         out.append(f"- **The ranking of the mixers** (`{col}`, against the paper's {against}) "
-                   f"{_direction(entry.get('spearman'))}.{kl_text}")
+                   f"{_direction(entry.get('spearman'))}.{kl_text}{sub_text}")
     by_question: dict[str, list[dict]] = {}
     for p in result.get("pairs") or []:
         by_question.setdefault(p["question"], []).append(p)
