@@ -301,8 +301,9 @@ VARIANTS: dict[str, dict] = {
     "qkv-fit-at": dict(_RECIPE, overrides=dict(_RECIPE_OVERRIDES)),
     # the recipe with each head's decay gate set from the teacher's attention distances first
     # (linearize.gate_init), for the students that have such gates (gate_init.GATED): gla's
-    # recipe cell went from 4.80x / KL 2.00 to 2.79x / KL 1.44 at the same 80K tokens
-    # (docs/recipe.md, mix-gi-kd against the grid's gla cell)
+    # recipe cell went from 4.80x / KL 2.00 to 2.79x / KL 1.44 at the same 80K tokens, and +1.3
+    # points on the six tasks paired on the same 3000 documents (+0.2 to +2.4; docs/recipe.md,
+    # mix-gi-kd against the grid's gla cell)
     "qkv-fit-at-gi": dict(_RECIPE, overrides=dict(_RECIPE_OVERRIDES, gate_init_tokens=GATE_INIT_TOKENS)),
 }
 GATED_ONLY = {"qkv-fit-at-gi"}  # variants that only mean something for a gated student
