@@ -302,8 +302,9 @@ VARIANTS: dict[str, dict] = {
     # the recipe with each head's decay gate set from the teacher's attention distances first
     # (linearize.gate_init), for the students that have such gates (gate_init.GATED): gla's
     # recipe cell went from 4.80x / KL 2.00 to 2.79x / KL 1.44 at the same 80K tokens, and +1.3
-    # points on the six tasks paired on the same 3000 documents (+0.2 to +2.4; docs/recipe.md,
-    # mix-gi-kd against the grid's gla cell)
+    # points on the six tasks paired on the same 3000 documents (+0.2 to +2.4); xlstm's KL went
+    # 1.21 -> 1.15 and its six tasks did not move (+0.1, -0.8 to +1.1) (docs/recipe.md, mix-gi-kd
+    # against the grid's cells)
     "qkv-fit-at-gi": dict(_RECIPE, overrides=dict(_RECIPE_OVERRIDES, gate_init_tokens=GATE_INIT_TOKENS)),
 }
 GATED_ONLY = {"qkv-fit-at-gi"}  # variants that only mean something for a gated student
