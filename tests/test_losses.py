@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from linearize import losses
 
@@ -118,3 +119,40 @@ def test_distillation_loss_ce_weight_zero_is_pure_kl():
     assert pure.ce.item() == pytest.approx(math.log(4), rel=1e-12)
     half = losses.distillation_loss(student, teacher, labels, alpha=2.0, ce_weight=0.5)
     assert half.total.item() == pytest.approx(0.5 * math.log(4) + 2.0 * kl, rel=1e-12)
+
+
+def _reference_distillation(student, teacher, labels, alpha, temperature, ce_weight):
+    """The loss as the module docstring writes it, by autograd in float64."""
+    s, t = student.double(), teacher.double()
+    ce = F.cross_entropy(s.flatten(0, -2), labels.flatten(), ignore_index=-100)
+    log_p_t = F.log_softmax(t / temperature, -1)
+    log_p_s = F.log_softmax(s / temperature, -1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * temperature**2
+    return ce_weight * ce + alpha * kl, ce, kl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("ce_weight", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_distillation_loss_and_gradient_match_the_float64_formula(temperature, ce_weight, dtype):
+    g = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 5, 37, generator=g)).to(dtype).requires_grad_(True)
+    teacher = (3 * torch.randn(2, 5, 37, generator=g)).to(dtype)
+    labels = torch.randint(0, 37, (2, 5), generator=g)
+    labels[0, 1] = labels[1, 4] = -100
+    out = losses.distillation_loss(student, teacher, labels, alpha=0.7, temperature=temperature, ce_weight=ce_weight)
+    ref_student = student.detach().double().requires_grad_(True)
+    ref_total, ref_ce, ref_kl = _reference_distillation(ref_student, teacher, labels, 0.7, temperature, ce_weight)
+    (out.total * 3.0).backward()  # a non-unit upstream gradient
+    (ref_total * 3.0).backward()
+    for got, want in ((out.total, ref_total), (out.ce, ref_ce), (out.kl, ref_kl)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert student.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # bf16: the gradient is rounded to 8 bits
+    torch.testing.assert_close(student.grad.double(), ref_student.grad, rtol=tol, atol=tol)
+
+
+def test_distillation_loss_refuses_a_teacher_that_needs_gradients():
+    teacher = torch.zeros(1, 2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="no_grad"):
+        losses.distillation_loss(torch.zeros(1, 2, 3), teacher, torch.tensor([[1, -100]]))

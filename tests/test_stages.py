@@ -411,3 +411,27 @@ def test_two_processes_reproduce_one(tmp_path):
     two, _ = RF.metrics_frames(tmp_path / "two" / "gla" / "cpu-quick")
     assert list(one["tokens"]) == list(two["tokens"]) and len(one) == 3 * 6
     assert list(two["loss"]) == pytest.approx(list(one["loss"]), rel=1e-4)
+
+
+def test_fused_adamw_follows_the_default_implementation():
+    # The stages use torch's fused AdamW (a speed lever on the CPU); the update must be the
+    # for-loop AdamW's, including a second group at another rate without weight decay.
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(7, 5, generator=g), torch.randn(3, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(5)]
+    params = {"betas": [0.9, 0.95], "weight_decay": 0.1}
+    finals = []
+    for fused in (True, False):
+        ps = [p.clone().requires_grad_(True) for p in start]
+        groups = [{"params": [ps[0]]}, {"params": [ps[1]], "lr": 3e-2, "weight_decay": 0.0}]
+        opt = TR.make_adamw(groups, 1e-2, params) if fused else torch.optim.AdamW(
+            groups, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+        assert bool(opt.defaults["fused"]) is fused
+        for step_grads in grads:
+            for p, gr in zip(ps, step_grads):
+                p.grad = gr.clone()
+            opt.step()
+        finals.append([p.detach() for p in ps])
+    for got, want, before in zip(*finals, start):
+        assert (got - before).abs().max() > 1e-3  # five steps moved it
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

@@ -79,6 +79,63 @@ def per_token_kl(
     return kl.mean() * temperature**2
 
 
+class _FusedDistillation(torch.autograd.Function):
+    """ce_weight * CE + alpha * KL and their gradient with respect to the student's logits in one
+    pass over the [N, V] logits.
+
+    Why: over a 49K vocabulary the loss is a memory-bound chain of full-size temporaries
+    (two log-softmaxes, the CE's own log-softmax, exp, difference, product) and autograd keeps
+    and walks them again backward; on one CPU core that was 7% of a distillation step and its
+    backward as much again (benchmarks/distill_step.py). The gradient is closed-form:
+        d total / d s = ce_weight / N_lab * [labelled] * (softmax(s) - onehot(label))
+                        + alpha * tau / N * (softmax(s / tau) - softmax(t / tau)),
+    computed in the forward into one buffer, which backward only scales."""
+
+    @staticmethod
+    def forward(ctx, s, t, labels, alpha, temperature, ce_weight, ignore_index):
+        n = s.shape[0]
+        valid = labels != ignore_index
+        n_lab = int(valid.sum())
+        rows = torch.arange(n, device=s.device)[valid]
+        picked = labels[valid]
+        lse_s = torch.logsumexp(s, -1)
+        ce = (lse_s[valid] - s[rows, picked]).mean()  # nan without a labelled position, as F.cross_entropy
+        tau = float(temperature)
+        if tau == 1.0:
+            st, tt, lse_st = s, t, lse_s
+        else:
+            st, tt = s / tau, t / tau
+            lse_st = torch.logsumexp(st, -1)
+        lse_tt = torch.logsumexp(tt, -1)
+        p_t = torch.exp(tt - lse_tt[:, None])
+        # sum_v p_t (log p_t - log p_s) = <p_t, t> - <p_t, s> - lse_t + lse_s, since sum_v p_t = 1
+        kl_rows = torch.linalg.vecdot(p_t, tt) - torch.linalg.vecdot(p_t, st) - lse_tt + lse_st
+        kl = kl_rows.mean() * tau**2
+        total = alpha * kl if ce_weight == 0 else ce_weight * ce + alpha * kl
+        grad = None
+        if ctx.needs_input_grad[0]:
+            kl_scale = alpha * tau / n
+            grad = torch.exp(st - lse_st[:, None])  # softmax(s / tau)
+            if ce_weight != 0 and n_lab:
+                ce_scale = ce_weight / n_lab
+                if tau == 1.0:
+                    grad.mul_(kl_scale + ce_scale * valid.to(grad.dtype)[:, None])
+                else:
+                    grad.mul_(kl_scale).add_(torch.exp(s - lse_s[:, None]) * (ce_scale * valid.to(grad.dtype))[:, None])
+                grad[rows, picked] -= ce_scale
+            else:
+                grad.mul_(kl_scale)
+            grad.sub_(p_t, alpha=kl_scale)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce, kl)
+        return total, ce.detach(), kl.detach()
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None, None, None
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -92,19 +149,30 @@ def distillation_loss(
     docstring); ``ce_weight=0`` is pure distillation (the CE is still reported).
 
     ``labels`` [B, T] are aligned with the logits [B, T, V] (use ``next_token_labels``); the KL
-    is taken at every position, the CE at labelled ones."""
+    is taken at every position, the CE at labelled ones. Only the student is differentiated (the
+    teacher's logits come from a forward under ``torch.no_grad``); computed in float32 at least,
+    with the gradient in closed form (``_FusedDistillation``)."""
     if labels.shape != student_logits.shape[:-1]:
         raise ValueError(
             f"labels {tuple(labels.shape)} must match the logits' leading dims "
             f"{tuple(student_logits.shape[:-1])}; build them with next_token_labels(input_ids)."
         )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+            f"{tuple(student_logits.shape)} differ; both must be [..., vocab] over the same positions."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if teacher_logits.requires_grad:
+        raise ValueError("distillation_loss differentiates the student only: compute the teacher's "
+                         "logits under torch.no_grad() (or pass them detached).")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    ce = F.cross_entropy(
-        student_logits.to(dtype).flatten(0, -2), labels.flatten(), ignore_index=ignore_index
-    )
-    kl = per_token_kl(teacher_logits, student_logits, temperature)
-    total = alpha * kl if ce_weight == 0 else ce_weight * ce + alpha * kl
-    return DistillationLoss(total=total, ce=ce.detach(), kl=kl.detach())
+    vocab = student_logits.shape[-1]
+    total, ce, kl = _FusedDistillation.apply(
+        student_logits.to(dtype).reshape(-1, vocab), teacher_logits.to(dtype).reshape(-1, vocab),
+        labels.reshape(-1), float(alpha), float(temperature), float(ce_weight), ignore_index)
+    return DistillationLoss(total=total, ce=ce, kl=kl)
 
 
 def matrix_mixing_loss(a_teacher: torch.Tensor, a_student: torch.Tensor, kind: str = "frobenius") -> torch.Tensor:

@@ -228,8 +228,7 @@ def train_stage(
     names = select_trainable(student, spec.trainable(params), f"stage {stage} ({spec.name})")
     named = dict(student.named_parameters())
     trainable = [named[n] for n in names]
-    optimizer = torch.optim.AdamW(_param_groups(names, named, lr, params), lr=lr, betas=tuple(params["betas"]),
-                                  weight_decay=params["weight_decay"])
+    optimizer = make_adamw(_param_groups(names, named, lr, params), lr, params)
     schedule = lambda s: lr_factor(spec.schedule, s, total_steps, params["warmup_fraction"],  # noqa: E731
                                    params["decay_fraction"], params["min_lr_ratio"])
     # Not passed to accelerator.prepare: the prepared scheduler steps once per process per
@@ -381,6 +380,15 @@ def _param_groups(names: list[str], named: dict, lr: float, params: dict) -> lis
     if gates:
         groups.append({"params": [named[n] for n in gates], "lr": float(gate_lr), "weight_decay": 0.0})
     return groups
+
+
+def make_adamw(groups: list[dict], lr: float, params: dict) -> torch.optim.AdamW:
+    """AdamW with the stage's betas and weight decay, in torch's fused implementation: on the CPU
+    the default one loops over the parameters in Python and took 9% of a stage-3 step on one
+    core, the fused one a fifth of that (benchmarks/distill_step.py); the update is the same
+    AdamW (test_training: test_fused_adamw_follows_the_default_implementation)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(params["betas"]), weight_decay=params["weight_decay"],
+                             fused=True)
 
 
 def teacher_train_throughput(teacher, ids: torch.Tensor, steps: int = 3, autocast=nullcontext) -> float:

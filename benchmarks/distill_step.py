@@ -1,0 +1,165 @@
+"""Where a stage-3 (end-to-end distillation) step spends its time, against the reference of
+issue 14: the teacher's plain forward+backward (LM loss) on the same batch.
+
+One process, rounds interleaved (reference, then each distillation variant), each part timed
+in this process's CPU seconds (``time.process_time``), so a loaded machine slows every part
+alike rather than whichever ran during a spike. Parts of a distillation step: the teacher's
+forward (no grad), the student's forward, the loss (CE + KL over the vocabulary), the
+backward, gradient clipping and the optimizer step. Variants change one lever at a time:
+the loss (autograd's composition, or ``losses.distillation_loss``'s closed-form gradient), the
+optimizer's implementation (torch's default for-loop AdamW, ``foreach``, ``fused``) and what
+stage 3 trains (``stage3_train``: all / no-embeddings / mixers).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/distill_step.py --arch deltanet
+    ... --threads 1 --batch 4 --seq 128 --rounds 3 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+
+CLOCK = time.process_time
+PARTS = ("teacher_fwd", "student_fwd", "loss", "backward", "clip", "optimizer")
+
+
+def reference_step(ref, ids) -> float:
+    """The teacher's plain forward+backward with its LM loss (no optimizer step)."""
+    t = CLOCK()
+    out = ref(input_ids=ids, labels=ids)
+    out.loss.backward()
+    ref.zero_grad(set_to_none=True)
+    return CLOCK() - t
+
+
+def autograd_loss(s_logits, t_logits, labels, alpha):
+    """The loss as autograd composes it (what distillation_loss computed before its fused form)."""
+    import torch.nn.functional as F
+    from linearize import losses
+
+    ce = F.cross_entropy(s_logits.flatten(0, -2), labels.flatten(), ignore_index=losses.IGNORE_INDEX)
+    return ce + alpha * losses.per_token_kl(t_logits, s_logits)
+
+
+def distill_parts(student, teacher, optimizer, trainable, ids, loss_kind, alpha=1.0) -> dict:
+    from linearize import losses
+
+    times = {}
+    t = CLOCK()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    times["teacher_fwd"] = CLOCK() - t
+    t = CLOCK()
+    s_logits = student(input_ids=ids).logits
+    times["student_fwd"] = CLOCK() - t
+    t = CLOCK()
+    labels = losses.next_token_labels(ids)
+    if loss_kind == "fused":
+        total = losses.distillation_loss(s_logits, t_logits, labels, alpha, 1.0).total
+    else:
+        total = autograd_loss(s_logits, t_logits, labels, alpha)
+    times["loss"] = CLOCK() - t
+    t = CLOCK()
+    total.backward()
+    times["backward"] = CLOCK() - t
+    t = CLOCK()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    times["clip"] = CLOCK() - t
+    t = CLOCK()
+    optimizer.step()
+    times["optimizer"] = CLOCK() - t
+    return times
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="deltanet")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
+    p.add_argument("--variants", default="autograd-default-all,fused-default-all,fused-fused-all,"
+                                         "fused-fused-no-embeddings,fused-fused-mixers",
+                   help="comma-separated LOSS-OPTIMIZER-TRAIN triples: LOSS in autograd|fused (the "
+                        "loss before/after its closed-form gradient), OPTIMIZER in default|foreach|fused "
+                        "(torch's AdamW implementations), TRAIN a stage3_train value")
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("--speed-json", default=None,
+                   help="write the stage-3 ratio of the defaults (fused loss, fused AdamW, all parameters) "
+                        "for benchmarks/speed.py --distill-json")
+    args = p.parse_args(argv)
+
+    from linearize.convert import convert
+    from linearize.stages import stage3_trainable
+    from linearize.teacher import load_teacher
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    teacher, _ = load_teacher()
+    teacher.eval().requires_grad_(False)
+    ref = copy.deepcopy(teacher).train().requires_grad_(True)
+    ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq))
+    tokens = ids.numel()
+
+    setups = {}
+    for variant in args.variants.split(","):
+        loss_kind, opt_kind, train = variant.split("-", 2)
+        student = convert(teacher, args.arch, qkv_copy=True).train()
+        keep = stage3_trainable(train)
+        for name, prm in student.named_parameters():
+            prm.requires_grad_(keep(name))
+        trainable = [prm for prm in student.parameters() if prm.requires_grad]
+        kw = {} if opt_kind == "default" else {opt_kind: True}
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, **kw)
+        setups[variant] = (student, optimizer, trainable, loss_kind)
+
+    ref_s, parts = [], {v: {k: [] for k in PARTS} for v in setups}
+    for r in range(args.rounds + 1):
+        dt = reference_step(ref, ids)
+        if r:
+            ref_s.append(dt)
+        for variant, (student, optimizer, trainable, loss_kind) in setups.items():
+            times = distill_parts(student, teacher, optimizer, trainable, ids, loss_kind)
+            if r:
+                for k in PARTS:
+                    parts[variant][k].append(times[k])
+        print(f"round {r}{' (warm-up)' if not r else ''} done", flush=True)
+
+    def med(xs):
+        return sorted(xs)[len(xs) // 2]
+
+    ref_med = med(ref_s)
+    result = {"arch": args.arch, "threads": args.threads, "shape": f"{args.batch}x{args.seq}",
+              "reference_s": ref_med, "reference_tok_s": tokens / ref_med, "variants": {},
+              "load_average": os.getloadavg()[0]}
+    print(f"\nteacher plain fwd+bwd: {ref_med:.3f} CPU s/step = {tokens / ref_med:.0f} tok/s "
+          f"({args.batch}x{args.seq}, {args.threads} thread(s), median of {args.rounds})")
+    print(f"{'loss-optimizer-train':<28}" + "".join(f"{k:>12}" for k in PARTS) + f"{'step':>9}{'ratio':>8}")
+    for variant in setups:
+        m = {k: med(parts[variant][k]) for k in PARTS}
+        # per-round sums, so the step's median is a real step's time
+        step = med([sum(parts[variant][k][i] for k in PARTS) for i in range(args.rounds)])
+        result["variants"][variant] = {"parts_s": m, "step_s": step, "over_teacher_fwd_bwd": ref_med / step}
+        print(f"{variant:<28}" + "".join(f"{m[k]:>12.3f}" for k in PARTS) + f"{step:>9.3f}{ref_med / step:>8.2f}")
+    print(f"load average {result['load_average']:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    default = "fused-fused-all"
+    if args.speed_json and default in result["variants"]:
+        with open(args.speed_json, "w") as f:
+            json.dump({"distill_over_teacher_fwd_bwd": round(result["variants"][default]["over_teacher_fwd_bwd"], 3),
+                       "source": f"benchmarks/distill_step.py --arch {args.arch}: {args.arch}'s stage-3 step "
+                                 f"(fused loss, fused AdamW, all parameters) against the teacher's plain "
+                                 f"fwd+bwd, {result['shape']}, {args.threads} thread(s), CPU seconds, median of "
+                                 f"{args.rounds} interleaved rounds, load {result['load_average']:.1f}"}, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
