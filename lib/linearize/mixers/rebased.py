@@ -190,6 +190,16 @@ def quadratic_features(x: torch.Tensor) -> torch.Tensor:
 QUADRATIC_MAX_T = 512
 
 
+def _squared_causal_sums(a, b, v):
+    """sum_{j <= i} (a_i.b_j)^2 v_j within one block: a [..., G, C, d] (the G query heads of a
+    KV head, stacked), b [..., C, d], v [..., C, V] -> [..., G, C, V]. The T x T form is one
+    block of the whole sequence; the chunked form's intra-chunk part is one block per chunk."""
+    c = b.shape[-2]
+    w = (a @ b.unsqueeze(-3).transpose(-1, -2)).square()  # [..., G, C, C]
+    w = w.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=a.device).tril(), 0.0)
+    return w @ v.unsqueeze(-3)
+
+
 def quadratic_parallel(a, b, v, eps: float):
     """Normalised attention with weights (a_i.b_j)^2, j <= i, as one T x T matrix (no state).
 
@@ -198,10 +208,9 @@ def quadratic_parallel(a, b, v, eps: float):
     heads of a KV head are one batch of matmuls against that head's keys and values."""
     bsz, h, t, d = a.shape
     hk = b.shape[1]
-    w = (a.view(bsz, hk, h // hk, t, d) @ b.unsqueeze(2).transpose(-1, -2)).square()  # [B, Hk, G, T, T]
-    w = w * torch.ones(t, t, dtype=torch.bool, device=a.device).tril()
-    o = (w @ v.unsqueeze(2)) / (w.sum(-1, keepdim=True) + eps)
-    return o.reshape(bsz, h, t, v.shape[-1])
+    vv = kernels.append_ones(v)  # the last column sums the weights: the normaliser
+    o = _squared_causal_sums(a.view(bsz, hk, h // hk, t, d), b, vv)  # [B, Hk, G, T, V+1]
+    return kernels.split_normaliser(o.reshape(bsz, h, t, vv.shape[-1]), eps)
 
 
 def quadratic_chunk(a, b, v, chunk_size: int, eps: float):
@@ -223,9 +232,7 @@ def quadratic_chunk(a, b, v, chunk_size: int, eps: float):
     dv = vv.shape[-1]
     ac = a.view(bsz, hk, g, n, c, d).transpose(2, 3)  # [B, Hk, N, G, C, d]
     bc, vc = b.view(bsz, hk, n, c, d), vv.view(bsz, hk, n, c, dv)
-    w = (ac @ bc.unsqueeze(3).transpose(-1, -2)).square()  # [B, Hk, N, G, C, C]
-    w = w.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=a.device).tril(), 0.0)
-    o_intra = (w @ vc.unsqueeze(3)).flatten(3, 4)  # [B, Hk, N, G*C, V+1]
+    o_intra = _squared_causal_sums(ac, bc, vc).flatten(3, 4)  # [B, Hk, N, G*C, V+1]
     phi_q = quadratic_features(ac).flatten(3, 4)  # [B, Hk, N, G*C, F]
     phi_k = quadratic_features(bc)  # [B, Hk, N, C, F]
     # unbind once: indexing chunk i in the loop would make backward fill a full-size zero
