@@ -236,6 +236,8 @@ def write_page(j: dict, args, out_md: Path) -> None:
          "```", f"nice -n 10 .venv/bin/python benchmarks/speed.py {' '.join(d.get('repeat', []))}".rstrip(),
          "# with the other helpers' numbers:",
          "nice -n 10 .venv/bin/python benchmarks/speed.py --distill-json DISTILL.json --eval-json EVAL.json",
+         "# the stage-3 ratio (DISTILL.json) from the distillation-step profile:",
+         "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distill_step.py --arch deltanet --speed-json DISTILL.json",
          "# this page again from its JSON, with the evaluation seconds the study grid recorded:",
          ".venv/bin/python benchmarks/speed.py --render docs/speed.json --eval-from-grid results/cpu-grid", "```", "",
          f"Commit `{j['commit']}`, {d['generated']}, {d['threads']} threads, float32. Load average "
@@ -342,13 +344,16 @@ def main(argv=None):
         return 0
     if args.render:
         j = json.loads(args.render.read_text())
+        if args.distill_json:  # a newer stage-3 measurement (benchmarks/distill_step.py --speed-json)
+            j["distill_over_teacher_fwd_bwd"] = read_external(args.distill_json, "distill_over_teacher_fwd_bwd")
+            j["detail"].setdefault("sources", {})["distill"] = _source_of(args.distill_json, "source")
         if args.eval_from_grid:
             ev = eval_from_grid(args.eval_from_grid)
             j["eval_seconds_6x500"] = ev["eval_seconds_6x500"]
             j["detail"].setdefault("sources", {})["eval"] = ev["eval_source"]
         write_page(j, args, args.out.with_suffix(".md"))
-        if args.render.resolve() != args.out.with_suffix(".json").resolve():
-            args.out.with_suffix(".json").write_text(json.dumps(j, indent=1) + "\n")
+        # always: --distill-json / --eval-from-grid may have changed it, and the twins must agree
+        args.out.with_suffix(".json").write_text(json.dumps(j, indent=1) + "\n")
         print(f"wrote {args.out.with_suffix('.md')} from {args.render}")
         return 0
     args.repeat, skip = [], False
