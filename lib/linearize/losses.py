@@ -51,6 +51,16 @@ def next_token_labels(input_ids: torch.Tensor, ignore_index: int = IGNORE_INDEX)
     return labels
 
 
+def _check_logits(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float) -> None:
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+            f"{tuple(student_logits.shape)} differ; both must be [..., vocab] over the same positions."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+
+
 def per_token_kl(
     teacher_logits: torch.Tensor,
     student_logits: torch.Tensor,
@@ -61,13 +71,7 @@ def per_token_kl(
 
     Computed in float32 (at least) whatever the logits' dtype: bf16 log-probabilities lose the
     small differences the KL is made of."""
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-            f"{tuple(student_logits.shape)} differ; both must be [..., vocab] over the same positions."
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    _check_logits(teacher_logits, student_logits, temperature)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_p_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     log_p_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
@@ -157,13 +161,7 @@ def distillation_loss(
             f"labels {tuple(labels.shape)} must match the logits' leading dims "
             f"{tuple(student_logits.shape[:-1])}; build them with next_token_labels(input_ids)."
         )
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher logits {tuple(teacher_logits.shape)} and student logits "
-            f"{tuple(student_logits.shape)} differ; both must be [..., vocab] over the same positions."
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    _check_logits(teacher_logits, student_logits, temperature)
     if teacher_logits.requires_grad:
         raise ValueError("distillation_loss differentiates the student only: compute the teacher's "
                          "logits under torch.no_grad() (or pass them detached).")
