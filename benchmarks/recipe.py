@@ -89,6 +89,15 @@ RECIPES: dict[str, tuple[dict, str]] = {
     "window-w64": ({"corpus": "mix", "readout_fit_tokens": 0, "attention_transfer": False, "distill": False,
                     "hybrid_window": 64, "hybrid_mix": 1.0, "hybrid_learn_mix": False},
                    "control: the 64-token softmax window (+4 sinks) alone, linear branch off, no training"),
+    # the paper's pipeline at the grid recipe cell's 80K tokens (issue 13: paper vs ours at equal
+    # tokens): QKV copy, 32K matrix mixing (lr 5e-4, as the grid's mm cells), 32K hidden-to-hidden
+    # (1e-3), then the recipe cell's own stage 3 (16K at 1e-4), so the two differ only in what
+    # the first 64K tokens do; no readout fit (the paper has none); paired with the grid's cell
+    "mix-paper": ({"corpus": "mix", "readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True,
+                   "h2h": True, "stage1_tokens": 32768, "stage2_tokens": 32768, "stage1_lr": 5e-4, "stage2_lr": 1e-3,
+                   "stage3_tokens": 16384, "stage3_lr": 1e-4, "eval_every_tokens": 32768},
+                  "the paper's pipeline at the grid recipe's 80K tokens: QKV copy, 32K matrix mixing, "
+                  "32K hidden-to-hidden, 16K distillation (lr 1e-4), mixed corpus"),
     "paper": ({"readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True, "h2h": True,
                "stage1_tokens": 16384, "stage2_tokens": 16384, "stage1_lr": 1e-3, "stage2_lr": 1e-3},
               "the paper's recipe: QKV copy, matrix mixing, hidden-to-hidden, distillation"),
