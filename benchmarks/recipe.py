@@ -75,7 +75,10 @@ RECIPES: dict[str, tuple[dict, str]] = {
            ("mix-gi-kd", {}, "mix-at-gi, then 16K distillation (CE + KL, all parameters, lr 1e-4)"),
            ("mix-gi-kl", {"kd_ce_weight": 0.0}, "as mix-gi-kd on the KL alone (no next-token CE)"),
            ("mix-gi-lora", {"stage3_train": "lora"}, "as mix-gi-kd training peft LoRA (rank 8) on q/k/v/o "
-                                                     "and the mixers' gates only"))},
+                                                     "and the mixers' gates only"),
+           # the speed lever of docs/speed_notes.md (a stage-3 step at 0.74x the teacher's fwd+bwd
+           # against 0.59x for all parameters): what does it cost in KL?
+           ("mix-gi-mixers", {"stage3_train": "mixers"}, "as mix-gi-kd training the mixers only"))},
     "mix-at-w64": ({"corpus": "mix", "stage0_tokens": 65536, "eval_every_tokens": 32768, "distill": False,
                     "hybrid_window": 64}, "mix-at with the 64-token softmax window"),
     # mix-at-w64 with a gate that can move: at the stage's 1e-3 the mix logit moves 0.06 at most in
