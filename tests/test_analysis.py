@@ -182,3 +182,19 @@ def test_the_ranking_is_also_given_without_the_softmax_student(tmp_path):
         spearmanr([x["avg"] for x in linear], [x["paper_avg"] for x in linear]).statistic)
     line = next(s for s in page.read_text().splitlines() if s.startswith("- **The ranking of the mixers** (`kd`"))
     assert "subquadratic students alone" in line
+
+
+def test_a_run_in_progress_is_marked_so_its_early_perplexity_is_not_read_as_final(outputs, tmp_path):
+    # a grid cell whose stage 3 has not finished: only the conversion point, no evaluation yet
+    run = outputs / "rebased" / "cpu-study-kd"
+    run.mkdir(parents=True)
+    (run / "params.yaml").write_text(yaml.safe_dump(dict(arch="rebased", run_name=run.name, preset="cpu-study",
+                                                         teacher="tiny", qkv_copy=False, matrix_mixing=False,
+                                                         h2h=False, distill=True)))
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "eval", "after": "conversion", "perplexity": 3e4,
+                                                   "kl": 7.3, "teacher_perplexity": 40.0}))
+    page = A.write_results_page(tmp_path / "docs" / "results.md", outputs, study.find_runs(outputs), {})
+    runs = {(r["arch"], r["variant"]): r for r in R.read_results(page.with_suffix(".json"))["runs"]}
+    assert runs[("rebased", "kd")]["evaluated"] is False and runs[("rebased", "kd")]["ppl_after"] == "conversion"
+    assert runs[("rebased", "kd")]["tasks"] == {}
+    assert runs[("gla", "kd")]["evaluated"] is True and runs[("gla", "kd")]["ppl_after"] == "stage3"

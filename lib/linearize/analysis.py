@@ -61,11 +61,20 @@ def _stages_total(run, key: str):
     return sum(values) if values else None
 
 
+_EVAL_ORDER = ("stage3", "stage2", "stage1", "stage0", "conversion")
+
+
 def _last_eval(run, key: str):
-    for after in ("stage3", "stage2", "stage1", "stage0", "conversion"):
+    for after in _EVAL_ORDER:
         if key in run.evals.get(after, {}):
             return run.evals[after][key]
     return None
+
+
+def _last_eval_point(run) -> str | None:
+    """After which stage the record's ``ppl``/``kl`` were taken: a run still in progress has
+    only its earlier points (e.g. "conversion"), which must not read as its final numbers."""
+    return next((a for a in _EVAL_ORDER if "perplexity" in run.evals.get(a, {})), None)
 
 
 def study_record(runs, outputs, metric: str = "acc") -> tuple[dict, list[dict]]:
@@ -78,7 +87,8 @@ def study_record(runs, outputs, metric: str = "acc") -> tuple[dict, list[dict]]:
     teacher = R.teacher_record(name, ppl[0] if ppl else None, R.tasks_from_eval(res, metric))
     records = [R.run_record(r.arch, r.variant, bool(r.params.get("hybrid", False)), _stages_total(r, "tokens"),
                             _stages_total(r, "wall_s"), _last_eval(r, "perplexity"), _last_eval(r, "kl"),
-                            R.tasks_from_eval(r.results, metric), run=r.label, preset=r.preset)
+                            R.tasks_from_eval(r.results, metric), run=r.label, preset=r.preset,
+                            evaluated=r.results is not None, ppl_after=_last_eval_point(r))
                for r in runs]
     return teacher, records
 

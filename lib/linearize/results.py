@@ -11,7 +11,10 @@ TASK is one of :data:`TASKS`. A value that was not measured is ``null`` (JSON ha
 a task that was not evaluated is absent from ``tasks``. Records may carry more keys (a run's
 folder, an ``analysis`` block); readers ignore what they do not know. ``tokens`` and ``wall_s``
 are the training tokens and wall seconds summed over the run's stages; ``ppl`` and ``kl`` the
-validation perplexity and per-token KL(teacher || student) after the last stage.
+validation perplexity and per-token KL(teacher || student) after the last stage. The study's
+records also say ``evaluated`` (false: a cell still in progress, no tasks yet) and ``ppl_after``
+(the stage whose validation ``ppl``/``kl`` are: "stage3" for a finished run; "conversion" for
+a run whose training has only begun).
 
 API: :func:`task_record`, :func:`tasks_from_eval` (an ``evaluate_tasks`` result -> ``tasks``),
 :func:`teacher_record`, :func:`run_record`, :func:`results_record` (validated dict),
