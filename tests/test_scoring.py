@@ -54,6 +54,7 @@ def test_contexts_are_batched_by_length_and_read_once(tiny_llama, teacher, monke
     _, tok = teacher
     reqs = _requests(tiny_llama, tiny_llama.config.vocab_size)
     lm = SharedContextLM(pretrained=tiny_llama, tokenizer=tok, batch_size=3, device="cpu")
+    lm._state_row_bytes(1)  # its two probe forwards (1 and 2 tokens) before counting the real ones
     contexts, plain = [], []
     forward = lm._forward_with_cache
     monkeypatch.setattr(lm, "_forward_with_cache", lambda ids, cache=None, last_only=False: (
@@ -82,3 +83,38 @@ def test_plain_rows_project_only_the_scored_positions(tiny_llama, teacher):
     finally:
         handle.remove()
     assert seen == [(2 + 1 + 3, tiny_llama.config.hidden_size)]
+
+
+def test_batches_are_capped_by_cache_bytes():
+    from linearize.scoring import batch_documents
+    # 4 choices a document: 5 rows of 100 bytes each; 1000 bytes hold two documents
+    assert batch_documents([4] * 5, per_batch=8, row_bytes=100, budget=1000) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    # the count cap still applies when bytes are plentiful
+    assert batch_documents([2] * 5, per_batch=3, row_bytes=1, budget=10**9) == [slice(0, 3), slice(3, 5)]
+    # a document over the budget on its own is scored alone, not dropped
+    assert batch_documents([1, 9, 1], per_batch=8, row_bytes=100, budget=500) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert batch_documents([], per_batch=8, row_bytes=1) == []
+
+
+def test_state_budget_bounds_the_batch_and_keeps_the_scores(tiny_llama, teacher, monkeypatch):
+    """A ReBased student (the largest state per row) under a budget of about two rows' cache:
+    every shared-context forward holds at most that many rows, and the scores are those of the
+    uncapped scorer."""
+    _, tok = teacher
+    model = convert(tiny_llama, "rebased", qkv_copy=True).double().eval()
+    reqs = _requests(model, tiny_llama.config.vocab_size)
+    free = SharedContextLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu")._loglikelihood_tokens(reqs, True)
+    lm = SharedContextLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu")
+    row = lm._state_row_bytes(7)
+    cache = model(input_ids=torch.ones(3, 7, dtype=torch.long), use_cache=True).cache
+    from linearize.memory import tensor_bytes
+    assert row == pytest.approx(tensor_bytes(cache) / 3, rel=0.01)  # the measured line, at another length and batch
+    lm.state_budget_bytes = 7 * row  # one document of <= 5 choices, or two of <= 2
+    batches = []
+    score_docs = lm._score_docs
+    monkeypatch.setattr(lm, "_score_docs", lambda docs: batches.append([len(d) for d in docs]) or score_docs(docs))
+    capped = lm._loglikelihood_tokens(reqs, True)
+    assert all(len(b) + sum(b) <= 7 for b in batches)  # context rows + continuation rows
+    assert len(batches) > 4  # the uncapped scorer needs 4 batches (see the test above)
+    assert [g for _, g in capped] == [g for _, g in free]
+    assert [ll for ll, _ in capped] == pytest.approx([ll for ll, _ in free], rel=1e-12)

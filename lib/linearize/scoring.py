@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from .memory import tensor_bytes
+
 
 def _cache_argument(model) -> str:
     """The forward's name for the cache: ``cache`` for our students and transformers >= 5,
@@ -40,6 +42,31 @@ def _cache_argument(model) -> str:
 # context at a time, ran no faster than HFLM's 8-row batches despite ~40% fewer tokens), so
 # rarer lengths go through HFLM's batches instead.
 MIN_BUCKET = 4
+
+# Most bytes of cache one shared-context batch may hold: its documents' context states plus the
+# per-choice copies. A recurrent state does not shrink with a short context: ReBased's is ~146 MB
+# a row (30 layers x 9 heads x 2080 x 65 floats), so 8 documents of 4-5 choices held ~6 GB and,
+# with the forward's own buffers, 10.6 GB in one of the two evaluation workers when the kernel
+# killed it (grid kd cell, 2026-12-02). 1.5 GiB a worker leaves ReBased 2 documents a batch and
+# does not touch the small students (a few MB a row) or the teacher below ~1.5K context tokens.
+STATE_BUDGET_BYTES = 3 << 29
+
+
+def batch_documents(choices: list[int], per_batch: int, row_bytes: int,
+                    budget: int = STATE_BUDGET_BYTES) -> list[slice]:
+    """Consecutive batches of documents with ``choices[d]`` continuations each: at most
+    ``per_batch`` documents, and at most ``budget`` bytes of cache with ``row_bytes`` a row
+    (one row per document for its context, then one per continuation). A document alone over
+    the budget is still scored, alone."""
+    batches, start, rows = [], 0, 0
+    for d, n in enumerate(choices):
+        if d > start and (d - start >= per_batch or (rows + 1 + n) * row_bytes > budget):
+            batches.append(slice(start, d))
+            start, rows = d, 0
+        rows += 1 + n
+    if choices:
+        batches.append(slice(start, len(choices)))
+    return batches
 
 
 def plan_requests(requests, max_length: int, min_bucket: int = MIN_BUCKET) -> tuple[list, list[int]]:
@@ -104,8 +131,9 @@ class SharedContextLM(HFLM):
                     disable=disable_tqdm or self.rank != 0, desc="Scoring shared-context requests")
         # longest contexts first, as HFLM: a memory problem shows at once, time estimates are upper bounds
         for bucket in sorted(shared, key=lambda b: -len(requests[b[0][0]][1])):
-            for start in range(0, len(bucket), per_batch):
-                docs = bucket[start : start + per_batch]
+            row_bytes = self._state_row_bytes(len(requests[bucket[0][0]][1]))
+            for part in batch_documents([len(idx) for idx in bucket], per_batch, row_bytes, self.state_budget_bytes):
+                docs = bucket[part]
                 answers = self._score_docs([[requests[i] for i in idx] for idx in docs])
                 for i, answer in zip((i for idx in docs for i in idx), answers):
                     results[i] = answer
@@ -115,6 +143,22 @@ class SharedContextLM(HFLM):
                     pbar.update(1)
         pbar.close()
         return results
+
+    state_budget_bytes = STATE_BUDGET_BYTES
+
+    def _state_row_bytes(self, context_len: int) -> int:
+        """Bytes of one row's cache after ``context_len`` tokens. Measured once from the real
+        cache after 1 and 2 tokens (every cache here is affine in the length: constant for a
+        recurrent state, a key/value row per token for softmax) and extended to the length."""
+        if not hasattr(self, "_state_line"):
+            sizes = []
+            for n in (1, 2):
+                _, cache = self._forward_with_cache(torch.ones(1, n, dtype=torch.long, device=self.device),
+                                                    last_only=True)
+                sizes.append(tensor_bytes(cache))
+            self._state_line = (sizes[0], sizes[1] - sizes[0])
+        first, step = self._state_line
+        return first + step * (context_len - 1)
 
     # False: requests that share no context take HFLM's own path (benchmarks/eval_speed.py
     # --compare-plain measures both on the same requests)
