@@ -131,8 +131,8 @@ class _FusedDistillation(torch.autograd.Function):
                 grad.mul_(kl_scale)
             grad.sub_(p_t, alpha=kl_scale)
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce, kl)
-        return total, ce.detach(), kl.detach()
+        ctx.mark_non_differentiable(ce, kl)  # reported, not trained through: no grad flows back from them
+        return total, ce, kl
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce, _grad_kl):
