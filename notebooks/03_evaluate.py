@@ -32,6 +32,7 @@ limit = 100             # documents per task (None: all - hours on a 2-core CPU)
 batch_size = 8
 workers = "auto"        # processes the tasks are split over on a CPU ("auto": one per torch thread; 1: this process)
 online = False          # True: lm-eval's stock tasks from the Hugging Face hub
+autocast = None         # None: float32; "bfloat16": autocast, ~1.8x faster on a CPU with AMX, slower without (scores move a little: benchmarks/bf16_eval.py)
 resume = True           # keep each scored request in <folder>/eval_cache/<weights digest>: a stopped evaluation resumes
 metric = "acc"          # table metric: "acc" (the paper's) or "acc_norm"
 compare_teacher = True  # also evaluate the teacher with the same tasks/limit (reused when saved)
@@ -68,20 +69,20 @@ print(label, "->", out)
 
 # %%
 results = E.evaluate_tasks(model, tok, tasks=tasks, limit=limit, batch_size=batch_size,
-                           online=online, output_dir=out, label=label, workers=workers,
-                           cache=E.request_cache(out, model) if resume else None)
+                           online=online, output_dir=out, label=label, workers=workers, autocast=autocast,
+                           cache=E.request_cache(out, model, autocast=autocast) if resume else None)
 print(f"{results['wall_time_s']:.0f} s")
 
 # %%
 rows = {label: results}
 if run_dir and compare_teacher:
-    saved = E.results_path(teacher_dir, limit, online)
+    saved = E.results_path(teacher_dir, limit, online, autocast)
     prior = E.load_results(saved) if saved.exists() else None
     if prior is None or prior["model"] != teacher_label or not set(tasks) <= set(prior["tasks"]):
         prior = E.evaluate_tasks(teacher_model, teacher_tok, tasks=tasks, limit=limit,
                                  batch_size=batch_size, online=online, output_dir=teacher_dir,
-                                 label=teacher_label, workers=workers,
-                                 cache=E.request_cache(teacher_dir, teacher_model) if resume else None)
+                                 label=teacher_label, workers=workers, autocast=autocast,
+                                 cache=E.request_cache(teacher_dir, teacher_model, autocast=autocast) if resume else None)
     rows[teacher_label] = prior
 
 # %% [markdown]

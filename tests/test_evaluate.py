@@ -97,6 +97,27 @@ def test_limited_student_evaluation(teacher):
     check_lambada(res, student, tok, 3)
 
 
+def test_bf16_autocast_evaluation(teacher, tmp_path):
+    """Under autocast the matmuls really run in bf16, the log-likelihoods stay near the float32
+    reference (bf16 keeps ~3 significant digits), and the results name their precision."""
+    model, tok = teacher
+    seen = set()
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+    try:
+        res = E.evaluate_tasks(model, tok, tasks=["lambada_openai"], limit=LIMIT, output_dir=tmp_path,
+                               per_doc=True, autocast="bfloat16")
+    finally:
+        hook.remove()
+    assert seen == {torch.bfloat16}
+    ref = [ll for ll, _ in reference_lambada(model, tok, LIMIT)]
+    got = res["tasks"]["lambada_openai"]["per_doc"]["loglikelihood"]
+    assert got == pytest.approx(ref, abs=0.25) and got != pytest.approx(ref, abs=1e-4)
+    assert res["autocast"] == "bfloat16" and (tmp_path / f"eval_limit{LIMIT}_bf16.json").exists()
+    assert E.request_cache(tmp_path, model, autocast="bfloat16") != E.request_cache(tmp_path, model)
+    with pytest.raises(ValueError, match="autocast must be None"):
+        E.evaluate_tasks(model, tok, tasks=["lambada_openai"], limit=1, autocast="float16")
+
+
 def test_unknown_task_fails_with_the_list(teacher):
     model, tok = teacher
     with pytest.raises(TaskError) as err:

@@ -90,6 +90,7 @@ def evaluate_tasks(
     cache: str | os.PathLike | None = None,
     share_context: bool = True,
     workers: int | str = 1,
+    autocast: str | None = None,
 ) -> dict:
     """Zero-shot lm-eval on an in-memory causal LM.
 
@@ -117,8 +118,16 @@ def evaluate_tasks(
     ~1, benchmarks/eval_speed.py). The children are forked, so they share the model's memory.
     Scores are the same up to float rounding of the thread count (a 1-thread matmul sums in
     another order). One process on a GPU or for one task.
+    ``autocast``: None (the weights' dtype, float32 here) or ``"bfloat16"``: every forward runs
+    under ``torch.autocast`` (lm-eval's ``mixed_precision_dtype``), the log-softmax in float32.
+    It pays only on a CPU with bf16 matrix units (AMX): there the teacher's forward ran at 1.84x
+    float32's tokens/s, on an AVX2-only CPU at 0.16x (benchmarks/bf16_cpu.py), so it warns on a
+    CPU without them. Scores move; ``benchmarks/bf16_eval.py`` measures by how much. Results
+    go to ``eval_<tag>_bf16.json``, and a request cache must be the dtype's own
+    (``request_cache(..., autocast=...)``): cached scores carry no dtype.
     """
     names = check_task_names(tasks)
+    _check_autocast(autocast, model)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None (all documents), got {limit!r}")
     if cache is not None:
@@ -127,7 +136,8 @@ def evaluate_tasks(
     if n_workers > 1:
         return _evaluate_split(model, tokenizer, names, n_workers, output_dir, cache, dict(
             limit=limit, batch_size=batch_size, online=online, label=label,
-            bootstrap_iters=bootstrap_iters, per_doc=per_doc, share_context=share_context))
+            bootstrap_iters=bootstrap_iters, per_doc=per_doc, share_context=share_context,
+            autocast=autocast))
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -143,7 +153,8 @@ def evaluate_tasks(
     start = time.perf_counter()
     try:
         lm_class = SharedContextLM if share_context else HFLM
-        lm = lm_class(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+        precision = {} if autocast is None else {"mixed_precision_dtype": autocast, "softmax_dtype": "float32"}
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size, **precision)
         with _single_process_bootstrap(), _no_env_probe():
             out = simple_evaluate(
                 model=lm,
@@ -190,6 +201,7 @@ def evaluate_tasks(
         "batch_size": batch_size,
         "share_context": share_context,
         "dtype": str(next(model.parameters()).dtype),
+        "autocast": autocast,
         "device": device,
         "wall_time_s": round(wall, 1),
         "lm_eval_version": lm_eval.__version__,
@@ -312,22 +324,39 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
-def request_cache(directory: str | os.PathLike, model, share_context: bool = True) -> Path:
+AUTOCAST_DTYPES = ("bfloat16",)
+
+
+def _check_autocast(autocast, model) -> None:
+    if autocast is None:
+        return
+    if autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None (the weights' dtype) or one of {AUTOCAST_DTYPES}, got {autocast!r}")
+    if next(model.parameters()).device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        import warnings
+        warnings.warn("autocast='bfloat16' on a CPU without bf16 instructions: every matmul converts its "
+                      "operands, so evaluation runs several times slower than float32 (0.16x measured on an "
+                      "AVX2-only CPU, benchmarks/bf16_cpu.py); leave autocast=None here.", stacklevel=3)
+
+
+def request_cache(directory: str | os.PathLike, model, share_context: bool = True,
+                  autocast: str | None = None) -> Path:
     """A request-cache prefix for ``evaluate_tasks(cache=...)`` under ``directory``, named after
     the model's weights (:func:`weights_digest`) and the scorer: lm-eval's cache keys hold the
     requests only, so a student retrained in the same folder must not find the old scores. An
     evaluation killed half-way (a session's end) resumes from the requests already scored."""
-    scorer = "shared" if share_context else "hflm"
+    scorer = ("shared" if share_context else "hflm") + ("" if autocast is None else f"_{autocast}")
     return Path(directory) / "eval_cache" / f"{weights_digest(model)[:20]}_{scorer}"
 
 
-def results_path(output_dir: str | os.PathLike, limit: int | None, online: bool) -> Path:
-    tag = ("full" if limit is None else f"limit{limit}") + ("_online" if online else "")
+def results_path(output_dir: str | os.PathLike, limit: int | None, online: bool, autocast: str | None = None) -> Path:
+    tag = (("full" if limit is None else f"limit{limit}") + ("_online" if online else "")
+           + ("" if autocast is None else "_bf16"))
     return Path(output_dir) / RESULTS_FILE.format(tag=tag)
 
 
 def save_results(results: dict, output_dir: str | os.PathLike) -> Path:
-    path = results_path(output_dir, results["limit"], results["online"])
+    path = results_path(output_dir, results["limit"], results["online"], results.get("autocast"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str))
     return path
