@@ -176,6 +176,9 @@ def main(argv=None) -> dict:
                         "evaluation rows are 10-150 tokens, 8 per batch)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--hflm", action="store_true", help="lm-eval's HFLM instead of the shared-context scorer")
+    p.add_argument("--max-shared-state-mb", type=float, default=None,
+                   help="share no context whose cache is larger than this a row (0: share none; default "
+                        "linearize.scoring.MAX_SHARED_ROW_BYTES)")
     p.add_argument("--compare-plain", action="store_true",
                    help="only time the requests that share no context (LAMBADA, WinoGrande) with the output "
                         "projection at the scored positions against HFLM's full projection, alternating")
@@ -189,6 +192,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = check_task_names(args.tasks)
+    if args.max_shared_state_mb is not None:
+        from linearize.scoring import SharedContextLM
+
+        SharedContextLM.max_shared_row_bytes = int(args.max_shared_state_mb * 2**20)
     if args.count_tokens:
         return count_tokens(names, args.limit, args.batch_size)
     model, tok, label = load_model(args.run)

@@ -118,3 +118,22 @@ def test_state_budget_bounds_the_batch_and_keeps_the_scores(tiny_llama, teacher,
     assert len(batches) > 4  # the uncapped scorer needs 4 batches (see the test above)
     assert [g for _, g in capped] == [g for _, g in free]
     assert [ll for ll, _ in capped] == pytest.approx([ll for ll, _ in free], rel=1e-12)
+
+
+def test_contexts_with_a_large_state_are_not_shared(tiny_llama, teacher, monkeypatch):
+    """Above ``max_shared_row_bytes`` a row, every request is scored on its own row (no context
+    state is copied per choice), with the same scores."""
+    _, tok = teacher
+    model = convert(tiny_llama, "rebased", qkv_copy=True).double().eval()
+    reqs = _requests(model, tiny_llama.config.vocab_size)
+    shared = SharedContextLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu")._loglikelihood_tokens(reqs, True)
+    lm = SharedContextLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu")
+    lm.max_shared_row_bytes = lm._state_row_bytes(1) - 1
+    monkeypatch.setattr(lm, "_score_docs", lambda docs: pytest.fail("a context was shared"))
+    rows = []
+    score_plain = lm._score_plain
+    monkeypatch.setattr(lm, "_score_plain", lambda r, idx, *a: rows.append(len(idx)) or score_plain(r, idx, *a))
+    alone = lm._loglikelihood_tokens(reqs, True)
+    assert rows == [len(reqs)]
+    assert [g for _, g in alone] == [g for _, g in shared]
+    assert [ll for ll, _ in alone] == pytest.approx([ll for ll, _ in shared], rel=1e-9)

@@ -52,6 +52,16 @@ MIN_BUCKET = 4
 STATE_BUDGET_BYTES = 3 << 29
 
 
+# Above this many bytes of cache a row, a context is not shared: copying a state that large for
+# every choice (and reading it back in the continuation's forward) costs more than running the
+# context again. Measured on ReBased (146 MB a row; the grid's kd cell), HellaSwag at 24
+# documents, one thread: 34 CPU s shared, 19 s one row per request (benchmarks/eval_speed.py
+# --run <a rebased run> --limit 24 --tasks hellaswag --threads 1 --max-shared-state-mb 1000 / 32);
+# gla and hedgehog (a few MB a row) ran level at that size and faster shared on the full sets
+# (docs/shared_context.md). The teacher's key/value cache passes this only past ~700 tokens.
+MAX_SHARED_ROW_BYTES = 32 << 20
+
+
 def batch_documents(choices: list[int], per_batch: int, row_bytes: int,
                     budget: int = STATE_BUDGET_BYTES) -> list[slice]:
     """Consecutive batches of documents with ``choices[d]`` continuations each: at most
@@ -113,6 +123,11 @@ class SharedContextLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         shared, plain = plan_requests(requests, self.max_length)
+        if shared:  # contexts whose state is too large to copy per choice go one row per request
+            large = [b for b in shared if self._state_row_bytes(len(requests[b[0][0]][1])) > self.max_shared_row_bytes]
+            if large:
+                shared = [b for b in shared if all(b is not x for x in large)]
+                plain = sorted(plain + [i for b in large for idx in b for i in idx])
         results: list = [None] * len(requests)
         if plain and self.project_scored_only and self._split_head() is not None:
             # one forward per row as HFLM, but the language-model head only at the scored positions
@@ -145,6 +160,7 @@ class SharedContextLM(HFLM):
         return results
 
     state_budget_bytes = STATE_BUDGET_BYTES
+    max_shared_row_bytes = MAX_SHARED_ROW_BYTES
 
     def _state_row_bytes(self, context_len: int) -> int:
         """Bytes of one row's cache after ``context_len`` tokens. Measured once from the real
