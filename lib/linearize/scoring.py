@@ -47,8 +47,9 @@ MIN_BUCKET = 4
 # per-choice copies. A recurrent state does not shrink with a short context: ReBased's is ~146 MB
 # a row (30 layers x 9 heads x 2080 x 65 floats), so 8 documents of 4-5 choices held ~6 GB and,
 # with the forward's own buffers, 10.6 GB in one of the two evaluation workers when the kernel
-# killed it (grid kd cell, 2026-12-02). 1.5 GiB a worker leaves ReBased 2 documents a batch and
-# does not touch the small students (a few MB a row) or the teacher below ~1.5K context tokens.
+# killed it (grid kd cell, 2026-12-02). ReBased now shares no context at all (MAX_SHARED_ROW_BYTES
+# below); 1.5 GiB a worker bounds any model between the two limits and does not touch the small
+# students (a few MB a row) or the teacher's short contexts.
 STATE_BUDGET_BYTES = 3 << 29
 
 
