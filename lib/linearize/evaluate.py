@@ -122,9 +122,10 @@ def evaluate_tasks(
     under ``torch.autocast`` (lm-eval's ``mixed_precision_dtype``), the log-softmax in float32.
     It pays only on a CPU with bf16 matrix units (AMX): there the teacher's forward ran at 1.84x
     float32's tokens/s, on an AVX2-only CPU at 0.16x (benchmarks/bf16_cpu.py), so it warns on a
-    CPU without them. Scores move: by +0.23 points (-0.17 to +0.63) on the teacher's six-task
-    average, but the gated and delta students' next-token distributions move 100x or more than
-    the teacher's under bf16 (docs/speed.md); ``benchmarks/bf16_eval.py`` measures a model. Results
+    CPU without them. Scores move a little: the six-task average by +0.23 points (-0.17 to
+    +0.63) for the teacher at 500 documents and +0.44 (-0.11 to +1.11) for a trained DeltaNet at
+    150 (docs/speed.md); a freshly converted student, ill-conditioned, drifts far more.
+    ``benchmarks/bf16_eval.py`` measures a model. Results
     go to ``eval_<tag>_bf16.json``, and a request cache must be the dtype's own
     (``request_cache(..., autocast=...)``): cached scores carry no dtype.
     """
