@@ -58,8 +58,9 @@ STATE_BUDGET_BYTES = 3 << 29
 # context again. Measured on ReBased (146 MB a row; the grid's kd cell), HellaSwag at 24
 # documents, one thread: 34 CPU s shared, 19 s one row per request (benchmarks/eval_speed.py
 # --run <a rebased run> --limit 24 --tasks hellaswag --threads 1 --max-shared-state-mb 1000 / 32);
-# gla and hedgehog (a few MB a row) ran level at that size and faster shared on the full sets
-# (docs/shared_context.md). The teacher's key/value cache passes this only past ~700 tokens.
+# gla and hedgehog (a few MB a row) ran level shared and unshared at that size (where few
+# contexts are shared); the full-set gain of sharing was measured on the teacher
+# (docs/shared_context.md). The teacher's key/value cache passes this only past ~730 tokens.
 MAX_SHARED_ROW_BYTES = 32 << 20
 
 
