@@ -182,6 +182,13 @@ def test_the_ranking_is_also_given_without_the_softmax_student(tmp_path):
         spearmanr([x["avg"] for x in linear], [x["paper_avg"] for x in linear]).statistic)
     line = next(s for s in page.read_text().splitlines() if s.startswith("- **The ranking of the mixers** (`kd`"))
     assert "subquadratic students alone" in line
+    # where the softmax student really stands: here its average is set low, in the paper it leads
+    ours = 1 + sum(x["avg"] > next(y["avg"] for y in kd["students"] if y["arch"] == "softmax")
+                   for x in kd["students"] if x["paper_avg"] is not None)
+    if ours == 1:
+        assert "(the softmax student, first in both rankings, left out)" in line
+    else:
+        assert f"of {len(linear) + 1} here, 1st in the paper, left out)" in line and "first in both" not in line
 
 
 def test_a_run_in_progress_is_marked_so_its_early_perplexity_is_not_read_as_final(outputs, tmp_path):
