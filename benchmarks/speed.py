@@ -288,10 +288,15 @@ def write_page(j: dict, args, out_md: Path) -> None:
         L.append("")
     if j["kernels_over_sdpa_2048"]:
         L += ["## Training kernels", "",
-              f"Forward+backward of each mixer's chunked `core` (projections + kernel, B=1, T={ker['T']}, "
-              "H=9/3, head dim 64, float32), best of "
+              f"Forward+backward of each mixer's `core` as training runs it (projections + kernel, B=1, T={ker['T']}, "
+              "H=9/3, head dim 64, float32: the chunked kernel, or for ReBased its stateless strip form up to "
+              "4096 tokens), best of "
               f"{ker['rounds']} passes in CPU seconds, each round beside a pass of the softmax mixer (sdpa); softmax's own "
-              "row (sdpa over sdpa) shows the noise.", "",
+              "row (sdpa over sdpa) shows the noise."
+              + (f" Measured apart from the rest of the page: commit `{ker['commit']}`, {ker['generated']}, "
+                 f"{ker['threads']} thread(s), load {', '.join(f'{x:.1f}' for x in ker['load_samples'])}; repeat with "
+                 f"`benchmarks/speed.py {' '.join(ker['repeat'])}` then `--render docs/speed.json --kernels-json OUT.json`."
+                 if "commit" in ker else ""), "",
               "| mixer | tok/s | sdpa tok/s beside it | over sdpa |", "|---|---|---|---|"]
         for name, r in j["kernels_over_sdpa_2048"].items():
             L.append(f"| {name} | {ker['tok_s'][name]:.0f} | {ker['sdpa_tok_s'][name]:.0f} | {r:.2f} |")
@@ -318,6 +323,8 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per part")
     ap.add_argument("--distill-json", default=None)
     ap.add_argument("--eval-json", default=None)
+    ap.add_argument("--kernels-json", default=None, metavar="JSON",
+                    help="with --render: the kernels from a newer run's speed.json (--parts kernels)")
     ap.add_argument("--eval-from-grid", type=Path, default=None, metavar="DIR",
                     help="with --render: the evaluation seconds from a grid's records (results/cpu-grid)")
     ap.add_argument("--notes", default=str(ROOT / "docs" / "speed_notes.md"),
@@ -347,6 +354,13 @@ def main(argv=None):
         if args.distill_json:  # a newer stage-3 measurement (benchmarks/distill_step.py --speed-json)
             j["distill_over_teacher_fwd_bwd"] = read_external(args.distill_json, "distill_over_teacher_fwd_bwd")
             j["detail"].setdefault("sources", {})["distill"] = _source_of(args.distill_json, "source")
+        if args.kernels_json:  # a newer kernels-only run (speed.py --parts kernels --out ...)
+            k = json.loads(Path(args.kernels_json).read_text())
+            j["kernels_over_sdpa_2048"] = k["kernels_over_sdpa_2048"]
+            j["detail"]["kernels"] = dict(k["detail"]["kernels"], commit=k["commit"],
+                                          generated=k["detail"]["generated"],
+                                          load_samples=k["detail"]["load_samples"],
+                                          repeat=k["detail"].get("repeat", []))
         if args.eval_from_grid:
             ev = eval_from_grid(args.eval_from_grid)
             j["eval_seconds_6x500"] = ev["eval_seconds_6x500"]

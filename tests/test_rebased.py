@@ -52,9 +52,13 @@ def _perturbed_mixer_and_input(heads, kv_heads, seed, hidden=32, d=8, t=50):
     return m, x, reference
 
 
-def test_chunked_rebased_matches_float64_quadratic_attention():
-    """Outputs and every gradient of the chunked core equal sum_j (s q~.k~_j)^2 v_j / (sum + eps),
-    computed as a masked [T, T] matrix (no features, no chunks)."""
+@pytest.mark.parametrize("max_t", [R.QUADRATIC_MAX_T, 16])  # T = 50: the T x T form, then the chunked one
+def test_core_matches_float64_quadratic_attention(max_t, monkeypatch):
+    """Outputs and every gradient of the core (the T x T form, then the chunked one) equal
+    sum_j (s q~.k~_j)^2 v_j / (sum + eps), computed as a masked [T, T] matrix (no features, no
+    chunks, no strips)."""
+    monkeypatch.setattr(R, "QUADRATIC_MAX_T", max_t)
+    monkeypatch.setattr(R, "PARALLEL_BLOCK", 16)  # 50 tokens: strips of 16, 16, 16, 2
     heads, d, t = 4, 8, 50
     m, x, reference = _perturbed_mixer_and_input(heads, 2, seed=0)
     params = [x, *m.parameters()]
@@ -103,3 +107,38 @@ def test_stateless_forward_matches_float64_quadratic_attention(max_t, monkeypatc
     want = torch.autograd.grad((y_ref * w).sum(), params)
     for p, g1, g2 in zip(params, got, want):
         assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-10), tuple(p.shape)
+
+
+def _masked_quadratic_reference(a, b, v, eps):
+    g = a.shape[1] // b.shape[1]
+    b, v = b.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    w = (a @ b.transpose(-1, -2)).square().tril()
+    return w @ v / (w.sum(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("block", [1, 5, 16, 64])
+def test_strip_form_equals_the_masked_matrix_with_gradients(block, monkeypatch):
+    """The T x T form in strips of ``block`` query rows (the last strip partial for 5 and 16,
+    one strip for 64), with 6 query heads on 2 KV heads: outputs and the gradients of a, b, v
+    from its hand-written backward equal autograd through the whole masked matrix (float64)."""
+    monkeypatch.setattr(R, "PARALLEL_BLOCK", block)
+    torch.manual_seed(3)
+    a = torch.randn(2, 6, 37, 8, dtype=torch.float64, requires_grad=True)
+    b, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    o = R.quadratic_parallel(a, b, v, 1e-6)
+    o_ref = _masked_quadratic_reference(a, b, v, 1e-6)
+    assert torch.allclose(o, o_ref, rtol=1e-11, atol=1e-12)
+    w = torch.randn_like(o)
+    got = torch.autograd.grad((o * w).sum(), (a, b, v))
+    want = torch.autograd.grad((o_ref * w).sum(), (a, b, v))
+    for name, g1, g2 in zip("abv", got, want):
+        assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-11), name
+
+
+def test_strip_form_passes_gradcheck(monkeypatch):
+    """Finite differences against the strip form's backward (float64, 3 strips)."""
+    monkeypatch.setattr(R, "PARALLEL_BLOCK", 3)
+    torch.manual_seed(4)
+    a = torch.randn(1, 4, 8, 3, dtype=torch.float64, requires_grad=True)
+    b, v = (torch.randn(1, 2, 8, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda a, b, v: R.quadratic_parallel(a, b, v, 1e-3), (a, b, v))

@@ -246,7 +246,7 @@ class LinearMixer(TokenMixer):
 
     def core(self, x, position_embeddings=None, mode="chunk") -> CoreOut:
         f = self.features(x, position_embeddings, None, {})
-        o, _ = self._run(f, mode, None)
+        o, _ = self._run(f, mode, None, keep_state=False)  # the core hands on no state
         if self.hybrid is not None:  # the two kernel outputs mixed (see mixers.hybrid on the values)
             o = self.hybrid.mix(o, self.hybrid.attend(self, x, position_embeddings, None, mode, {}))
         return CoreOut(o=o, v=f.v)

@@ -9,9 +9,9 @@ cyclic offset b - a so that forward and backward are a few whole-tensor passes).
 on the full head dim (not FLA's 16-dim feature projection) so the teacher's q_proj/k_proj copy
 in. Normalised: o_i = sum_j K_ij v_j / (sum_j K_ij + eps). Output: o_proj. The chunked form
 (``quadratic_chunk``) keeps each KV head's features and state once for its query heads. A
-forward that keeps no state (no cache: evaluation, training) up to ``QUADRATIC_MAX_T`` tokens
-takes the T x T form instead (``quadratic_parallel``, as FLA's parallel_rebased), which never
-builds the features.
+forward that keeps no state (no cache: evaluation, training, ``core``) up to
+``QUADRATIC_MAX_T`` tokens takes the T x T form instead (``quadratic_parallel``, as FLA's
+parallel_rebased), which never builds the features and runs in strips of query rows.
 
 Options (defaults): norm_eps 1e-6 (the normaliser's eps), rope False.
 """
@@ -182,34 +182,87 @@ def quadratic_features(x: torch.Tensor) -> torch.Tensor:
 
 
 # Longest sequence the stateless forward takes in the T x T form (``quadratic_parallel``):
-# its cost grows as T^2 (d + V) against the chunked form's T d(d+1)/2 V. Forward at batch 8,
-# 9 query / 3 KV heads, d = V = 64, one thread (benchmarks/rebased_forms.py, load 3.0): the
-# chunked form takes 19x the T x T form's time at T = 128, 9.9x at 256, 3.1x at 512, 1.3x at
-# 1024, 0.8x at 2048; the whole student's forward at evaluation's shapes (8 x 41..128) runs
-# 2.2-3.0x faster with it. 512 keeps the T x T weights at batch 8 to ~75 MB.
-QUADRATIC_MAX_T = 512
+# its cost grows as T^2 (d + V) / 2 against the chunked form's T d(d+1)/2 V. Measured with
+# benchmarks/rebased_forms.py (9 query / 3 KV heads, d = V = 64, one thread, CPU seconds,
+# load 2.8): the chunked form takes 8.7x / 4.4x / 2.3x / 1.0x the strip form's forward at
+# batch 8 and T = 512 / 1024 / 2048 / 4096, and 8.9x / 2.8x / 1.4x its forward+backward at
+# batch 1 and T = 512 / 2048 / 4096. The strips' temporaries at 4096 are ~75 MB at batch 8.
+QUADRATIC_MAX_T = 4096
+# Query rows per strip of the T x T form. Small strips waste little on the masked half of the
+# diagonal block; below ~32 the per-strip overhead shows. fwd+bwd of the kernel, one thread
+# (docs/speed.md): 32-64 beat 128-256 at T = 128 x 8, 512 x 4 and 2048 x 1.
+PARALLEL_BLOCK = 64
 
 
 def _squared_causal_sums(a, b, v):
     """sum_{j <= i} (a_i.b_j)^2 v_j within one block: a [..., G, C, d] (the G query heads of a
-    KV head, stacked), b [..., C, d], v [..., C, V] -> [..., G, C, V]. The T x T form is one
-    block of the whole sequence; the chunked form's intra-chunk part is one block per chunk."""
+    KV head, stacked), b [..., C, d], v [..., C, V] -> [..., G, C, V] (the chunked form's
+    intra-chunk part, one block per chunk)."""
     c = b.shape[-2]
     w = (a @ b.unsqueeze(-3).transpose(-1, -2)).square()  # [..., G, C, C]
     w = w.masked_fill(~torch.ones(c, c, dtype=torch.bool, device=a.device).tril(), 0.0)
     return w @ v.unsqueeze(-3)
 
 
+def _strips(t: int, block: int):
+    """(start, end, mask) per strip of query rows; mask is True above the diagonal of the
+    strip's own [c, c] block (future keys)."""
+    for s0 in range(0, t, block):
+        e = min(s0 + block, t)
+        yield s0, e, torch.ones(e - s0, e - s0, dtype=torch.bool).triu(1)
+
+
+class _StripAttention(torch.autograd.Function):
+    """o_i = sum_{j <= i} (a_i.b_j)^2 vv_j, one strip of query rows at a time against the keys
+    up to the strip's end, so the masked upper triangle is never computed beyond the strip's own
+    diagonal block. The G query heads of a KV head are stacked as rows of one matmul (no
+    broadcast copies of b, no sum over G in backward). Backward recomputes each strip's
+    (a_i.b_j) rather than keeping the T x T weights: the same five matmuls per strip as a
+    flash-attention backward, and memory O(T C) instead of O(T^2) per head."""
+
+    @staticmethod
+    def forward(ctx, a5, b, vv, block):
+        # a5 [B, Hk, G, T, d], b [B, Hk, T, d], vv [B, Hk, T, V+1] -> [B, Hk, G, T, V+1]
+        bsz, hk, g, t, _ = a5.shape
+        o = a5.new_empty(bsz, hk, g, t, vv.shape[-1])
+        for s0, e, future in _strips(t, block):
+            w = (a5[..., s0:e, :].flatten(2, 3) @ b[:, :, :e].transpose(-1, -2)).square_()
+            w.view(bsz, hk, g, e - s0, e)[..., s0:].masked_fill_(future.to(w.device), 0.0)
+            o[..., s0:e, :] = (w @ vv[:, :, :e]).view(bsz, hk, g, e - s0, -1)
+        ctx.save_for_backward(a5, b, vv)
+        ctx.block = block
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go):
+        # s = a b^T (masked), w = s^2: dvv = w^T go, ds = 2 s (go vv^T), da = ds b, db = ds^T a
+        a5, b, vv = ctx.saved_tensors
+        bsz, hk, g, t, d = a5.shape
+        da, db, dvv = torch.empty_like(a5), torch.zeros_like(b), torch.zeros_like(vv)
+        for s0, e, future in _strips(t, ctx.block):
+            c = e - s0
+            ar, gr = a5[..., s0:e, :].flatten(2, 3), go[..., s0:e, :].flatten(2, 3)
+            s = ar @ b[:, :, :e].transpose(-1, -2)  # [B, Hk, G*c, e]
+            s.view(bsz, hk, g, c, e)[..., s0:].masked_fill_(future.to(s.device), 0.0)
+            dvv[:, :, :e] += s.square().transpose(-1, -2) @ gr
+            ds = (gr @ vv[:, :, :e].transpose(-1, -2)).mul_(s).mul_(2.0)
+            da[..., s0:e, :] = (ds @ b[:, :, :e]).view(bsz, hk, g, c, d)
+            db[:, :, :e] += ds.transpose(-1, -2) @ ar
+        return da, db, dvv, None
+
+
 def quadratic_parallel(a, b, v, eps: float):
-    """Normalised attention with weights (a_i.b_j)^2, j <= i, as one T x T matrix (no state).
+    """Normalised attention with weights (a_i.b_j)^2, j <= i, in T x T form (no state).
 
     Same arguments and output as ``quadratic_chunk`` without the final state: o [B, H, T, V] =
-    sum_j w_ij v_j / (sum_j w_ij + eps); query head h reads KV head h // (H / H_kv). The G query
-    heads of a KV head are one batch of matmuls against that head's keys and values."""
+    sum_j w_ij v_j / (sum_j w_ij + eps); query head h reads KV head h // (H / H_kv). Computed
+    in strips of ``PARALLEL_BLOCK`` query rows (``_StripAttention``), as FLA's
+    parallel_rebased tiles it, never holding the T x T matrix."""
     bsz, h, t, d = a.shape
     hk = b.shape[1]
     vv = kernels.append_ones(v)  # the last column sums the weights: the normaliser
-    o = _squared_causal_sums(a.view(bsz, hk, h // hk, t, d), b, vv)  # [B, Hk, G, T, V+1]
+    o = _StripAttention.apply(a.view(bsz, hk, h // hk, t, d), b, vv, PARALLEL_BLOCK)
     return kernels.split_normaliser(o.reshape(bsz, h, t, vv.shape[-1]), eps)
 
 
