@@ -302,3 +302,24 @@ def test_request_cache_resumes_split_workers_and_follows_the_weights(teacher, tm
         finally:
             p[0, 0] -= 1.0
     assert E.request_cache(tmp_path, model) == cache
+
+
+def test_slow_autocast_warns_once_not_per_worker(teacher, monkeypatch):
+    """On a CPU without bf16 instructions, bf16 autocast warns (a class the user can filter), and
+    the workers of a split evaluation, which call evaluate_tasks again, stay quiet."""
+    import warnings
+
+    model, _ = teacher
+    monkeypatch.setattr(E, "_cpu_has_bf16", lambda: False)
+    with pytest.warns(E.SlowAutocastWarning, match="without bf16 instructions"):
+        E._check_autocast("bfloat16", model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with E._warned_already():
+            E._check_autocast("bfloat16", model)
+        E._check_autocast(None, model)
+    assert not seen
+    monkeypatch.setattr(E, "_cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        E._check_autocast("bfloat16", model)

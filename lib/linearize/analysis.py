@@ -250,8 +250,12 @@ def _exact_attention_place(rows: list[Mapping]) -> str:
     paper = place(sorted(ranked, key=lambda x: -x["paper_avg"]))
     if ours == paper == 1:
         return "first in both rankings"
-    ordinal = lambda n: f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"  # noqa: E731
-    return f"{ordinal(ours)} of {len(ranked)} here, {ordinal(paper)} in the paper"
+    return f"{_ordinal(ours)} of {len(ranked)} here, {_ordinal(paper)} in the paper"
+
+
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th ... 11th, 12th, 13th ... 21st."""
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def findings(result: Mapping) -> list[str]:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -251,6 +252,14 @@ def _group_cache(cache, group: list[str]):
     return None if cache is None else f"{cache}_{'+'.join(group)}"
 
 
+@contextlib.contextmanager
+def _warned_already():
+    """Inside a split evaluation's workers: the caller's evaluate_tasks has already warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowAutocastWarning)
+        yield
+
+
 def _evaluate_split(model, tokenizer, names, workers, output_dir, cache, kwargs) -> dict:
     """evaluate_tasks over task groups, groups 1.. in forked children and group 0 here, the
     per-task results merged into one result for all the tasks."""
@@ -266,8 +275,9 @@ def _evaluate_split(model, tokenizer, names, workers, output_dir, cache, kwargs)
     def child(group, conn):
         try:
             torch.set_num_threads(per_worker)
-            conn.send(("ok", evaluate_tasks(model, tokenizer, tasks=group, workers=1,
-                                            cache=_group_cache(cache, group), **kwargs)))
+            with _warned_already():
+                conn.send(("ok", evaluate_tasks(model, tokenizer, tasks=group, workers=1,
+                                                cache=_group_cache(cache, group), **kwargs)))
         except BaseException:  # noqa: BLE001 - the parent raises it again, with the traceback
             conn.send(("error", traceback.format_exc()))
         finally:
@@ -282,8 +292,9 @@ def _evaluate_split(model, tokenizer, names, workers, output_dir, cache, kwargs)
         procs.append((group, proc, recv))
     try:
         torch.set_num_threads(per_worker)
-        parts = [evaluate_tasks(model, tokenizer, tasks=groups[0], workers=1,
-                                cache=_group_cache(cache, groups[0]), **kwargs)]
+        with _warned_already():
+            parts = [evaluate_tasks(model, tokenizer, tasks=groups[0], workers=1,
+                                    cache=_group_cache(cache, groups[0]), **kwargs)]
         for group, proc, recv in procs:
             try:
                 status, payload = recv.recv()  # before join: a large result would fill the pipe
@@ -330,16 +341,24 @@ def weights_digest(model) -> str:
 AUTOCAST_DTYPES = ("bfloat16",)
 
 
+class SlowAutocastWarning(UserWarning):
+    """bf16 autocast asked for on a CPU without bf16 instructions (filter it by this class)."""
+
+
 def _check_autocast(autocast, model) -> None:
     if autocast is None:
         return
     if autocast not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be None (the weights' dtype) or one of {AUTOCAST_DTYPES}, got {autocast!r}")
-    if next(model.parameters()).device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        import warnings
+    if next(model.parameters()).device.type == "cpu" and not _cpu_has_bf16():
         warnings.warn("autocast='bfloat16' on a CPU without bf16 instructions: every matmul converts its "
                       "operands, so evaluation runs several times slower than float32 (0.16x measured on an "
-                      "AVX2-only CPU, benchmarks/bf16_cpu.py); leave autocast=None here.", stacklevel=3)
+                      "AVX2-only CPU, benchmarks/bf16_cpu.py); leave autocast=None here.",
+                      SlowAutocastWarning, stacklevel=3)
+
+
+def _cpu_has_bf16() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def request_cache(directory: str | os.PathLike, model, share_context: bool = True,
