@@ -101,6 +101,16 @@ RECIPES: dict[str, tuple[dict, str]] = {
                    "stage3_tokens": 16384, "stage3_lr": 1e-4, "eval_every_tokens": 32768},
                   "the paper's pipeline at the grid recipe's 80K tokens: QKV copy, 32K matrix mixing, "
                   "32K hidden-to-hidden, 16K distillation (lr 1e-4), mixed corpus"),
+    # bf16 autocast for training (issue 13 item 3; issue 14's bf16 lever): on a CPU with AMX the
+    # teacher's fwd+bwd runs 1.63x faster in bf16 (docs/speed.md). The same short recipe (32K
+    # transfer, 16K distillation, mixed corpus) in float32 and under bf16 autocast for every
+    # stage (bf16 is part of every stage's identity, so the pair cannot branch from one stage 0);
+    # validation runs in float32 for both
+    **{name: ({"corpus": "mix", "stage0_tokens": 32768, "stage3_tokens": 16384, "stage3_lr": 1e-4,
+               "eval_every_tokens": 16384, **extra}, what)
+       for name, extra, what in (
+           ("mix-at32-kd", {}, "32K transfer, 16K distillation (lr 1e-4), mixed corpus, float32: bf16's control"),
+           ("mix-at32-kd-bf16", {"bf16": True}, "as mix-at32-kd, every stage under bf16 autocast"))},
     "paper": ({"readout_fit_tokens": 0, "attention_transfer": False, "matrix_mixing": True, "h2h": True,
                "stage1_tokens": 16384, "stage2_tokens": 16384, "stage1_lr": 1e-3, "stage2_lr": 1e-3},
               "the paper's recipe: QKV copy, matrix mixing, hidden-to-hidden, distillation"),
