@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -69,3 +71,56 @@ def test_validation_perplexity_is_sane(teacher):
         loss = model(blocks, labels=blocks).loss
     ppl = loss.exp().item()
     assert 4 < ppl < 80, ppl
+
+
+def test_reused_teacher_outputs_equal_the_forward_and_run_the_body_once(stage_teacher, tmp_path):
+    """``teacher_logits`` through ``reuse_outputs`` gives the teacher's own logits, runs the body
+    once per distinct batch (memory, then the disk for a new process), and steps aside under
+    autocast or with gradients on, where a stored output would not be what the forward gives."""
+    from linearize.teacher import TeacherOutputs, reuse_outputs, teacher_logits
+
+    t = stage_teacher
+    calls = []
+    hook = t.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ids = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            want = t(input_ids=ids).logits
+        calls.clear()
+        reuse_outputs(t, tmp_path / "outs")
+        with torch.no_grad():
+            first, again = teacher_logits(t, ids), teacher_logits(t, ids.clone())
+            assert torch.equal(first, want) and torch.equal(again, want)
+            assert len(calls) == 1 and (t.linearize_outputs.misses, t.linearize_outputs.hits) == (1, 1)
+            other = ids.flip(0)
+            assert torch.equal(teacher_logits(t, other), t(input_ids=other).logits)
+            assert t.linearize_outputs.misses == 2
+            # a new process's cache (same folder): from the disk, no forward
+            fresh = TeacherOutputs(t, tmp_path / "outs")
+            calls.clear()
+            assert torch.equal(fresh.logits(ids), want) and not calls and fresh.hits == 1
+            # same tokens, other shape: another batch
+            assert TeacherOutputs.key(ids) != TeacherOutputs.key(ids.reshape(6, 8))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                calls.clear()
+                assert teacher_logits(t, ids).dtype == torch.bfloat16 and len(calls) == 1
+        calls.clear()
+        teacher_logits(t, ids)  # gradients on: the real forward
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+        del t.linearize_outputs
+
+
+def test_default_teacher_outputs_folder_is_per_weights(stage_teacher, monkeypatch, tmp_path):
+    """Without a folder, outputs go under the user cache, in a folder named by the weights:
+    another teacher (one weight changed) never reads them."""
+    from linearize.teacher import TeacherOutputs
+
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    a = TeacherOutputs(stage_teacher).directory
+    assert a.parent == tmp_path / "teacher_outputs"
+    other = copy.deepcopy(stage_teacher)
+    with torch.no_grad():
+        other.model.norm.weight[0] += 1.0
+    assert TeacherOutputs(other).directory != a

@@ -2,7 +2,8 @@
 
 Its own module (not part of :mod:`linearize.evaluate`, which re-exports it) because the training
 stages validate with it while ``evaluate`` loads students from run folders through the stages:
-here it depends on neither, so the two import no cycle.
+here it depends on neither, so the two import no cycle. The teacher's logits come through
+``teacher.teacher_logits``, which reuses them across validations where the pipeline set that up.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .teacher import teacher_logits
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -49,7 +52,8 @@ def perplexity_and_kl(student, teacher, blocks: torch.Tensor, batch_size: int = 
             nll_s += F.nll_loss(logp_s[:, :-1].reshape(-1, logp_s.shape[-1]), targets, reduction="sum").item()
             n_pred += targets.numel()
             if teacher is not None:
-                logp_t = F.log_softmax(_logits(teacher, ids.to(next(teacher.parameters()).device)).to(device), dim=-1)
+                t_ids = ids.to(next(teacher.parameters()).device)
+                logp_t = F.log_softmax(teacher_logits(teacher, t_ids).float().to(device), dim=-1)
                 nll_t += F.nll_loss(logp_t[:, :-1].reshape(-1, logp_t.shape[-1]), targets, reduction="sum").item()
                 # KL(p_T || p_S) per position, summed over the vocabulary; summed here over
                 # positions and divided by the token count at the end.

@@ -45,6 +45,7 @@ from .runs import (
     load_student,
     stage_student,
 )
+from .teacher import teacher_logits
 from .training import StageSpec, autocast_for, make_accelerator, teacher_forward_throughput, teacher_train_throughput
 
 # The parameters that define what every stage computes: a checkpoint or a finished stage is
@@ -106,7 +107,7 @@ def distill_step(model, raw, teacher, ids, params, backward, autocast):
     """Stage 3 on one batch: CE + alpha * per-token KL through the prepared model."""
     with autocast():
         with torch.no_grad():
-            t_logits = teacher(input_ids=ids).logits
+            t_logits = teacher_logits(teacher, ids)  # reused across students where set up
         s_logits = model(input_ids=ids).logits
         out = losses.distillation_loss(
             s_logits, t_logits, losses.next_token_labels(ids), params["kd_alpha"], params["kd_temperature"],
@@ -265,13 +266,16 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
 
 def _run_pipeline(params: dict, stages, teacher, tokenizer, root, progress: bool) -> dict:
     from .data import token_blocks
-    from .teacher import load_teacher
+    from .teacher import load_teacher, reuse_outputs
 
     accelerator = make_accelerator(params)
     run = Run(params, root=root, is_main=accelerator.is_main_process)
     if teacher is None:
         teacher, tokenizer = load_teacher(params["teacher"])
     teacher = teacher.to(accelerator.device)
+    if getattr(teacher, "linearize_outputs", None) is None:
+        # stage 3 and validation read the teacher's outputs on batches every cell shares
+        reuse_outputs(teacher)
     train_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "train", params["val_fraction"])
     val_blocks = token_blocks(tokenizer, params["corpus"], params["seq_len"], "validation", params["val_fraction"],
                               max_blocks=params["val_blocks"])
