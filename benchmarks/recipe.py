@@ -497,6 +497,29 @@ def _long(run: dict, part: str) -> str:
     return f"{rec['ppl'] / rec['teacher_ppl']:.2f}x, {rec['kl']:.3f}" if rec else "-"
 
 
+def _precision_pairs(runs: list[dict], t_ppl: float) -> list[str]:
+    """Words for each bf16 run beside its float32 control (recipe NAME-bf16 against NAME, same
+    student): the curves point by point at equal tokens, and the wall time."""
+    out = []
+    for r in runs:
+        if not r["variant"].endswith("-bf16"):
+            continue
+        base = next((c for c in runs if c["arch"] == r["arch"] and c["variant"] == r["variant"][:-5]), None)
+        if base is None:
+            continue
+        at = {(p["after"], p["tokens"]): p for p in base["curve"]}
+        points = [(p, at[(p["after"], p["tokens"])]) for p in r["curve"] if (p["after"], p["tokens"]) in at]
+        t_of = lambda p: p.get("teacher_ppl") or t_ppl  # noqa: E731
+        out += ["", f"bf16 autocast for training, {r['arch']} / `{r['variant']}` against its float32 control "
+                f"`{base['variant']}` (the same recipe, seed and batches; validation in float32 for both), at "
+                "equal tokens, ppl / teacher and KL, bf16 then float32: " + "; ".join(
+                    f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / t_of(p):.2f}x vs {q['ppl'] / t_of(q):.2f}x, "
+                    f"KL {p['kl']:.3f} vs {q['kl']:.3f}" for p, q in points)
+                + f". Wall time (fit + stages) {r['wall_s'] / 60:.1f} against {base['wall_s'] / 60:.1f} min, "
+                "on a machine shared with the study grid (one thread each; a ratio of upper bounds)."]
+    return out
+
+
 def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_root: str | None = None) -> None:
     import matplotlib
 
@@ -643,6 +666,7 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
                       f"({100 * r['vs_grid']['lo']:+.1f} to {100 * r['vs_grid']['hi']:+.1f}, "
                       f"{r['vs_grid']['docs']} documents)" for r in paired)
                   + ". An interval that covers 0 says the documents do not separate the two."]
+    lines += _precision_pairs(data["runs"], t_ppl)
     carried = [r for r in data["runs"] if r.get("carried")]
     if carried:
         lines += ["", f"{len(carried)} run(s) carried from the previous docs/recipe.json (their run folders, in "

@@ -142,3 +142,20 @@ def test_a_pure_run_is_paired_with_the_grid_cell_of_its_student(recipe, tmp_path
     assert got["diff"] == pytest.approx(0.25) and got["lo"] <= 0.25 <= got["hi"] and got["docs"] == 24
     assert "vs_grid" not in runs["mix-at-w64"] and "vs_grid" not in runs["mix-at"]
     assert "vs_grid" not in runs["grid"]
+
+
+def test_precision_pairs_put_each_bf16_run_beside_its_float32_control(recipe):
+    """A `NAME-bf16` run is said beside `NAME` of the same student, point by point at equal
+    tokens; a bf16 run without its control, or another student's control, says nothing."""
+    def run(arch, variant, kls, wall):
+        curve = [{"after": a, "tokens": t, "ppl": 60.0 + k, "teacher_ppl": 30.0, "kl": k}
+                 for (a, t), k in zip((("conversion", 0), ("stage0", 32768), ("stage3", 49152)), kls)]
+        return {"arch": arch, "variant": variant, "curve": curve, "wall_s": wall}
+
+    runs = [run("deltanet", "mix-at32-kd", [7.0, 1.8, 1.5], 1200.0),
+            run("deltanet", "mix-at32-kd-bf16", [7.0, 1.9, 1.6], 900.0),
+            run("gla", "mix-at32-kd-bf16", [7.0, 2.0, 1.7], 800.0)]
+    text = " ".join(recipe._precision_pairs(runs, 30.0))
+    assert "deltanet / `mix-at32-kd-bf16` against its float32 control `mix-at32-kd`" in text
+    assert "stage0 32K: 2.06x vs 2.06x, KL 1.900 vs 1.800" in text and "stage3 48K" in text
+    assert "15.0 against 20.0 min" in text and "gla" not in text
