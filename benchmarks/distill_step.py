@@ -10,7 +10,9 @@ the loss (autograd's composition, or ``losses.distillation_loss``'s closed-form 
 optimizer's implementation (torch's default for-loop AdamW, ``foreach``, ``fused``), what
 stage 3 trains (``stage3_train``: all / no-embeddings / mixers), and with ``+reuse`` the
 teacher's outputs read back from ``linearize.teacher.TeacherOutputs`` (stored by the warm-up
-round, as an earlier student of the grid stores them for the next: only the LM head runs).
+round, as an earlier student of the grid stores them for the next: only the LM head runs), or
+with ``+bf16`` the whole step (teacher forward, student forward, loss, backward) under bf16
+autocast, as ``bf16: true`` trains; the reference stays the float32 teacher.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/distill_step.py --arch deltanet
     ... --threads 1 --batch 4 --seq 128 --rounds 3 --json out.json
@@ -29,10 +31,14 @@ CLOCK = time.process_time
 PARTS = ("teacher_fwd", "student_fwd", "loss", "backward", "clip", "optimizer")
 
 
-def reference_step(ref, ids) -> float:
-    """The teacher's plain forward+backward with its LM loss (no optimizer step)."""
+def reference_step(ref, ids, bf16: bool = False) -> float:
+    """The teacher's plain forward+backward with its LM loss (no optimizer step), in float32 or
+    under bf16 autocast."""
+    from contextlib import nullcontext
+
     t = CLOCK()
-    out = ref(input_ids=ids, labels=ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+        out = ref(input_ids=ids, labels=ids)
     out.loss.backward()
     ref.zero_grad(set_to_none=True)
     return CLOCK() - t
@@ -47,24 +53,30 @@ def autograd_loss(s_logits, t_logits, labels, alpha):
     return ce + alpha * losses.per_token_kl(t_logits, s_logits)
 
 
-def distill_parts(student, teacher, optimizer, trainable, ids, loss_kind, alpha=1.0, outputs=None) -> dict:
+def distill_parts(student, teacher, optimizer, trainable, ids, loss_kind, alpha=1.0, outputs=None,
+                  bf16=False) -> dict:
+    from contextlib import nullcontext
+
     from linearize import losses
 
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
     times = {}
     t = CLOCK()
     optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
+    with torch.no_grad(), cast():
         t_logits = teacher(input_ids=ids).logits if outputs is None else outputs.logits(ids)
     times["teacher_fwd"] = CLOCK() - t
     t = CLOCK()
-    s_logits = student(input_ids=ids).logits
+    with cast():
+        s_logits = student(input_ids=ids).logits
     times["student_fwd"] = CLOCK() - t
     t = CLOCK()
     labels = losses.next_token_labels(ids)
-    if loss_kind == "fused":
-        total = losses.distillation_loss(s_logits, t_logits, labels, alpha, 1.0).total
-    else:
-        total = autograd_loss(s_logits, t_logits, labels, alpha)
+    with cast():
+        if loss_kind == "fused":
+            total = losses.distillation_loss(s_logits, t_logits, labels, alpha, 1.0).total
+        else:
+            total = autograd_loss(s_logits, t_logits, labels, alpha)
     times["loss"] = CLOCK() - t
     t = CLOCK()
     total.backward()
@@ -90,7 +102,8 @@ def main(argv=None) -> dict:
                    help="comma-separated LOSS-OPTIMIZER-TRAIN triples: LOSS in autograd|fused (the "
                         "loss before/after its closed-form gradient), OPTIMIZER in default|foreach|fused "
                         "(torch's AdamW implementations), TRAIN a stage3_train value; a +reuse suffix "
-                        "reads the teacher's outputs back instead of running its body")
+                        "reads the teacher's outputs back instead of running its body, +bf16 runs the "
+                        "step under bf16 autocast")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.add_argument("--speed-json", default=None,
                    help="write the stage-3 ratio of the defaults (fused loss, fused AdamW, all parameters) "
@@ -116,9 +129,11 @@ def main(argv=None) -> dict:
     store = tempfile.TemporaryDirectory()
     setups = {}
     for variant in args.variants.split(","):
-        base, _, reuse = variant.partition("+")
+        base, *flags = variant.split("+")
+        if not set(flags) <= {"reuse", "bf16"} or len(set(flags)) > 1:
+            raise SystemExit(f"variant {variant!r}: one suffix at most, +reuse or +bf16")
         loss_kind, opt_kind, train = base.split("-", 2)
-        outputs = TeacherOutputs(teacher, os.path.join(store.name, variant)) if reuse == "reuse" else None
+        outputs = TeacherOutputs(teacher, os.path.join(store.name, variant)) if "reuse" in flags else None
         student = convert(teacher, args.arch, qkv_copy=True).train()
         keep = stage3_trainable(train)
         for name, prm in student.named_parameters():
@@ -126,15 +141,20 @@ def main(argv=None) -> dict:
         trainable = [prm for prm in student.parameters() if prm.requires_grad]
         kw = {} if opt_kind == "default" else {opt_kind: True}
         optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01, **kw)
-        setups[variant] = (student, optimizer, trainable, loss_kind, outputs)
+        setups[variant] = (student, optimizer, trainable, loss_kind, outputs, "bf16" in flags)
 
-    ref_s, parts = [], {v: {k: [] for k in PARTS} for v in setups}
+    # with a +bf16 variant, the teacher's fwd+bwd under bf16 too: the like-for-like reference
+    any_bf16 = any(s[-1] for s in setups.values())
+    ref_s, ref_bf16_s, parts = [], [], {v: {k: [] for k in PARTS} for v in setups}
     for r in range(args.rounds + 1):
         dt = reference_step(ref, ids)
+        dt16 = reference_step(ref, ids, bf16=True) if any_bf16 else None
         if r:
             ref_s.append(dt)
-        for variant, (student, optimizer, trainable, loss_kind, outputs) in setups.items():
-            times = distill_parts(student, teacher, optimizer, trainable, ids, loss_kind, outputs=outputs)
+            if any_bf16:
+                ref_bf16_s.append(dt16)
+        for variant, (student, optimizer, trainable, loss_kind, outputs, bf16) in setups.items():
+            times = distill_parts(student, teacher, optimizer, trainable, ids, loss_kind, outputs=outputs, bf16=bf16)
             if r:
                 for k in PARTS:
                     parts[variant][k].append(times[k])
@@ -149,13 +169,22 @@ def main(argv=None) -> dict:
               "load_average": os.getloadavg()[0]}
     print(f"\nteacher plain fwd+bwd: {ref_med:.3f} CPU s/step = {tokens / ref_med:.0f} tok/s "
           f"({args.batch}x{args.seq}, {args.threads} thread(s), median of {args.rounds})")
+    ref16 = med(ref_bf16_s) if ref_bf16_s else None
+    if ref16:
+        result["reference_bf16_s"] = ref16
+        print(f"teacher plain fwd+bwd under bf16 autocast: {ref16:.3f} CPU s/step ({ref_med / ref16:.2f}x float32's speed)")
     print(f"{'loss-optimizer-train':<28}" + "".join(f"{k:>12}" for k in PARTS) + f"{'step':>9}{'ratio':>8}")
     for variant in setups:
         m = {k: med(parts[variant][k]) for k in PARTS}
         # per-round sums, so the step's median is a real step's time
         step = med([sum(parts[variant][k][i] for k in PARTS) for i in range(args.rounds)])
         result["variants"][variant] = {"parts_s": m, "step_s": step, "over_teacher_fwd_bwd": ref_med / step}
-        print(f"{variant:<28}" + "".join(f"{m[k]:>12.3f}" for k in PARTS) + f"{step:>9.3f}{ref_med / step:>8.2f}")
+        like = ""
+        if setups[variant][-1] and ref16:  # a bf16 step against the bf16 teacher as well
+            result["variants"][variant]["over_teacher_fwd_bwd_bf16"] = ref16 / step
+            like = f"  ({ref16 / step:.2f} against the teacher's bf16 fwd+bwd)"
+        print(f"{variant:<28}" + "".join(f"{m[k]:>12.3f}" for k in PARTS) + f"{step:>9.3f}{ref_med / step:>8.2f}"
+              + like)
     print(f"load average {result['load_average']:.1f}")
     if args.json:
         with open(args.json, "w") as f:
