@@ -27,6 +27,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from .paper import AVG, COLUMNS, PAPER_ROWS  # noqa: F401  (re-exported: they used to live here)
+from .memory import weights_digest
 from .perplexity import perplexity_and_kl  # noqa: F401  (re-exported: it used to live here)
 from .tasks import PAPER_TASKS, check_task_names, lm_eval_name, load_tasks, task_manager
 
@@ -322,20 +323,6 @@ def _evaluate_split(model, tokenizer, names, workers, output_dir, cache, kwargs)
     if output_dir is not None:
         save_results(merged, output_dir)
     return merged
-
-
-def weights_digest(model) -> str:
-    """sha256 over a model's parameters and buffers (names, dtypes, shapes and bytes): the same
-    weights give the same digest, any changed weight another one. About a second for 135M
-    float32 parameters."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return digest.hexdigest()
 
 
 AUTOCAST_DTYPES = ("bfloat16",)

@@ -11,7 +11,8 @@ The one home of state byte counting. Two counts, because a state tensor may be a
 :func:`generation_state_bytes` extends the compact count of a student's state to any context
 length, and :func:`kv_cache_bytes` is the formula for a Llama KV cache that the benchmark's
 measured teacher cache is checked against. The process helpers read and reset the peak
-resident set size, so that the benchmark counts decoding, not loading.
+resident set size, so that the benchmark counts decoding, not loading. :func:`weights_digest`
+names a model by the bytes of its weights.
 
 torch is imported inside the functions: the benchmark's parent process and its CSV/table
 commands need none of it.
@@ -173,3 +174,20 @@ def lifetime_peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def weights_digest(model) -> str:
+    """sha256 over a model's parameters and buffers (names, dtypes, shapes and bytes): the same
+    weights give the same digest, any changed weight another one. About a second for 135M
+    float32 parameters. Names the request cache of an evaluation and the teacher's reused
+    outputs (``teacher.TeacherOutputs``)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return digest.hexdigest()

@@ -221,12 +221,12 @@ class TeacherOutputs:
     logits). Every grid cell reads the same validation blocks and, with the same seed, corpus and
     shapes, the same stage-3 batches.
 
-    Keyed by the teacher's weights (``evaluate.weights_digest``) and the exact ids tensor (shape and
+    Keyed by the teacher's weights (``memory.weights_digest``) and the exact ids tensor (shape and
     bytes). Not used under autocast, where the body would run in another precision, nor with
     gradients enabled."""
 
     def __init__(self, teacher: nn.Module, directory: str | os.PathLike | None = None):
-        from .evaluate import weights_digest
+        from .memory import weights_digest
 
         self.teacher = teacher
         self.directory = Path(directory) if directory is not None else cache_dir(
