@@ -75,8 +75,9 @@ def test_validation_perplexity_is_sane(teacher):
 
 def test_reused_teacher_outputs_equal_the_forward_and_run_the_body_once(stage_teacher, tmp_path):
     """``teacher_logits`` through ``reuse_outputs`` gives the teacher's own logits, runs the body
-    once per distinct batch (memory, then the disk for a new process), and steps aside under
-    autocast or with gradients on, where a stored output would not be what the forward gives."""
+    once per distinct batch (in this process and in a new one), stores nothing past its byte
+    budget, and steps aside under autocast or with gradients on, where a stored output would not
+    be what the forward gives."""
     from linearize.teacher import TeacherOutputs, reuse_outputs, teacher_logits
 
     t = stage_teacher
@@ -101,6 +102,21 @@ def test_reused_teacher_outputs_equal_the_forward_and_run_the_body_once(stage_te
             assert torch.equal(fresh.logits(ids), want) and not calls and fresh.hits == 1
             # same tokens, other shape: another batch
             assert TeacherOutputs.key(ids) != TeacherOutputs.key(ids.reshape(6, 8))
+            # the budget: one more batch would pass it, so it is computed and not stored
+            import linearize.teacher as T
+            full = TeacherOutputs(t, tmp_path / "outs")
+            files = list((tmp_path / "outs").glob("*.pt"))
+            assert len(files) == 2 and full.stored_bytes == sum(f.stat().st_size for f in files)
+            assert full.stored_bytes >= 2 * ids.numel() * 64 * 4  # two [3, 16, 64] float32 states
+            budget, T.MAX_STORED_BYTES = T.MAX_STORED_BYTES, full.stored_bytes
+            try:
+                third = ids.roll(1, 1)
+                calls.clear()
+                assert torch.equal(full.logits(third), t(input_ids=third).logits)
+                full.logits(third)
+                assert len(calls) == 3 and full.misses == 2 and full.hits == 0
+            finally:
+                T.MAX_STORED_BYTES = budget
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 calls.clear()
                 assert teacher_logits(t, ids).dtype == torch.bfloat16 and len(calls) == 1

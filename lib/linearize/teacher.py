@@ -213,17 +213,24 @@ def iter_layers(
 
 
 # ------------------------------------------------------------------ the teacher's outputs, reused
+# At most this many bytes of stored outputs per teacher: the study grid needs about 50 MB (16K
+# stage-3 tokens and 6K validation tokens at 2.3 KB a token); a long run (the GPU preset's
+# stage 3) stores its first ~900K tokens and computes the rest as before.
+MAX_STORED_BYTES = 2 * 2**30
+
+
 class TeacherOutputs:
-    """The teacher's last hidden state (after its final norm) per batch of token ids, kept in memory
-    and under the user cache, so that its body runs once per batch however many steps, stages and
-    students read it; ``logits`` applies the LM head to it again (for SmolLM2-135M the head is
-    about a fifth of the forward's FLOPs; a hidden state is 2.3 KB a token against 197 KB of
-    logits). Every grid cell reads the same validation blocks and, with the same seed, corpus and
-    shapes, the same stage-3 batches.
+    """The teacher's last hidden state (after its final norm) per batch of token ids, stored under
+    the user cache, so that its body runs once per batch however many steps, stages and students
+    read it; ``logits`` applies the LM head to it again (for SmolLM2-135M the head is about a
+    fifth of the forward's FLOPs; a hidden state is 2.3 KB a token against 197 KB of logits).
+    Every grid cell reads the same validation blocks and, with the same seed, corpus and shapes,
+    the same stage-3 batches. Reads come from the file (the OS keeps recent ones in its page
+    cache), so a process holds no growing table of them.
 
     Keyed by the teacher's weights (``memory.weights_digest``) and the exact ids tensor (shape and
     bytes). Not used under autocast, where the body would run in another precision, nor with
-    gradients enabled."""
+    gradients enabled. Past ``MAX_STORED_BYTES`` in its folder it stores nothing more."""
 
     def __init__(self, teacher: nn.Module, directory: str | os.PathLike | None = None):
         from .memory import weights_digest
@@ -231,7 +238,7 @@ class TeacherOutputs:
         self.teacher = teacher
         self.directory = Path(directory) if directory is not None else cache_dir(
             "teacher_outputs", weights_digest(teacher)[:16])
-        self.memory: dict[str, torch.Tensor] = {}
+        self.stored_bytes = sum(f.stat().st_size for f in self.directory.glob("*.pt")) if self.directory.exists() else 0
         self.hits = self.misses = 0
 
     @staticmethod
@@ -242,24 +249,21 @@ class TeacherOutputs:
         return hashlib.sha256(f"{tuple(ids.shape)};".encode() + ids.numpy().tobytes()).hexdigest()[:32]
 
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        key = self.key(ids)
         device = next(self.teacher.parameters()).device
-        h = self.memory.get(key)
-        path = self.directory / f"{key}.pt"
-        if h is None and path.exists():
-            h = torch.load(path, map_location="cpu")
-            self.memory[key] = h
-        if h is not None:
+        path = self.directory / f"{self.key(ids)}.pt"
+        if path.exists():
             self.hits += 1
-            return h.to(device)
+            return torch.load(path, map_location=device)
         self.misses += 1
         with torch.no_grad():
             h = self.teacher.model(input_ids=ids.to(device)).last_hidden_state
-        self.memory[key] = h.detach().to("cpu")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(self.memory[key], tmp)
-        os.replace(tmp, path)  # whole or absent: a process killed mid-write leaves only a .tmp file
+        size = h.numel() * h.element_size()
+        if self.stored_bytes + size <= MAX_STORED_BYTES:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(h.detach().to("cpu"), tmp)
+            os.replace(tmp, path)  # whole or absent: a process killed mid-write leaves only a .tmp file
+            self.stored_bytes += path.stat().st_size
         return h
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
