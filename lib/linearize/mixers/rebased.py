@@ -189,8 +189,10 @@ def quadratic_features(x: torch.Tensor) -> torch.Tensor:
 # batch 1 and T = 512 / 2048 / 4096. The strips' temporaries at 4096 are ~75 MB at batch 8.
 QUADRATIC_MAX_T = 4096
 # Query rows per strip of the T x T form. Small strips waste little on the masked half of the
-# diagonal block; below ~32 the per-strip overhead shows. fwd+bwd of the kernel, one thread
-# (docs/speed.md): 32-64 beat 128-256 at T = 128 x 8, 512 x 4 and 2048 x 1.
+# diagonal block; the per-strip overhead grows as they shrink. fwd+bwd of the kernel, one
+# thread, CPU seconds, load ~2 (measured while writing it, 2026-12-03), strips of 32 / 48 / 64 /
+# 96 rows: 2048 x 1: 0.367 / 0.373 / 0.358-0.396 / 0.421 s (128: 0.408, 256: 0.518); 512 x 4:
+# 0.122 / 0.115 / 0.126 / 0.137 s; 128 x 8: 0.025 / 0.026 / 0.031 / 0.032 s.
 PARALLEL_BLOCK = 64
 
 
