@@ -159,3 +159,20 @@ def test_precision_pairs_put_each_bf16_run_beside_its_float32_control(recipe):
     assert "deltanet / `mix-at32-kd-bf16` against its float32 control `mix-at32-kd`" in text
     assert "stage0 32K: 2.06x vs 2.06x, KL 1.900 vs 1.800" in text and "stage3 48K" in text
     assert "15.0 against 20.0 min" in text and "gla" not in text
+
+
+def test_longer_block_runs_are_compared_only_where_blocks_match(recipe):
+    """A run trained on 512-token blocks is set beside its 128-token twin at 512 tokens only, and
+    its own-block KL never enters the window control's training-context comparison."""
+    def run(variant, kl, long_val, long_ood, seq):
+        return {"arch": "gla", "variant": variant, "kl": kl, "seq_len": seq, "hybrid": True,
+                "long_val": {"val": {"kl": long_val, "ppl": 2.0, "teacher_ppl": 1.8},
+                             "ood": {"kl": long_ood, "ppl": 2.0, "teacher_ppl": 1.8}}}
+
+    twin, longer = run("mix-at-w64-gate", 0.020, 0.143, 0.154, 128), run("mix-at-w64-gate-s512", 0.106, 0.147, 0.251, 512)
+    text = " ".join(recipe._longer_block_pairs([twin, longer]))
+    assert "KL 0.147 against 0.143 on the run's corpus, 0.251 against 0.154 out of domain" in text
+    assert "did not bring the KL at 512 tokens down" in text
+    control = run("window-w64", 0.017, 0.159, 0.16, 128)
+    words = recipe._against_window_words(control, [twin, longer])
+    assert "(0.020-0.020 against 0.017)" in words and "0.106" not in words
