@@ -140,3 +140,24 @@ def test_default_teacher_outputs_folder_is_per_weights(stage_teacher, monkeypatc
     with torch.no_grad():
         other.model.norm.weight[0] += 1.0
     assert TeacherOutputs(other).directory != a
+
+
+def test_a_full_disk_costs_the_reuse_not_the_step(stage_teacher, tmp_path, monkeypatch):
+    """When the outputs cannot be written (disk full), the logits still come back, equal to the
+    forward, with a warning that names the folder and the fix, and no partial file is left."""
+    import errno
+
+    from linearize.teacher import TeacherOutputs
+
+    def full(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    outs = TeacherOutputs(stage_teacher, tmp_path / "outs")
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(6))
+    with pytest.warns(UserWarning, match="LINEARIZE_CACHE"):
+        got = outs.logits(ids)
+    with torch.no_grad():
+        assert torch.equal(got, stage_teacher(input_ids=ids).logits)
+    assert not list((tmp_path / "outs").iterdir())

@@ -259,11 +259,20 @@ class TeacherOutputs:
             h = self.teacher.model(input_ids=ids.to(device)).last_hidden_state
         size = h.numel() * h.element_size()
         if self.stored_bytes + size <= MAX_STORED_BYTES:
-            self.directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(h.detach().to("cpu"), tmp)
-            os.replace(tmp, path)  # whole or absent: a process killed mid-write leaves only a .tmp file
-            self.stored_bytes += path.stat().st_size
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                torch.save(h.detach().to("cpu"), tmp)
+                os.replace(tmp, path)  # whole or absent: a process killed mid-write leaves only a .tmp file
+                self.stored_bytes += path.stat().st_size
+            except OSError as exc:  # a full or read-only disk costs the reuse, never the training step
+                import warnings
+
+                tmp.unlink(missing_ok=True)
+                self.stored_bytes = MAX_STORED_BYTES  # stop trying in this process
+                warnings.warn(f"could not store the teacher's outputs under {self.directory} ({exc}); the "
+                              "teacher's forward runs for every batch from now on in this process. Free disk "
+                              "space or set LINEARIZE_CACHE to a writable folder.", stacklevel=2)
         return h
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
