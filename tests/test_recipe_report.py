@@ -176,3 +176,18 @@ def test_longer_block_runs_are_compared_only_where_blocks_match(recipe):
     control = run("window-w64", 0.017, 0.159, 0.16, 128)
     words = recipe._against_window_words(control, [twin, longer])
     assert "(0.020-0.020 against 0.017)" in words and "0.106" not in words
+
+
+def test_every_recipe_resolves_to_valid_params(recipe):
+    """A recipe whose overrides name an unknown key or break a rule (warmup + decay, a window with
+    no linear branch...) fails here, on the laptop, instead of minutes into a two-hour run."""
+    for name in recipe.RECIPES:
+        params = recipe.resolve("deltanet", name)
+        assert params["run_name"] == f"recipe-{name}"
+        for key, value in recipe.RECIPES[name][0].items():
+            assert params[key] == value, (name, key)
+
+
+def test_an_unknown_recipe_names_the_known_ones(recipe):
+    with pytest.raises(SystemExit, match="choose from at, "):
+        recipe.resolve("deltanet", "no-such-recipe")
