@@ -121,8 +121,9 @@ RECIPES: dict[str, tuple[dict, str]] = {
            ("mix-at32-kd-bf16", {"bf16": True}, "as mix-at32-kd, every stage under bf16 autocast"))},
     # the pure target at the budget (issue 13: <= 2 hours of 2-core CPU): stage 3 bought KL far more
     # cheaply per token than stage 0 in `at` (0.86 -> 0.67 in 32K), and bf16 autocast halves a
-    # step's time at an unchanged KL (mix-at32-kd-bf16), so the 2 hours buy ~1.7x `at`'s tokens,
-    # most of them distillation; the mixed corpus, whose 1e-4 distillation rate held where 3e-4 diverged
+    # step's time at an unchanged KL (mix-at32-kd-bf16): 1.8x `at`'s tokens, most of them distillation,
+    # took 64 minutes at 2 threads (docs/recipe.md: the KL flattened near 0.7); on the mixed corpus,
+    # whose 1e-4 distillation rate held where 3e-4 diverged
     "mix-long-bf16": ({"corpus": "mix", "stage0_tokens": 196608, "stage3_tokens": 327680, "stage3_lr": 1e-4,
                        "eval_every_tokens": 65536, "bf16": True},
                       "192K transfer, 320K distillation (lr 1e-4), mixed corpus, bf16 autocast: "
