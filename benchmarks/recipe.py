@@ -621,12 +621,14 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
         "python benchmarks/recipe.py report" + (f" --grid-root {grid_root}" if grid_root else ""),
         "```",
         "",
-        f"Commit {commit}; 2-core CPU, fp32; load average when the page was written: {_load_average():.1f} "
-        "(other jobs shared the cores during these runs, so wall times are upper bounds).",
+        f"Commit {commit}; 2-core CPU, float32 unless a recipe says bf16; load average when the page was written: {_load_average():.1f} "
+        "(other jobs shared the cores during most of these runs, so wall times are upper bounds).",
         f"Preset `{PRESET}` (params/presets/{PRESET}.yaml): seq 128, batch 8; validation on 32 blocks of "
         f"128 tokens (4K tokens) of the held-out split of the run's training corpus (`corpus`), the same "
         f"blocks for every point of a run and for the teacher; teacher perplexity there: {t_ppl:.2f} on the "
-        "embedded corpus (SOTU), " + ", ".join(sorted({f"{r['teacher_ppl']:.2f} on `{r['corpus']}`" for r in data["runs"]
+        "embedded corpus (SOTU), " + ", ".join(sorted({f"{r['teacher_ppl']:.2f} on `{r['corpus']}`"
+                                                     + ("" if r.get("seq_len", 128) == 128 else f" ({r['seq_len']}-token blocks)")
+                                                     for r in data["runs"]
                                                      if r.get("corpus") not in (None, "embedded", "sotu")}) or ["-"])
         + ". Every ratio is against the teacher on the same blocks. Out of domain: 16 blocks of `wiki-val`, "
         "Wikipedia articles no run trains on. Training and this validation use 128-token blocks, where a "
