@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from .paper import AVG, COLUMNS, PAPER_ROWS  # noqa: F401  (re-exported: they used to live here)
-from .memory import weights_digest
+from .memory import keep_freed_memory, weights_digest
 from .perplexity import perplexity_and_kl  # noqa: F401  (re-exported: it used to live here)
 from .tasks import PAPER_TASKS, check_task_names, lm_eval_name, load_tasks, task_manager
 
@@ -133,6 +133,7 @@ def evaluate_tasks(
     """
     names = check_task_names(tasks)
     _check_autocast(autocast, model)
+    keep_freed_memory()  # each batch's logits are large blocks: reuse them, do not refault them
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None (all documents), got {limit!r}")
     if cache is not None:

@@ -91,14 +91,6 @@ def _portable(value, root: Path | None = None):
 CELL_TIMEOUT_S = {"05_study.ipynb": 900}
 
 
-# glibc serves blocks above its mmap threshold (at most 32 MiB; every step's logits are 100 MB)
-# with a fresh mmap and unmaps them on free, so the kernel faults in and zeroes those pages
-# again at every step. Never mmapping and never trimming keeps freed blocks for reuse: DeltaNet
-# stage 3 at cpu-quick ran in 0.91x the wall time with half the system time and 4.5x fewer
-# page faults, for 11% more peak memory (benchmarks/malloc_env.py). glibc reads these at start-up.
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-
-
 def run_step(step: Step, force: bool = False) -> str:
     if step.finished() and not force:
         return "skipped"
@@ -498,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # progress bars in the kernels redraw at most every 30 s: enough to follow, not a flood in the log
     os.environ.setdefault("TQDM_MININTERVAL", "30")
+    from .memory import MALLOC_ENV
+
     for key, value in MALLOC_ENV.items():  # inherited by the notebook kernels papermill starts
         os.environ.setdefault(key, value)
     if args.students == "all":

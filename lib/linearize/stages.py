@@ -34,6 +34,7 @@ import time
 import torch
 
 from . import losses, training
+from .memory import keep_freed_memory
 from .params import STAGE3_TRAIN  # defined with the other parameters (params imports no stage code)
 from .runs import (
     OPTIONAL_KEYS,
@@ -254,6 +255,7 @@ def run_pipeline(params: dict, stages=(0, 1, 2, 3), teacher=None, tokenizer=None
 
     validate(params)
     stages = check_stages(stages)
+    keep_freed_memory()  # every step's logits are large blocks: reuse them, do not refault them
     # the Accelerator (a per-process singleton state) knows the launch: under torch.distributed.run
     # with ACCELERATE_USE_CPU a bare PartialState() saw every rank as the main one, and each rank
     # then tried to take the run folder's lock
