@@ -650,9 +650,11 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
         *([f"- `{GRID_VARIANT}`: {GRID_RECIPE}"] if any(r["variant"] == GRID_VARIANT for r in data["runs"]) else []),
         "",
         "`tokens` counts training tokens over all stages; the closed-form readout fit reads another "
-        "`fit` tokens (teacher-forced, no gradient). Curve points inside a stage are taken mid-schedule "
-        "(warmup-stable-decay, before the final decay), so a point is an upper bound on what a run with "
-        "that budget reaches.",
+        "`fit` tokens (teacher-forced, no gradient). Curve points inside a stage are taken mid-schedule: "
+        "in stage 0 (warmup-stable-decay) before the final decay, in stage 3 (linear warmup, then linear "
+        "decay) at a rate not yet decayed, so a point inside a stage is not what a run of that budget "
+        "reaches (compare `mix-long-bf16` and `mix-1m-bf16`, one stage 0 and two stage-3 lengths, at "
+        "equal tokens).",
         "",
         f"![curves](figures/{figure.name})",
         "",
