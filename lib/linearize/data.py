@@ -345,9 +345,10 @@ def _cache_name(source: str) -> str | None:
 # ---------------------------------------------------------------------------------------
 # Out-of-domain validation
 # ---------------------------------------------------------------------------------------
-def check_ood_disjoint(corpus: str, ood_corpus: str) -> None:
+def check_ood_disjoint(corpus: str, ood_corpus: str, role: str = "ood_corpus") -> None:
     """CorpusError when the training corpus contains the out-of-domain source, by name (the
-    named sources) or by path (local files)."""
+    named sources) or by path (local files). ``role`` names the held-out source in the message
+    (``"corpus"`` where a separate ``train_corpus`` must not hold the validation text)."""
     try:
         train_parts = mix_parts(str(corpus))
     except CorpusError:
@@ -359,6 +360,11 @@ def check_ood_disjoint(corpus: str, ood_corpus: str) -> None:
         for part in map(canon, train_parts):
             same_path = Path(part).expanduser().exists() and Path(part).expanduser().resolve() == Path(ood).expanduser().resolve()
             if same_path or part == ood or part in _OVERLAPS.get(ood, ()):
+                if role != "ood_corpus":
+                    raise CorpusError(
+                        f"train_corpus={corpus!r} holds documents of {role}={ood_corpus!r} (via {part!r}), whose "
+                        "validation documents it would train on. Leave train_corpus empty to train on that "
+                        "corpus's own training split, or train on a source the validation corpus does not hold.")
                 raise CorpusError(
                     f"ood_corpus={ood_corpus!r} overlaps the training corpus {corpus!r} (via {part!r}): "
                     "out-of-domain text must never be trained on. Train on e.g. 'mix:sotu,wiki-train,faq' "

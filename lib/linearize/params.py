@@ -31,6 +31,13 @@ DEFAULTS: dict[str, Any] = {
     "preset": DEFAULT_PRESET,
     "teacher": "smollm2-135m-instruct",  # embedded default, a Llama hub id or a local folder
     "corpus": "embedded",  # see linearize.data
+    # training text when not the corpus's own training split ("" = the corpus's; validation always
+    # reads `corpus`): any source of linearize.data, or "teacher-text", documents the teacher
+    # samples itself from prompts of the corpus's training split (linearize.teacher_text)
+    "train_corpus": "",
+    "teacher_text_tokens": 131072,  # with train_corpus "teacher-text": tokens to generate (prompts included)
+    "teacher_text_prompt": 16,  # tokens of real text each sample starts from
+    "teacher_text_new": 496,  # at most this many sampled tokens after each prompt
     "val_fraction": 0.05,  # documents held out for validation
     "seq_len": 128,
     "batch_size": 4,  # per process; global batch = batch_size * processes
@@ -283,6 +290,12 @@ def _check_kinds(p: dict) -> None:
     for key in ("teacher", "corpus"):
         if not isinstance(p[key], (str, os.PathLike)) or not str(p[key]).strip():
             raise ParamsError(f"{key} must be a non-empty name or path, got {p[key]!r}.")
+    if not isinstance(p["train_corpus"], (str, os.PathLike)):
+        raise ParamsError(f"train_corpus must be a name or path ('' = the corpus's own training split, "
+                          f"'teacher-text' = text the teacher samples), got {p['train_corpus']!r}.")
+    for key in ("teacher_text_tokens", "teacher_text_prompt", "teacher_text_new"):
+        if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
+            raise ParamsError(f"{key} must be a positive integer (tokens), got {p[key]!r}.")
     name = p["run_name"]
     if not isinstance(name, str) or not _RUN_NAME.match(name) or name in (".", ".."):
         raise ParamsError(

@@ -149,7 +149,8 @@ OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge
                   "gate_init_tokens": ("gate_init_tokens",),
                   # beyond the paper: the softmax window (also in mixer_options, where the mixer reads it)
                   "hybrid_window": ("hybrid_window", "hybrid_sinks", "hybrid_mix"),
-                  "hybrid_mix_lr": ("hybrid_mix_lr",)}
+                  "hybrid_mix_lr": ("hybrid_mix_lr",),
+                  "train_corpus": ("train_corpus", "teacher_text_tokens", "teacher_text_prompt", "teacher_text_new")}
 
 def check_identity(run: Run, stage: int, ident: dict) -> dict:
     """``ident`` (a stage's identity, :func:`linearize.stages.stage_identity`); RunError if the
@@ -261,6 +262,8 @@ def _fit_identity(params: dict) -> dict:
     ident = {k: params[k] for k in _CONVERSION_KEYS + OPTIONAL_KEYS["readout_fit_tokens"]}
     if params.get("gate_init_tokens"):
         ident["gate_init_tokens"] = params["gate_init_tokens"]
+    if params.get("train_corpus"):  # the fit and the gate initialisation read the training text
+        ident.update({k: params[k] for k in OPTIONAL_KEYS["train_corpus"]})
     return jsonable(ident)
 
 
