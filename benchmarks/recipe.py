@@ -463,6 +463,8 @@ def _run_from_folder(folder: Path, variant: str, limit: int, teacher_tasks: dict
                       last["tokens"], last["wall_s"], last["ppl"], last["kl"], tasks,
                       corpus=params.get("corpus", "embedded"), seq_len=params.get("seq_len", 128),
                       train_corpus=params.get("train_corpus") or None,
+                      teacher_text={k: gen[k] for k in ("tokens", "documents", "wall_s", "prompt_corpus",
+                                                        "prompt_tokens", "new_tokens")} if gen else None,
                       teacher_ppl=last["teacher_ppl"], ood_ppl=last["ood_ppl"], ood_kl=last["ood_kl"], ood_teacher_ppl=last["ood_teacher_ppl"],
                       fit_tokens=fit["tokens"] if fit else 0, lambada_ppl=_lambada_ppl(raw),
                       margin=margin(tasks, teacher_tasks) if teacher_tasks else None, curve=curve,
@@ -555,6 +557,46 @@ def _precision_pairs(runs: list[dict], t_ppl: float) -> list[str]:
                     f"KL {p['kl']:.3f} vs {q['kl']:.3f}" for p, q in points)
                 + f". Wall time (fit + stages) {r['wall_s'] / 60:.1f} against {base['wall_s'] / 60:.1f} min, "
                 "on a machine shared with the study grid (one thread each; a ratio of upper bounds)."]
+    return out
+
+
+def _teacher_text_pairs(runs: list[dict], t_ppl: float) -> list[str]:
+    """Words for each run trained on text the teacher sampled (recipe gen-NAME) beside its
+    control mix-NAME (the same recipe on the mix's own training text), validated on the same
+    blocks: the curves at equal tokens, in domain and out of domain, and the wall time."""
+    out = []
+    for r in runs:
+        if r.get("train_corpus") != "teacher-text" or not r["variant"].startswith("gen-"):
+            continue
+        base = next((c for c in runs if c["arch"] == r["arch"] and c["variant"] == "mix-" + r["variant"][4:]), None)
+        if base is None:
+            continue
+        at = {(p["after"], p["tokens"]): p for p in base["curve"]}
+        points = [(p, at[(p["after"], p["tokens"])]) for p in r["curve"] if (p["after"], p["tokens"]) in at]
+        t_of = lambda p: p.get("teacher_ppl") or t_ppl  # noqa: E731
+
+        def ood(p):
+            return f"{p['ood_ppl'] / p['ood_teacher_ppl']:.2f}x / {p['ood_kl']:.3f}" if p.get("ood_kl") else "-"
+        gen = r.get("teacher_text") or {}
+        out += ["", f"Text the teacher samples itself, {r['arch']} / `{r['variant']}` against `{base['variant']}` "
+                f"(the same recipe, seed and schedule; the readout fit and every stage read "
+                f"{gen.get('documents', '?')} documents the teacher sampled at temperature 1 after "
+                f"{gen.get('prompt_tokens', '?')}-token prompts of the mix's training split, "
+                f"{gen.get('tokens', 0):,} tokens, instead of the mix's own text; both validated on the mix's "
+                "validation blocks and on wiki-val), at equal tokens, ppl / teacher and KL, teacher text then the "
+                "mix (out of domain in brackets): " + "; ".join(
+                    f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / t_of(p):.2f}x / {p['kl']:.3f} vs "
+                    f"{q['ppl'] / t_of(q):.2f}x / {q['kl']:.3f} ({ood(p)} vs {ood(q)})" for p, q in points)
+                + f". Wall time {r['wall_s'] / 60:.1f} min, of which {gen.get('wall_s', 0) / 60:.1f} generating the "
+                f"text, against {base['wall_s'] / 60:.1f} min (one thread each, beside the study grid: upper bounds)."]
+        if points:
+            p, q = points[-1]
+            first, first_base = points[0]
+            verdict = ("lower" if p["kl"] < q["kl"] - 0.01 else "higher" if p["kl"] > q["kl"] + 0.01 else "the same")
+            out[-1] += (f" At the start (the readout fit alone) the teacher's text gave KL {first['kl']:.3f} against "
+                        f"{first_base['kl']:.3f}; at the end the KL is {verdict} ({p['kl']:.3f} against {q['kl']:.3f}) "
+                        f"and the perplexity on the mix's real text {p['ppl'] / t_of(p):.2f}x against "
+                        f"{q['ppl'] / t_of(q):.2f}x.")
     return out
 
 
@@ -736,6 +778,7 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
                       f"{r['vs_grid']['docs']} documents)" for r in paired)
                   + ". An interval that covers 0 says the documents do not separate the two."]
     lines += _precision_pairs(data["runs"], t_ppl)
+    lines += _teacher_text_pairs(data["runs"], t_ppl)
     lines += _longer_block_pairs(data["runs"])
     carried = [r for r in data["runs"] if r.get("carried")]
     if carried:

@@ -161,6 +161,29 @@ def test_precision_pairs_put_each_bf16_run_beside_its_float32_control(recipe):
     assert "15.0 against 20.0 min" in text and "gla" not in text
 
 
+def test_teacher_text_runs_are_compared_with_the_same_recipe_on_the_mix(recipe):
+    """A `gen-NAME` run (train_corpus teacher-text) is said beside `mix-NAME` of the same student at
+    equal tokens, in and out of domain, with the generation's share of its wall time; a gen run
+    whose control is missing, or one not trained on teacher text, says nothing."""
+    def run(arch, variant, kls, wall, **extra):
+        curve = [{"after": a, "tokens": t, "ppl": 60.0 + k, "teacher_ppl": 30.0, "kl": k,
+                  "ood_ppl": 90.0, "ood_teacher_ppl": 30.0, "ood_kl": k + 0.5}
+                 for (a, t), k in zip((("conversion", 0), ("stage0", 32768), ("stage3", 49152)), kls)]
+        return {"arch": arch, "variant": variant, "curve": curve, "wall_s": wall, **extra}
+
+    gen = {"tokens": 75780, "documents": 320, "wall_s": 600.0, "prompt_tokens": 16}
+    runs = [run("deltanet", "mix-at32-kd-bf16", [3.0, 1.8, 1.6], 600.0),
+            run("deltanet", "gen-at32-kd-bf16", [2.0, 1.9, 1.4], 1200.0, train_corpus="teacher-text", teacher_text=gen),
+            run("gla", "gen-at32-kd-bf16", [2.0, 1.9, 1.4], 1200.0, train_corpus="teacher-text", teacher_text=gen),
+            run("deltanet", "gen-other", [2.0, 1.9, 1.4], 1200.0)]
+    text = " ".join(recipe._teacher_text_pairs(runs, 30.0))
+    assert "deltanet / `gen-at32-kd-bf16` against `mix-at32-kd-bf16`" in text and "gla" not in text
+    assert "stage0 32K: 2.06x / 1.900 vs 2.06x / 1.800 (3.00x / 2.400 vs 3.00x / 2.300)" in text
+    assert "20.0 min, of which 10.0 generating the text, against 10.0 min" in text
+    assert "KL 2.000 against 3.000" in text and "the KL is lower (1.400 against 1.600)" in text
+    assert "gen-other" not in text and "75,780 tokens" in text
+
+
 def test_longer_block_runs_are_compared_only_where_blocks_match(recipe):
     """A run trained on 512-token blocks is set beside its 128-token twin at 512 tokens only, and
     its own-block KL never enters the window control's training-context comparison."""
