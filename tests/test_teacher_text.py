@@ -94,8 +94,9 @@ def test_teacher_text_is_cached_and_a_crash_loses_only_the_batch_under_way(small
     monkeypatch.setattr(teacher_text, "sample", dies_on_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         teacher_text.ensure_corpus(model, tok, params, batch_size=8, progress=False)
-    partial = teacher_text.corpus_folder(params) / "docs.partial.jsonl"
-    assert len(partial.read_text().splitlines()) == 16 and not (partial.parent / "docs.jsonl").exists()
+    batches = sorted((teacher_text.corpus_folder(params) / "batches").glob("batch-*.jsonl"))
+    assert [len(b.read_text().splitlines()) for b in batches] == [8, 8]
+    assert not (teacher_text.corpus_folder(params) / "docs.jsonl").exists()
     monkeypatch.setattr(teacher_text, "sample", real)
     resumed = teacher_text.ensure_corpus(model, tok, params, batch_size=8, progress=False)
     def texts(path):

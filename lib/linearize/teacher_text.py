@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,8 +83,8 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
     """The JSONL file of the run's teacher text, generated first if it is not in the cache.
 
     ``teacher_text_tokens`` is the total (prompts included) to reach; generation stops after the
-    batch that reaches it. A crash loses at most the batch under way: finished batches are
-    appended to ``docs.partial.jsonl`` and the file is renamed only when complete."""
+    batch that reaches it. A crash loses at most the batch under way: each finished batch is
+    a file of its own under ``batches/``, and ``docs.jsonl`` is written only when all are done."""
     from .data import token_blocks
 
     folder = corpus_folder(params)
@@ -91,7 +92,7 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
     if final.exists():
         return final
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / "docs.partial.jsonl"
+    parts = folder / "batches"  # one file per finished batch, each written whole (tmp + rename)
     target = int(params["teacher_text_tokens"])
     p_len, n_new = int(params["teacher_text_prompt"]), int(params["teacher_text_new"])
     if p_len < 1 or n_new < 1 or target < 1:
@@ -102,32 +103,34 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(params["seed"]))
     stops = stop_token_ids(tokenizer)
     done, tokens = [], 0
-    if partial.exists():
-        done = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    if parts.exists():
+        done = [json.loads(line) for part in sorted(parts.glob("batch-*.jsonl"))
+                for line in part.read_text().splitlines() if line.strip()]
         tokens = sum(d["tokens"] for d in done)
+    parts.mkdir(exist_ok=True)
     n_batches = math.ceil(target / (batch_size * (p_len + n_new)))  # at least; early stops add batches
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=target, initial=min(tokens, target), desc="teacher text", unit="tok")
-    b = len(done) // batch_size
+    b = max(d["batch"] for d in done) + 1 if done else 0  # the next batch's number (its seed)
     was_training = teacher.training
     teacher.eval()
     try:
         while tokens < target:
-            idx = order[(b * batch_size) % len(order):][:batch_size]
+            start = len(done) % len(order)  # the prompts after those already used
+            idx = order[start:start + batch_size]
             t = time.perf_counter()
             rows = sample(teacher, prompts[idx].to(next(teacher.parameters()).device), n_new, stops,
                           seed=params["seed"] * 1_000_003 + b)
             wall = time.perf_counter() - t
-            with partial.open("a") as f:
-                for row in rows:
-                    # each record carries its batch's wall time, so a resumed corpus still knows its cost
-                    rec = {"text": tokenizer.decode(row), "tokens": len(row), "batch": b, "batch_wall_s": wall}
-                    f.write(json.dumps(rec) + "\n")
-                    tokens += len(row)
-                    done.append(rec)
+            # each record carries its batch's wall time, so a resumed corpus still knows its cost
+            recs = [{"text": tokenizer.decode(row), "tokens": len(row), "batch": b, "batch_wall_s": wall}
+                    for row in rows]
+            _write_whole(parts / f"batch-{b:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+            tokens += sum(r["tokens"] for r in recs)
+            done += recs
             if bar is not None:
                 bar.update(min(sum(len(r) for r in rows), max(target - bar.n, 0)))
             b += 1
@@ -142,5 +145,13 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
             "sampling": "temperature 1, no top-k, no top-p; transformers generate with the KV cache",
             "stop_ids": stops}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(partial, final)
+    _write_whole(final, "".join(json.dumps(d) + "\n" for d in done))
+    shutil.rmtree(parts)
     return final
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` in one rename, so a crash leaves the old file or the new, never half."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
