@@ -620,6 +620,61 @@ def _longer_block_pairs(runs: list[dict]) -> list[str]:
     return out
 
 
+# the marker of a curve point: where a stage ends, its stage; inside a stage, a small dot
+_STAGE_MARKERS = {"conversion": "o", "stage0": "s", "stage1": "D", "stage2": "v", "stage3": "^"}
+
+
+def plot_curves(runs: list[dict], figure: Path, plt) -> None:
+    """One row per student, three panels: validation perplexity over the teacher's, KL, and KL out
+    of domain, against training tokens. Both axes are logarithmic (x symmetric-log, so 0 tokens
+    shows): the runs span 0 to 1M tokens and ratios from 1 to 1e5, which linear axes squash into
+    a corner. Hybrids are dashed; a marker's shape says which stage a point ends."""
+    archs = list(dict.fromkeys(r["arch"] for r in runs))
+    fig, axes = plt.subplots(len(archs), 3, figsize=(17, 3.6 * len(archs)), squeeze=False)
+    palette = plt.get_cmap("tab20").colors
+    panels = (("ppl", "validation ppl / teacher's", (1.5, "pure target 1.5x"), (1.15, "hybrid target 1.15x")),
+              ("kl", "KL(teacher || student), nats", (0.40, "pure target 0.40"), (0.14, "hybrid target 0.14")),
+              ("ood_kl", "out-of-domain KL (wiki-val), nats", None, None))
+    for row, arch in zip(axes, archs):
+        mine = [r for r in runs if r["arch"] == arch]
+        for i, run in enumerate(mine):
+            colour = palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
+            for ax, (key, _, _, _) in zip(row, panels):
+                have = [p for p in run["curve"] if p.get(key) is not None]
+                if not have:
+                    continue
+                ys = [p[key] / p["teacher_ppl"] if key == "ppl" else p[key] for p in have]
+                xs = [p["tokens"] / 1e3 for p in have]
+                ax.plot(xs, ys, color=colour, ls="--" if run["hybrid"] else "-", lw=1.4,
+                        label=f"{run['variant']}" + (" (hybrid)" if run["hybrid"] else ""))
+                for x, y, p in zip(xs, ys, have):
+                    stage = p["after"].split("@")[0]
+                    inside = "@" in p["after"]
+                    ax.plot([x], [y], marker=_STAGE_MARKERS.get(stage, "o"), color=colour,
+                            ms=3 if inside else 6, ls="none")
+        for ax, (key, ylabel, *targets) in zip(row, panels):
+            ax.set_xscale("symlog", linthresh=16)
+            ax.set_yscale("log")
+            ax.set_xticks([0, 16, 64, 256, 1024])
+            ax.set_xticklabels(["0", "16K", "64K", "256K", "1M"])
+            ax.set(xlabel="training tokens", ylabel=ylabel, title=f"{arch}: {ylabel}")
+            ax.grid(True, which="major", alpha=0.3)
+            for target, side in zip(targets, ("right", "left")):  # the two labels at opposite ends
+                if target:
+                    ax.axhline(target[0], ls=":", c="grey", lw=1)
+                    ax.text(0.99 if side == "right" else 0.01, target[0], target[1], transform=ax.get_yaxis_transform(),
+                            ha=side, va="bottom", color="grey", fontsize=8)
+        # the first panel's lines: every run has a validation curve, older ones no out-of-domain one
+        row[-1].legend(*row[0].get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       title=arch, title_fontsize=9)
+    stages = [plt.Line2D([], [], marker=m, color="k", ls="none", label=f"end of {s}") for s, m in _STAGE_MARKERS.items()]
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.1 / len(archs)))
+    fig.legend(handles=stages, loc="upper center", ncol=len(stages), fontsize=9, bbox_to_anchor=(0.5, 1.0))
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_root: str | None = None) -> None:
     import matplotlib
 
@@ -630,40 +685,7 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
 
     write_json(js, data)
     t_ppl = data["teacher"]["ppl"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, run in enumerate(data["runs"]):
-        label = f"{run['arch']} / {run['variant']}"
-        colour = cycle[i % len(cycle)]  # one colour per run in every panel
-        pts = run["curve"]  # conversion (0 tokens, after the readout fit), stage points, stage ends
-        for ax, key in ((axes[0], "ppl"), (axes[1], "kl"), (axes[2], "ood_ppl")):
-            # each point against the teacher on the same blocks (a run's own corpus's validation split)
-            have = [p for p in pts if p.get(key) is not None]
-            if not have:
-                continue
-            ys = [p[key] / p["teacher_ppl"] if key == "ppl" else p[key] / p["ood_teacher_ppl"] if key == "ood_ppl"
-                  else p[key] for p in have]
-            line, = ax.plot([p["tokens"] / 1e3 for p in have], ys, marker="o", label=label, color=colour,
-                            ls="--" if run["hybrid"] else "-")
-            for p, y in zip(have, ys):  # say which stage each point ends, where a stage ends
-                if "@" not in p["after"]:
-                    ax.annotate(p["after"], (p["tokens"] / 1e3, y), textcoords="offset points", xytext=(4, 4),
-                                fontsize=8, color=line.get_color())
-    axes[0].axhline(1.5, ls=":", c="grey")
-    axes[0].text(0.01, 1.52, "target 1.5x", transform=axes[0].get_yaxis_transform(), color="grey", fontsize=9)
-    axes[1].axhline(0.40, ls=":", c="grey")
-    axes[0].set(xlabel="training tokens (thousands)", ylabel="validation perplexity / teacher's",
-                title="Perplexity ratio vs training tokens", ylim=(1, None))
-    axes[1].set(xlabel="training tokens (thousands)", ylabel="per-token KL(teacher || student), nats",
-                title="KL vs training tokens", ylim=(0, None))
-    axes[1].text(0.01, 0.41, "target 0.40", transform=axes[1].get_yaxis_transform(), color="grey", fontsize=9)
-    axes[2].set(xlabel="training tokens (thousands)", ylabel="out-of-domain perplexity / teacher's",
-                title="Out of domain (wiki-val, never trained on)", ylim=(1, None))
-    axes[2].legend(handles=axes[0].get_legend_handles_labels()[0], fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    plot_curves(data["runs"], figure, plt)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     lines = [
