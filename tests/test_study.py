@@ -335,3 +335,28 @@ def test_study_notebook_writes_tables_figures_page_html_and_its_widget_switches(
     embedded = {hashlib.sha1(base64.b64decode(i)).hexdigest() for i in images}
     for name in expected:
         assert hashlib.sha1((figures / name).read_bytes()).hexdigest() in embedded, name
+
+
+def test_validation_figure_gives_each_variant_its_panels_when_runs_are_many():
+    """Many runs of several variants (the study grid): a perplexity panel (log) above a KL panel
+    (linear, from 0, so a student at KL ~0 does not stretch it over decades) per variant, every
+    panel of a metric on the same limits; a few runs keep the two shared panels."""
+    from linearize import viz
+
+    archs = ["gla", "xlstm", "deltanet", "retnet", "hgrn2", "mamba2", "metala", "rebased"]
+    records = [{"run": f"{a}/g-{v}", "variant": v, "after": after, "perplexity": ppl * (1 + i), "KL": kl}
+               for v in ("kd", "mm") for i, a in enumerate(archs)
+               for after, ppl, kl in (("conversion", 4e4, 7.0), ("stage3", 2e3, 4.0 if a != "gla" else 1e-9))]
+    fig = viz.plot_validation(records, ("conversion", "stage1", "stage3"), teacher_perplexity=30.0)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown if ax.get_title()] == ["kd", "mm"]
+    assert len(shown) == 4
+    ppl_axes = [ax for ax in shown if ax.get_yscale() == "log"]
+    kl_axes = [ax for ax in shown if ax.get_yscale() == "linear"]
+    assert len(ppl_axes) == len(kl_axes) == 2
+    assert all(ax.get_ylim()[0] == 0 for ax in kl_axes)
+    assert ppl_axes[0].get_ylim() == ppl_axes[1].get_ylim() and ppl_axes[0].get_ylim()[0] < 30.0
+    assert [t.get_text() for t in ppl_axes[0].get_xticklabels()] == ["conv.", "st. 3"]  # only the stages it ran
+
+    few = viz.plot_validation(records[:6], ("conversion", "stage1", "stage3"))
+    assert len(few.axes) == 2

@@ -279,16 +279,27 @@ def plot_run_losses(steps, stages, stage_names: dict):
     return fig
 
 
+# Above this many runs of more than one variant, one panel per variant: a single panel of 30+
+# overlapping lines (the study grid) shows nothing.
+SMALL_MULTIPLES_ABOVE = 12
+_STAGE_SHORT = {"conversion": "conv.", "stage0": "st. 0", "stage1": "st. 1", "stage2": "st. 2", "stage3": "st. 3"}
+
+
 def plot_validation(records, stage_order, teacher_perplexity: float | None = None):
     """Validation perplexity and KL after conversion and each stage, one line per run (model
-    colour and marker, variant line style, points slightly offset so that equal values of two
-    runs stay visible). ``records``: dicts with run, variant, after, perplexity, KL."""
+    colour and marker, variant line style). ``records``: dicts with run, variant, after,
+    perplexity, KL. A few runs share two panels, their points slightly offset so that equal
+    values stay visible; many runs of several variants (the study grid) get one column per
+    variant, the students of a variant side by side, perplexity above KL, shared y axes."""
     if not records:
         return None
     import pandas as pd
 
     df = pd.DataFrame(records)
     order = list(stage_order)
+    variants = list(dict.fromkeys(df["variant"]))
+    if df["run"].nunique() > SMALL_MULTIPLES_ABOVE and len(variants) > 1:
+        return _validation_by_variant(df, order, variants, teacher_perplexity)
     runs = list(dict.fromkeys(df["run"]))
     fig = new_figure(13, 4.2)
     axes = fig.subplots(1, 2)
@@ -308,6 +319,52 @@ def plot_validation(records, stage_order, teacher_perplexity: float | None = Non
     axes[0].set_title("validation perplexity (lower is better)", fontsize=12)
     axes[1].set_title("per-token KL(teacher || student)", fontsize=12)
     legend_outside(fig, axes, title="run", fontsize=10)
+    return fig
+
+
+def _validation_by_variant(df, order, variants, teacher_perplexity, per_row: int = 4):
+    """plot_validation's small multiples: per variant a perplexity panel above a KL panel, at most
+    ``per_row`` variants a row; each student in its colour and marker (the legend names students)."""
+    n_rows = -(-len(variants) // per_row)
+    ppl = df["perplexity"].dropna()
+    ppl = ppl[ppl > 0].tolist() + ([teacher_perplexity] if teacher_perplexity else [])
+    kl = df["KL"].dropna().tolist()
+    limits = {"perplexity": (min(ppl) / 1.5, max(ppl) * 1.5) if ppl else (1, 10),
+              "KL": (0, max(kl) * 1.05) if kl else (0, 1)}
+    cols = min(per_row, len(variants))
+    fig = new_figure(3.4 * cols + 1.6, 5.2 * n_rows)
+    grid = fig.subplots(2 * n_rows, cols, squeeze=False)
+    for k in range(n_rows * cols):
+        pair = grid[2 * (k // cols):2 * (k // cols) + 2, k % cols]
+        if k >= len(variants):
+            for ax in pair:
+                ax.set_visible(False)
+            continue
+        part = df[df["variant"] == variants[k]]
+        shown = [a for a in order if a in set(part["after"])]
+        for ax, col in zip(pair, ("perplexity", "KL")):
+            for run, rows in part.groupby("run", sort=False):
+                rows = rows.assign(x=rows["after"].map(shown.index)).sort_values("x")
+                style = model_style(run)
+                ax.plot(rows["x"], rows[col], label=run.split("/")[0], color=style["color"], marker=style["marker"],
+                        linestyle="-", markersize=5, alpha=0.85, lw=1.3)
+            if col == "perplexity" and teacher_perplexity is not None:
+                ax.axhline(teacher_perplexity, color="k", ls="--", lw=1, label="teacher")
+            ax.set_xticks(range(len(shown)), [_STAGE_SHORT.get(a, a) for a in shown], fontsize=9)
+            ax.set_xlim(-0.3, len(shown) - 0.7)
+            # perplexity spans decades (1e5 at conversion to the teacher's ~30); KL is linear, since a
+            # student that starts as the teacher (softmax: KL ~1e-9) would stretch a log axis over
+            # ten decades. Every panel of a metric shares its limits, across rows too.
+            if col == "perplexity":
+                ax.set_yscale("log")
+            ax.set_ylim(*limits[col])
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=9)
+        pair[0].set_title(f"{variants[k]}", fontsize=11)
+        if k % cols == 0:
+            pair[0].set_ylabel("validation perplexity", fontsize=10)
+            pair[1].set_ylabel("KL(teacher || student)", fontsize=10)
+    legend_outside(fig, grid.ravel(), title="student", fontsize=10)
     return fig
 
 
