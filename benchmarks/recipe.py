@@ -119,6 +119,11 @@ RECIPES: dict[str, tuple[dict, str]] = {
        for name, extra, what in (
            ("mix-at32-kd", {}, "32K transfer, 16K distillation (lr 1e-4), mixed corpus, float32: bf16's control"),
            ("mix-at32-kd-bf16", {"bf16": True}, "as mix-at32-kd, every stage under bf16 autocast"),
+           # the readout fit on 64 blocks spread over the mix's training split instead of its first
+           # 64 (8K consecutive tokens: parts of three documents); a fit on the teacher's own text, whose
+           # 64 blocks come from 32 prompts spread over the split, started far closer (gen-at32-kd-bf16)
+           ("spread-at32-kd-bf16", {"bf16": True, "fit_spread": True},
+            "as mix-at32-kd-bf16, the readout fit on blocks spread over the training split (fit_spread)"),
            # issue 13 item 5, text the teacher generates: every stage (and the readout fit) trains on
            # 64K tokens the teacher samples at temperature 1 from 16-token prompts of the mix's
            # training split (linearize.teacher_text); validated, like its control mix-at32-kd-bf16, on

@@ -435,3 +435,18 @@ def test_fused_adamw_follows_the_default_implementation():
     for got, want, before in zip(*finals, start):
         assert (got - before).abs().max() > 1e-3  # five steps moved it
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_fit_spread_reads_blocks_spread_over_the_split_and_enters_the_identity_only_when_on():
+    from linearize.runs import _fit_identity, fit_blocks
+
+    blocks = torch.arange(100 * 4).view(100, 4)
+    plain = _params(readout_fit_tokens=16)
+    assert torch.equal(fit_blocks(blocks, 16, plain, "readout_fit_tokens"), blocks[:4])
+    spread = {**plain, "fit_spread": True}
+    picked = fit_blocks(blocks, 16, spread, "readout_fit_tokens")
+    assert picked[:, 0].tolist() == [0, 132, 264, 396]  # blocks 0, 33, 66, 99: first to last, evenly
+    with pytest.raises(ValueError, match="readout_fit_tokens=404 asks for 101 blocks"):
+        fit_blocks(blocks, 404, spread, "readout_fit_tokens")
+    assert "fit_spread" not in _fit_identity(plain) and "fit_spread" not in S.stage_identity(plain, 3, "conversion")
+    assert _fit_identity(spread)["fit_spread"] is True and S.stage_identity(spread, 3, "conversion")["fit_spread"]

@@ -67,12 +67,16 @@ DEFAULTS: dict[str, Any] = {
     # first hybrids ended within 0.0004 of their 0.99 start (docs/recipe.md). Not weight-decayed.
     "hybrid_mix_lr": None,
     # closed-form o_proj fit after conversion (linearize.calibrate; an extension, 0 = off as in
-    # the paper): the first ceil(tokens / seq_len) training blocks, ridge towards the copied o_proj
+    # the paper): ceil(tokens / seq_len) training blocks (fit_spread), ridge towards the copied o_proj
     # decay gates set per head from the teacher's attention distances (linearize.gate_init; an
-    # extension, 0 = off): measured on the first ceil(tokens / seq_len) training blocks
+    # extension, 0 = off): measured on ceil(tokens / seq_len) training blocks (fit_spread)
     "gate_init_tokens": 0,
     "readout_fit_tokens": 0,
     "readout_fit_ridge": 1.0e-2,
+    # where the readout fit and the gate initialisation read their blocks: False, the first ones
+    # (consecutive text: on the mix, its first 8K tokens are parts of three documents); True,
+    # blocks spread evenly over the whole training split (docs/recipe.md measures both)
+    "fit_spread": False,
     # which stages run
     "attention_transfer": False,  # stage 0 (an extension: linearize.transfer), before stages 1-3
     "matrix_mixing": True,  # stage 1
@@ -269,7 +273,8 @@ def _check_values(p: dict) -> None:
 
 # Switches: YAML reads true/false/yes/no as booleans; anything else (e.g. "maybe") is refused
 # rather than read as truthy.
-_BOOL_KEYS = ("qkv_copy", "matrix_mixing", "h2h", "distill", "bf16", "measure_teacher_throughput", "hybrid_learn_mix")
+_BOOL_KEYS = ("qkv_copy", "matrix_mixing", "h2h", "distill", "bf16", "measure_teacher_throughput", "hybrid_learn_mix",
+              "fit_spread")
 _BACKENDS = ("auto", "torch", "fla")
 # run_name is one folder under outputs/<arch>/: no separators, no "..", nothing absolute.
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+=@-]*$")

@@ -150,6 +150,7 @@ OPTIONAL_KEYS = {"readout_fit_tokens": ("readout_fit_tokens", "readout_fit_ridge
                   # beyond the paper: the softmax window (also in mixer_options, where the mixer reads it)
                   "hybrid_window": ("hybrid_window", "hybrid_sinks", "hybrid_mix"),
                   "hybrid_mix_lr": ("hybrid_mix_lr",),
+                  "fit_spread": ("fit_spread",),
                   "train_corpus": ("train_corpus", "teacher_text_tokens", "teacher_text_prompt", "teacher_text_new")}
 
 def check_identity(run: Run, stage: int, ident: dict) -> dict:
@@ -264,12 +265,26 @@ def _fit_identity(params: dict) -> dict:
         ident["gate_init_tokens"] = params["gate_init_tokens"]
     if params.get("train_corpus"):  # the fit and the gate initialisation read the training text
         ident.update({k: params[k] for k in OPTIONAL_KEYS["train_corpus"]})
+    if params.get("fit_spread"):
+        ident["fit_spread"] = True
     return jsonable(ident)
+
+
+def fit_blocks(train_blocks: torch.Tensor, tokens: int, params: dict, what: str) -> torch.Tensor:
+    """The ceil(tokens / seq_len) blocks the readout fit or the gate initialisation reads: the
+    first ones, or with ``fit_spread`` as many spread evenly over all of ``train_blocks`` (fixed
+    either way, so every process and every resume reads the same)."""
+    n = -(-tokens // train_blocks.shape[1])
+    if n > len(train_blocks):
+        raise ValueError(f"{what}={tokens} asks for {n} blocks; the corpus has {len(train_blocks)}.")
+    if not params.get("fit_spread") or n == 1:
+        return train_blocks[:n]
+    return train_blocks[torch.linspace(0, len(train_blocks) - 1, n).round().long()]
 
 
 def init_gates(student, teacher, params: dict, train_blocks: torch.Tensor | None, run: Run | None = None) -> None:
     """The optional decay-gate initialisation of a fresh conversion from the teacher's attention
-    (``gate_init_tokens`` > 0, linearize.gate_init), on the first training blocks."""
+    (``gate_init_tokens`` > 0, linearize.gate_init), on training blocks (:func:`fit_blocks`)."""
     from . import gate_init
 
     tokens = params.get("gate_init_tokens") or 0
@@ -277,20 +292,18 @@ def init_gates(student, teacher, params: dict, train_blocks: torch.Tensor | None
         return
     if train_blocks is None:
         raise ValueError("gate_init_tokens > 0 needs the training blocks to measure the teacher on.")
-    n = -(-tokens // train_blocks.shape[1])
-    if n > len(train_blocks):
-        raise ValueError(f"gate_init_tokens={tokens} asks for {n} blocks; the corpus has {len(train_blocks)}.")
+    blocks = fit_blocks(train_blocks, tokens, params, "gate_init_tokens")
     t = time.perf_counter()
-    gammas = gate_init.teacher_retention(teacher, train_blocks[:n], batch_size=params["batch_size"])
+    gammas = gate_init.teacher_retention(teacher, blocks, batch_size=params["batch_size"])
     changed = gate_init.init_gates(student, gammas)
     if run is not None:
-        run.log({"event": "gate_init", "tokens": n * train_blocks.shape[1], "wall_s": time.perf_counter() - t,
+        run.log({"event": "gate_init", "tokens": blocks.numel(), "wall_s": time.perf_counter() - t,
                  "mixers_changed": len(changed), "retention": gammas.tolist()})
 
 
 def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | None, run: Run | None = None) -> None:
     """The optional closed-form o_proj fit of a fresh conversion (``readout_fit_tokens`` > 0),
-    on the first training blocks (fixed, so every process and every resume fits the same).
+    on training blocks (:func:`fit_blocks`: fixed, so every process and every resume fits the same).
 
     With a run, the fitted student is kept in ``conversion/`` with what it depends on, and a
     later call with the same parameters loads it instead of fitting again: notebook 01 and 02
@@ -312,13 +325,11 @@ def fit_readout(student, teacher, params: dict, train_blocks: torch.Tensor | Non
             return  # a different identity is refitted and overwritten below
     if train_blocks is None:
         raise ValueError("readout_fit_tokens > 0 needs the training blocks to fit on.")
-    n = -(-tokens // train_blocks.shape[1])
-    if n > len(train_blocks):
-        raise ValueError(f"readout_fit_tokens={tokens} asks for {n} blocks; the corpus has {len(train_blocks)}.")
+    blocks = fit_blocks(train_blocks, tokens, params, "readout_fit_tokens")
     t = time.perf_counter()
     device = next(teacher.parameters()).device
     student.to(device)
-    fits = fit_readouts(student, teacher, train_blocks[:n], ridge=params["readout_fit_ridge"],
+    fits = fit_readouts(student, teacher, blocks, ridge=params["readout_fit_ridge"],
                         batch_size=params["batch_size"])
     if run is not None:
         record = {"event": "readout_fit", "tokens": fits[0].tokens, "wall_s": time.perf_counter() - t,
