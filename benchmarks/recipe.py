@@ -542,6 +542,31 @@ def _long(run: dict, part: str) -> str:
     return f"{rec['ppl'] / rec['teacher_ppl']:.2f}x, {rec['kl']:.3f}" if rec else "-"
 
 
+def _equal_token_points(run: dict, base: dict) -> list[tuple[dict, dict]]:
+    """(run point, base point) pairs of two runs' curves after the same stage at equal tokens."""
+    at = {(p["after"], p["tokens"]): p for p in base["curve"]}
+    return [(p, at[(p["after"], p["tokens"])]) for p in run["curve"] if (p["after"], p["tokens"]) in at]
+
+
+def _fit_spread_pairs(runs: list[dict], t_ppl: float) -> list[str]:
+    """Words for each `spread-NAME` run (the readout fit on blocks spread over the training split)
+    beside `mix-NAME` (the fit on the split's first blocks), at equal tokens."""
+    out = []
+    for r in runs:
+        base = next((c for c in runs if c["arch"] == r["arch"] and r["variant"].startswith("spread-")
+                     and c["variant"] == "mix-" + r["variant"][7:]), None)
+        if base is None:
+            continue
+        t_of = lambda p: p.get("teacher_ppl") or t_ppl  # noqa: E731
+        out += ["", f"Where the readout fit reads, {r['arch']} / `{r['variant']}` against `{base['variant']}` (the same "
+                "recipe, seed and batches; the fit's 64 blocks spread evenly over the mix's training split against "
+                "its first 64, which are parts of three documents), at equal tokens, ppl / teacher and KL, spread "
+                "then first: " + "; ".join(
+                    f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / t_of(p):.2f}x / {p['kl']:.3f} vs "
+                    f"{q['ppl'] / t_of(q):.2f}x / {q['kl']:.3f}" for p, q in _equal_token_points(r, base)) + "."]
+    return out
+
+
 def _precision_pairs(runs: list[dict], t_ppl: float) -> list[str]:
     """Words for each bf16 run beside its float32 control (recipe NAME-bf16 against NAME, same
     student): the curves point by point at equal tokens, and the wall time."""
@@ -552,8 +577,7 @@ def _precision_pairs(runs: list[dict], t_ppl: float) -> list[str]:
         base = next((c for c in runs if c["arch"] == r["arch"] and c["variant"] == r["variant"][:-5]), None)
         if base is None:
             continue
-        at = {(p["after"], p["tokens"]): p for p in base["curve"]}
-        points = [(p, at[(p["after"], p["tokens"])]) for p in r["curve"] if (p["after"], p["tokens"]) in at]
+        points = _equal_token_points(r, base)
         t_of = lambda p: p.get("teacher_ppl") or t_ppl  # noqa: E731
         out += ["", f"bf16 autocast for training, {r['arch']} / `{r['variant']}` against its float32 control "
                 f"`{base['variant']}` (the same recipe, seed and batches; validation in float32 for both), at "
@@ -576,8 +600,7 @@ def _teacher_text_pairs(runs: list[dict], t_ppl: float) -> list[str]:
         base = next((c for c in runs if c["arch"] == r["arch"] and c["variant"] == "mix-" + r["variant"][4:]), None)
         if base is None:
             continue
-        at = {(p["after"], p["tokens"]): p for p in base["curve"]}
-        points = [(p, at[(p["after"], p["tokens"])]) for p in r["curve"] if (p["after"], p["tokens"]) in at]
+        points = _equal_token_points(r, base)
         t_of = lambda p: p.get("teacher_ppl") or t_ppl  # noqa: E731
 
         def ood(p):
@@ -806,6 +829,7 @@ def write_report(data: dict, md: Path, js: Path, figure: Path, limit: int, grid_
                   + ". An interval that covers 0 says the documents do not separate the two."]
     lines += _precision_pairs(data["runs"], t_ppl)
     lines += _teacher_text_pairs(data["runs"], t_ppl)
+    lines += _fit_spread_pairs(data["runs"], t_ppl)
     lines += _longer_block_pairs(data["runs"])
     carried = [r for r in data["runs"] if r.get("carried")]
     if carried:

@@ -184,6 +184,19 @@ def test_teacher_text_runs_are_compared_with_the_same_recipe_on_the_mix(recipe):
     assert "gen-other" not in text and "75,780 tokens" in text
 
 
+def test_fit_spread_runs_are_compared_with_the_fit_on_the_first_blocks(recipe):
+    def run(arch, variant, kls):
+        curve = [{"after": a, "tokens": t, "ppl": 60.0 + k, "teacher_ppl": 30.0, "kl": k}
+                 for (a, t), k in zip((("conversion", 0), ("stage3", 49152)), kls)]
+        return {"arch": arch, "variant": variant, "curve": curve, "wall_s": 60.0}
+
+    runs = [run("deltanet", "mix-at32-kd-bf16", [3.0, 1.6]), run("deltanet", "spread-at32-kd-bf16", [2.0, 1.5]),
+            run("gla", "spread-at32-kd-bf16", [2.0, 1.5])]
+    text = " ".join(recipe._fit_spread_pairs(runs, 30.0))
+    assert "deltanet / `spread-at32-kd-bf16` against `mix-at32-kd-bf16`" in text and "gla" not in text
+    assert "conversion 0K: 2.07x / 2.000 vs 2.10x / 3.000; stage3 48K: 2.05x / 1.500 vs 2.05x / 1.600." in text
+
+
 def test_longer_block_runs_are_compared_only_where_blocks_match(recipe):
     """A run trained on 512-token blocks is set beside its 128-token twin at 512 tokens only, and
     its own-block KL never enters the window control's training-context comparison."""
