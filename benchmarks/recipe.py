@@ -542,6 +542,11 @@ def _long(run: dict, part: str) -> str:
     return f"{rec['ppl'] / rec['teacher_ppl']:.2f}x, {rec['kl']:.3f}" if rec else "-"
 
 
+def _ood(p: dict) -> str:
+    """A curve point's out-of-domain ppl / teacher and KL, or - where the run did not log them."""
+    return f"{p['ood_ppl'] / p['ood_teacher_ppl']:.2f}x / {p['ood_kl']:.3f}" if p.get("ood_kl") else "-"
+
+
 def _equal_token_points(run: dict, base: dict) -> list[tuple[dict, dict]]:
     """(run point, base point) pairs of two runs' curves after the same stage at equal tokens."""
     at = {(p["after"], p["tokens"]): p for p in base["curve"]}
@@ -561,9 +566,15 @@ def _fit_spread_pairs(runs: list[dict], t_ppl: float) -> list[str]:
         out += ["", f"Where the readout fit reads, {r['arch']} / `{r['variant']}` against `{base['variant']}` (the same "
                 "recipe, seed and batches; the fit's 64 blocks spread evenly over the mix's training split against "
                 "its first 64, which are parts of three documents), at equal tokens, ppl / teacher and KL, spread "
-                "then first: " + "; ".join(
+                "then first (out of domain in brackets): " + "; ".join(
                     f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / t_of(p):.2f}x / {p['kl']:.3f} vs "
-                    f"{q['ppl'] / t_of(q):.2f}x / {q['kl']:.3f}" for p, q in _equal_token_points(r, base)) + "."]
+                    f"{q['ppl'] / t_of(q):.2f}x / {q['kl']:.3f}" + (f" ({_ood(p)} vs {_ood(q)})" if p.get("ood_kl") else "")
+                    for p, q in _equal_token_points(r, base)) + "."]
+        points = _equal_token_points(r, base)
+        if points and points[-1][0].get("ood_kl") and points[-1][1].get("ood_kl"):
+            p, q = points[-1]
+            out[-1] += (f" At the end, KL {p['kl'] - q['kl']:+.3f} nats in domain and {p['ood_kl'] - q['ood_kl']:+.3f} "
+                        "out of domain (spread minus first).")
     return out
 
 
@@ -603,8 +614,6 @@ def _teacher_text_pairs(runs: list[dict], t_ppl: float) -> list[str]:
         points = _equal_token_points(r, base)
         t_of = lambda p: p.get("teacher_ppl") or t_ppl  # noqa: E731
 
-        def ood(p):
-            return f"{p['ood_ppl'] / p['ood_teacher_ppl']:.2f}x / {p['ood_kl']:.3f}" if p.get("ood_kl") else "-"
         gen = r.get("teacher_text") or {}
         out += ["", f"Text the teacher samples itself, {r['arch']} / `{r['variant']}` against `{base['variant']}` "
                 f"(the same recipe, seed and schedule; the readout fit and every stage read "
@@ -614,7 +623,7 @@ def _teacher_text_pairs(runs: list[dict], t_ppl: float) -> list[str]:
                 "validation blocks and on wiki-val), at equal tokens, ppl / teacher and KL, teacher text then the "
                 "mix (out of domain in brackets): " + "; ".join(
                     f"{p['after']} {p['tokens'] // 1024}K: {p['ppl'] / t_of(p):.2f}x / {p['kl']:.3f} vs "
-                    f"{q['ppl'] / t_of(q):.2f}x / {q['kl']:.3f} ({ood(p)} vs {ood(q)})" for p, q in points)
+                    f"{q['ppl'] / t_of(q):.2f}x / {q['kl']:.3f} ({_ood(p)} vs {_ood(q)})" for p, q in points)
                 + f". Wall time {r['wall_s'] / 60:.1f} min, of which {gen.get('wall_s', 0) / 60:.1f} generating the "
                 f"text, against {base['wall_s'] / 60:.1f} min (one thread each, beside the study grid: upper bounds)."]
         if points:

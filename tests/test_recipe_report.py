@@ -195,6 +195,7 @@ def test_fit_spread_runs_are_compared_with_the_fit_on_the_first_blocks(recipe):
     text = " ".join(recipe._fit_spread_pairs(runs, 30.0))
     assert "deltanet / `spread-at32-kd-bf16` against `mix-at32-kd-bf16`" in text and "gla" not in text
     assert "conversion 0K: 2.07x / 2.000 vs 2.10x / 3.000; stage3 48K: 2.05x / 1.500 vs 2.05x / 1.600." in text
+    assert "(out of domain in brackets)" in text  # and none here: these curves logged no OOD point
 
 
 def test_longer_block_runs_are_compared_only_where_blocks_match(recipe):
