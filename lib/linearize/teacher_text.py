@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -108,7 +107,6 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
                 for line in part.read_text().splitlines() if line.strip()]
         tokens = sum(d["tokens"] for d in done)
     parts.mkdir(exist_ok=True)
-    n_batches = math.ceil(target / (batch_size * (p_len + n_new)))  # at least; early stops add batches
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -140,7 +138,7 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
             bar.close()
     meta = {"teacher": str(params["teacher"]), "prompt_corpus": str(params["corpus"]),
             "prompt_tokens": p_len, "new_tokens": n_new, "target_tokens": target, "seed": params["seed"],
-            "documents": len(done), "tokens": tokens, "batches_planned": n_batches,
+            "documents": len(done), "tokens": tokens,
             "wall_s": sum({d["batch"]: d["batch_wall_s"] for d in done}.values()),
             "sampling": "temperature 1, no top-k, no top-p; transformers generate with the KV cache",
             "stop_ids": stops}
