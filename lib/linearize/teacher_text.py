@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -85,6 +84,7 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
     batch that reaches it. A crash loses at most the batch under way: each finished batch is
     a file of its own under ``batches/``, and ``docs.jsonl`` is written only when all are done."""
     from .data import token_blocks
+    from .runs import atomic_write_text
 
     folder = corpus_folder(params)
     final = folder / "docs.jsonl"
@@ -126,7 +126,7 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
             # each record carries its batch's wall time, so a resumed corpus still knows its cost
             recs = [{"text": tokenizer.decode(row), "tokens": len(row), "batch": b, "batch_wall_s": wall}
                     for row in rows]
-            _write_whole(parts / f"batch-{b:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+            atomic_write_text(parts / f"batch-{b:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
             tokens += sum(r["tokens"] for r in recs)
             done += recs
             if bar is not None:
@@ -136,20 +136,14 @@ def ensure_corpus(teacher, tokenizer, params: dict, batch_size: int = 64, progre
         teacher.train(was_training)
         if bar is not None:
             bar.close()
-    meta = {"teacher": str(params["teacher"]), "prompt_corpus": str(params["corpus"]),
+    info = {"teacher": str(params["teacher"]), "prompt_corpus": str(params["corpus"]),
             "prompt_tokens": p_len, "new_tokens": n_new, "target_tokens": target, "seed": params["seed"],
             "documents": len(done), "tokens": tokens,
             "wall_s": sum({d["batch"]: d["batch_wall_s"] for d in done}.values()),
             "sampling": "temperature 1, no top-k, no top-p; transformers generate with the KV cache",
             "stop_ids": stops}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    _write_whole(final, "".join(json.dumps(d) + "\n" for d in done))
+    atomic_write_text(folder / "meta.json", json.dumps(info, indent=1))
+    atomic_write_text(final, "".join(json.dumps(d) + "\n" for d in done))
     shutil.rmtree(parts)
     return final
 
-
-def _write_whole(path: Path, text: str) -> None:
-    """``text`` into ``path`` in one rename, so a crash leaves the old file or the new, never half."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
