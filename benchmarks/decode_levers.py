@@ -13,6 +13,9 @@ Variants of a student (same weights, same prefilled state, each on its own copy 
 * compiled   ``linearize.decode.compile_decode(kernel_threads=None)``: the layer step compiled by
              inductor, its kernels on torch's intra-op threads
 * compiled1  the same with inductor's kernels on one thread (``kernel_threads=1``, the default)
+* model      ``compile_decode(scope="model")``: all layers' step as one compiled graph
+* frozen     the same with inductor's freezing (``freeze=True``): weights as constants, the
+             linear layers prepacked for oneDNN
 
     PYTHONPATH=lib .venv/bin/python benchmarks/decode_levers.py --students deltanet,gla --contexts 128,2048
 """
@@ -60,15 +63,22 @@ _COMPILED: dict = {}
 
 
 @contextlib.contextmanager
-def _compiled(model, kernel_threads):
-    """The model's layers take linearize.decode's compiled step while inside (one compiled
-    function per kernel_threads setting, shared by every layer and student)."""
+def _compiled(model, kernel_threads, scope="layer", freeze=False):
+    """The model takes linearize.decode's compiled step while inside: for scope "layer" one
+    compiled function per kernel_threads setting, shared by every layer and student; for scope
+    "model" one per model and setting (its graph holds that model's layers)."""
     from linearize.decode import compile_decode, uncompile_decode
-    if kernel_threads not in _COMPILED:
-        compile_decode(model, kernel_threads=kernel_threads)
-        _COMPILED[kernel_threads] = model.model.layers[0].compiled_decode_step
-    for layer in model.model.layers:
-        layer.compiled_decode_step = _COMPILED[kernel_threads]
+    key = (kernel_threads, scope, freeze) + ((id(model),) if scope == "model" else ())
+    if key not in _COMPILED:
+        compile_decode(model, kernel_threads=kernel_threads, scope=scope, freeze=freeze)
+        _COMPILED[key] = (model.model.__dict__.get("compiled_decode_body"),
+                          model.model.layers[0].__dict__.get("compiled_decode_step"))
+    body, step = _COMPILED[key]
+    if body is not None:
+        model.model.compiled_decode_body = body
+    if step is not None:
+        for layer in model.model.layers:
+            layer.compiled_decode_step = step
     try:
         yield
     finally:
@@ -87,7 +97,11 @@ def variant_patches(name: str, model):
         return [_compiled(model, None)]
     if name == "compiled1":  # inductor's kernels single-threaded, GEMVs on torch's threads (the default)
         return [_compiled(model, 1)]
-    raise SystemExit(f"unknown variant {name!r}: conv1d, ref, fused, compiled, compiled1")
+    if name == "model":  # every layer in one compiled graph
+        return [_compiled(model, 1, scope="model")]
+    if name == "frozen":  # the same with the weights frozen into it (oneDNN-prepacked linears)
+        return [_compiled(model, 1, scope="model", freeze=True)]
+    raise SystemExit(f"unknown variant {name!r}: conv1d, ref, fused, compiled, compiled1, model, frozen")
 
 
 def main(argv=None) -> dict:
@@ -150,7 +164,7 @@ def main(argv=None) -> dict:
         print(f"T={ctx} load {load0} -> {load1}: " + ", ".join(
             f"{label} {point['tok_s'][label]:.2f} tok/s ({point['over_teacher'][label]:.2f}x)" for label in med),
             flush=True)
-        slow = {k: v for k, v in first.items() if "compiled" in k}
+        slow = {k: v for k, v in first.items() if k.split(":")[-1] in ("compiled", "compiled1", "model", "frozen")}
         if slow:
             print("  first step (compiles): " + ", ".join(f"{k} {v['wall_s']:.1f} s wall / {v['cpu_s']:.1f} s CPU"
                                                          for k, v in slow.items()), flush=True)

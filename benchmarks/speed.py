@@ -60,6 +60,21 @@ def commit() -> str:
         return "unknown"
 
 
+def _compiled_words(how) -> str:
+    """The decode table's sentence on how the students stepped (JSON's compile_decode: False,
+    True as on pages before "model" existed, or a name of linearize.decode.COMPILED_STEPS)."""
+    if not how:
+        return "Every model runs eager."
+    what = {True: "the layer step compiled by inductor, one graph shared by every layer",
+            "layer": "the layer step compiled by inductor, one graph shared by every layer",
+            "model": "every layer's step compiled by inductor as one graph",
+            "frozen": "every layer's step compiled by inductor as one graph, the weights frozen into it "
+                      "as constants (oneDNN-prepacked linear layers)"}[how]
+    return (f"Students decode through `linearize.decode.compile_decode` ({what}; the first, compiling "
+            "step is excluded and its wall time is in the JSON's `first_step_s`); the teacher runs eager, "
+            "as transformers ships it.")
+
+
 # ------------------------------------------------------------------------------ parts (children)
 def part_bandwidth(args) -> dict:
     from linearize.bench import measure_bandwidth
@@ -272,10 +287,7 @@ def write_page(j: dict, args, out_md: Path) -> None:
               "(teacher: DynamicCache, sdpa; students: their recurrent state), all models' steps interleaved "
               "in one process. Teacher limit: "
               f"{d['decode']['teacher_limit']} positions. "
-              + ("Students decode through `linearize.decode.compile_decode` (the layer step compiled by "
-                 "inductor; the first, compiling step is excluded and its wall time is in the JSON's "
-                 "`first_step_s`); the teacher runs eager, as transformers ships it."
-                 if d["decode"].get("compile_decode") else "Every model runs eager."), "",
+              + _compiled_words(d["decode"].get("compile_decode")), "",
               "| model | " + " | ".join(ctxs) + " | MiB moved/step at 8192 |",
               "|---|" + "---|" * (len(ctxs) + 1)]
         for name, per_ctx in dec.items():
@@ -314,8 +326,10 @@ def main(argv=None):
     ap.add_argument("--students", default=",".join(STUDENTS))
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--compile-decode", action="store_true",
-                    help="students decode through linearize.decode.compile_decode (inductor); compile time logged")
+    ap.add_argument("--compile-decode", nargs="?", const="layer", default=False, choices=("layer", "model", "frozen"),
+                    help="students decode through linearize.decode.compile_decode (inductor): 'layer' (the "
+                         "flag alone) compiles one layer's step, 'model' every layer as one graph, 'frozen' the "
+                         "same with the weights as constants; compile time logged")
     ap.add_argument("--mixers", default="", help="kernels: comma list (default: all ten)")
     ap.add_argument("--kernel-t", type=int, default=2048)
     ap.add_argument("--kernel-rounds", type=int, default=2)

@@ -142,6 +142,44 @@ def test_compiled_decode_equals_eager_decode(tiny_llama, name):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # inductor compiles every layer's step as one graph
+@pytest.mark.parametrize("name,freeze", [("deltanet", False), ("gla", True)])
+def test_whole_model_compiled_decode_equals_eager_decode(tiny_llama, name, freeze):
+    """scope="model": the stack of layers as one graph (and, with freeze, weights as its constants)
+    decodes the same tokens as the eager model; the layer-step path is not what ran."""
+    from torch._dynamo.utils import counters
+
+    from linearize.decode import compile_decode, uncompile_decode
+
+    torch.manual_seed(4)
+    student = _student(tiny_llama, name)
+    prompt = torch.randint(0, tiny_llama.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        eager = _decode(student, prompt, 4)
+        graphs = counters["stats"]["unique_graphs"]
+        compile_decode(student, scope="model", freeze=freeze)
+        assert all("compiled_decode_step" not in vars(layer) for layer in student.model.layers)
+        try:
+            compiled = _decode(student, prompt, 4)
+        finally:
+            uncompile_decode(student)
+        assert "compiled_decode_body" not in vars(student.model)
+        again = _decode(student, prompt, 4)
+    assert counters["stats"]["unique_graphs"] > graphs
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)  # uncompiled: the eager path again
+
+
+def test_compile_decode_refuses_bad_options(tiny_llama):
+    from linearize.decode import compile_decode
+
+    student = _student(tiny_llama, "deltanet")
+    with pytest.raises(ValueError, match="scope"):
+        compile_decode(student, scope="stack")
+    with pytest.raises(ValueError, match="freeze=True needs scope='model'"):
+        compile_decode(student, freeze=True)
+
+
 def test_compile_decode_refuses_the_teacher(tiny_llama):
     from linearize.decode import compile_decode
 

@@ -282,7 +282,7 @@ def decode_side_by_side(
     seed: int = 0,
     log=print,
     clock=time.perf_counter,
-    compile_decode: bool = False,
+    compile_decode: bool | str = False,
 ) -> dict:
     """Decode tokens/s of the teacher and ``students`` at each context, measured in this one
     process with their steps interleaved over models and contexts (teacher at 128, student 1 at
@@ -299,14 +299,22 @@ def decode_side_by_side(
     context: ``bytes_per_step`` (weights + cache/state after the prefill). Peak memory: the
     teacher plus every student (about 0.55 GB each in float32).
 
-    ``compile_decode``: the students step through ``linearize.decode.compile_decode`` (inductor);
-    the first step at each context, which compiles (later contexts reuse it), is timed into
+    ``compile_decode``: the students step through ``linearize.decode.compile_decode`` (inductor):
+    a name of ``decode.COMPILED_STEPS`` ("layer": one layer's step, shared; "model": every layer
+    in one graph; "frozen": the same with the weights as constants), True for "layer", False for
+    eager; the first step at each context, which compiles (later contexts reuse it), is timed into
     ``first_step_s`` (wall seconds) and logged, and, like every warm-up step, left out of tok/s."""
     import torch
 
     from . import mixers
     from .convert import convert
 
+    from .decode import COMPILED_STEPS
+
+    if compile_decode is True:
+        compile_decode = "layer"
+    if compile_decode and compile_decode not in COMPILED_STEPS:
+        raise BenchError(f"compile_decode={compile_decode!r}: use one of {', '.join(COMPILED_STEPS)} (or False)")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     unknown = [s for s in students if s not in mixers.available()]
@@ -320,7 +328,8 @@ def decode_side_by_side(
         if compile_decode:
             from .decode import compile_decode as _compile
 
-            _compile(models[name])
+            scope, freeze = COMPILED_STEPS[compile_decode]
+            _compile(models[name], scope=scope, freeze=freeze)
     weights = {name: weight_bytes(m) for name, m in models.items()}
     out: dict = {"tok_s": {}, "bytes_per_step": {}, "state_bytes": {}, "weights_bytes": weights,
                  "steps": steps, "threads": threads, "teacher_limit": limit, "prefill_chunk": prefill_chunk,

@@ -34,7 +34,25 @@ def decoder_layer_step(layer, hidden_states, position_embeddings, state):
     return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states)), new_state
 
 
-def compile_decode(model, kernel_threads: int | None = 1, **compile_kwargs):
+def decoder_body_step(layers, hidden_states, position_embeddings, states):
+    """Every decoder layer on a single token, in order: (hidden, [state per layer]) ->
+    (hidden, [new state per layer]). Compiled as one graph (``scope="model"``), the step has no
+    Python or dispatch between layers, and inductor sees all 30 layers' small kernels at once."""
+    new_states = []
+    for layer, state in zip(layers, states):
+        hidden_states, state = decoder_layer_step(layer, hidden_states, position_embeddings, state)
+        new_states.append(state)
+    return hidden_states, new_states
+
+
+SCOPES = ("layer", "model")
+# The ways a benchmark can ask for a compiled decode step, by name: each is compile_decode's
+# (scope, freeze).
+COMPILED_STEPS = {"layer": ("layer", False), "model": ("model", False), "frozen": ("model", True)}
+
+
+def compile_decode(model, kernel_threads: int | None = 1, scope: str = "layer", freeze: bool = False,
+                   **compile_kwargs):
     """Make ``model`` (a ``LinearizedLlamaForCausalLM``) take a compiled single-token step.
 
     ``kernel_threads``: OpenMP threads inductor's generated C++ kernels use (None: torch's
@@ -42,13 +60,29 @@ def compile_decode(model, kernel_threads: int | None = 1, **compile_kwargs):
     thread pool (no fork/join per kernel) while the weight GEMVs, which inductor leaves to the
     BLAS, keep torch's threads: at 2 threads on the loaded 2-core machine (load 5-6), context 128,
     it gave 0.75x / 0.88x the teacher's step (deltanet / gla) against 0.62x / 0.71x with None
-    and 0.69x / 0.59x eager (benchmarks/decode_levers.py). Returns the model;
-    ``uncompile_decode`` undoes it."""
+    and 0.69x / 0.59x eager (benchmarks/decode_levers.py).
+
+    ``scope``: "layer" compiles one layer's step, shared by every layer (one small graph per
+    mixer class, compiled in seconds); "model" compiles the whole stack of layers as one graph
+    (``decoder_body_step``; compiling takes about as many times longer as there are layers).
+
+    ``freeze``: inductor's freezing (``scope="model"`` only): the weights become constants of the
+    compiled graph, which lets inductor prepack the linear layers for oneDNN. The compiled step
+    then no longer sees later changes to the weights (compile again after training), and it runs
+    only without autograd (``torch.no_grad`` or ``inference_mode``; a step with grad enabled is
+    refused by inductor, not run unfrozen).
+
+    Returns the model; ``uncompile_decode`` undoes it."""
     from .modeling import LinearizedLlamaForCausalLM
 
     if not isinstance(model, LinearizedLlamaForCausalLM):
         raise TypeError(f"compile_decode takes a LinearizedLlamaForCausalLM, got {type(model).__name__}; "
                         "the teacher decodes through transformers (its own torch.compile support)")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if freeze and scope != "model":
+        raise ValueError("freeze=True needs scope='model': frozen weights are constants of one graph, "
+                         "so a layer step shared by every layer cannot hold them")
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
@@ -63,6 +97,13 @@ def compile_decode(model, kernel_threads: int | None = 1, **compile_kwargs):
         if not hasattr(inductor_config.cpp, "threads"):
             raise RuntimeError("this torch's inductor has no cpp.threads option; pass kernel_threads=None")
         options["cpp.threads"] = kernel_threads
+    if freeze:
+        options["freezing"] = True
+    uncompile_decode(model)
+    if scope == "model":
+        model.model.compiled_decode_body = torch.compile(decoder_body_step, fullgraph=True, dynamic=False,
+                                                         options=options or None, **compile_kwargs)
+        return model
     step = torch.compile(decoder_layer_step, fullgraph=True, dynamic=False, options=options or None,
                          **compile_kwargs)
     for layer in model.model.layers:
@@ -72,6 +113,7 @@ def compile_decode(model, kernel_threads: int | None = 1, **compile_kwargs):
 
 def uncompile_decode(model):
     """Back to the eager step (the compiled code stays in torch's caches)."""
+    model.model.__dict__.pop("compiled_decode_body", None)
     for layer in model.model.layers:
         layer.__dict__.pop("compiled_decode_step", None)
     return model

@@ -382,10 +382,18 @@ class LinearizedLlamaModel(LinearizedLlamaPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
 
         all_hidden = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings=position_embeddings, cache=cache)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
+        body = self.__dict__.get("compiled_decode_body")  # set by linearize.decode.compile_decode(scope="model")
+        if (body is not None and cache is not None and hidden_states.shape[1] == 1 and not output_hidden_states
+                and all(slot.state is not None for slot in cache.layers)):
+            hidden_states, states = body(self.layers, hidden_states, position_embeddings,
+                                         [slot.state for slot in cache.layers])
+            for slot, state in zip(cache.layers, states):
+                slot.state = state
+        else:
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, position_embeddings=position_embeddings, cache=cache)
+                if output_hidden_states:
+                    all_hidden += (hidden_states,)
         if cache is not None:
             cache.seen_tokens += inputs_embeds.shape[1]
         hidden_states = self.norm(hidden_states)
