@@ -4,6 +4,7 @@ table of ops per model, with the forward's tokens/s.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/forward_profile.py teacher deltanet gla
     ... --threads 2 --shape 8x93 --rows 8
+    ... --bf16        # under torch.autocast("cpu", bfloat16), as evaluate_tasks(autocast="bfloat16")
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shape", default="8x128", help="batch x tokens (default 8x128)")
     p.add_argument("--rows", type=int, default=12, help="ops shown per model")
+    p.add_argument("--bf16", action="store_true", help="under bf16 autocast (evaluation's opt-in)")
     args = p.parse_args()
+    import contextlib
     from linearize.convert import convert
     from linearize.teacher import load_teacher
 
@@ -31,14 +34,16 @@ def main() -> None:
     for name in args.models:
         model = teacher if name == "teacher" else convert(teacher, name, qkv_copy=True).eval()
         body = model.model
-        with torch.no_grad():
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        with torch.no_grad(), cast:
             body(input_ids=ids, use_cache=False)  # warm-up
             start = time.perf_counter()
             body(input_ids=ids, use_cache=False)
             seconds = time.perf_counter() - start
             with torch.profiler.profile() as prof:
                 body(input_ids=ids, use_cache=False)
-        print(f"{name}: {batch * tokens / seconds:.0f} tok/s ({args.shape}, {args.threads} thread(s))")
+        print(f"{name}: {batch * tokens / seconds:.0f} tok/s ({args.shape}, {args.threads} thread(s)"
+              f"{', bf16 autocast' if args.bf16 else ''})")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                         max_name_column_width=40))
     print(f"load average {os.getloadavg()[0]:.1f}")
