@@ -6,6 +6,12 @@ matrix instructions (AVX2 only) the autocast's conversions cost more than the ha
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bf16_cpu.py [--threads 1] [--shape 4x128]
     ... --students all [--json /tmp/bf16_students.json]   # forward speed and drift of each student
+    ... --cast-once teacher,deltanet --shape 8x128   # bf16 forward, weights cast per call vs once
+
+With ``--cast-once``: the bf16 autocast forward (no grad, evaluation's shape) of the teacher and of
+fresh QKV-copied students, with autocast casting every linear weight on every call against the
+weights cast once beforehand (``linearize.evaluate.linear_weights_in``, what evaluation does
+under ``autocast="bfloat16"``), interleaved round by round, CPU seconds.
 
 With ``--students``: the teacher and each student, forward only on validation blocks of the mixed
 corpus, float32 against bf16 autocast: the speed ratio (CPU seconds, interleaved) and the drift
@@ -34,9 +40,14 @@ def main(argv=None) -> int:
                    help="comma-separated run folders or mixer names (fresh conversions), or 'all' mixers: "
                         "forward speed and drift")
     p.add_argument("--json", type=Path, default=None, help="with --students: also write the rows as JSON")
+    p.add_argument("--cast-once", default=None, metavar="MODELS",
+                   help="comma-separated 'teacher' and mixer names: bf16 forward with per-call weight casts "
+                        "against weights cast once (evaluation's bf16 path)")
     args = p.parse_args(argv)
     if args.students:
         return students(args)
+    if args.cast_once:
+        return cast_once(args)
     from linearize.teacher import load_teacher
 
     torch.set_num_threads(args.threads)
@@ -68,6 +79,36 @@ def main(argv=None) -> int:
         f32, bf = min(times[False]), min(times[True])
         print(f"{'forward+backward' if backward else 'forward'}: float32 {b * t / f32:.0f} tok/s, "
               f"bf16 autocast {b * t / bf:.0f} tok/s, bf16 / float32 = {f32 / bf:.2f}")
+    print("load average:", " ".join(Path("/proc/loadavg").read_text().split()[:3]))
+    return 0
+
+
+def cast_once(args) -> int:
+    from linearize.convert import convert
+    from linearize.evaluate import linear_weights_in
+    from linearize.teacher import load_teacher
+
+    torch.set_num_threads(args.threads)
+    teacher, _ = load_teacher(None)
+    b, t = (int(x) for x in args.shape.split("x"))
+    ids = torch.randint(0, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(0))
+    models = {name: teacher if name == "teacher" else convert(teacher, name, qkv_copy=True).eval()
+              for name in args.cast_once.split(",")}
+    print(f"{torch.__version__}, {args.threads} thread(s), {b}x{t} tokens, bf16 autocast forward; CPU flags: {flags()}")
+    times = {(name, once): [] for name in models for once in (False, True)}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name, model in models.items():
+            for once in (False, True):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+                        linear_weights_in(model, torch.bfloat16 if once else None):
+                    start = time.process_time()
+                    model(input_ids=ids)
+                    if r:
+                        times[name, once].append(time.process_time() - start)
+    for name in models:
+        per_call, once = min(times[name, False]), min(times[name, True])
+        print(f"{name}: weights cast per call {b * t / per_call:.0f} tok/s, cast once {b * t / once:.0f} tok/s, "
+              f"once / per call = {per_call / once:.2f}")
     print("load average:", " ".join(Path("/proc/loadavg").read_text().split()[:3]))
     return 0
 

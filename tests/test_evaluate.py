@@ -118,6 +118,41 @@ def test_bf16_autocast_evaluation(teacher, tmp_path):
         E.evaluate_tasks(model, tok, tasks=["lambada_openai"], limit=1, autocast="float16")
 
 
+@pytest.mark.parametrize("name", ["teacher", "softmax", "xlstm", "gla", "hgrn2", "retnet", "mamba2", "metala",
+                                  "deltanet", "rebased", "hedgehog", "gla+w4"])
+def test_linear_weights_cast_once_score_as_autocast_does(tiny_llama, name):
+    """evaluate's bf16 path casts every linear layer's weight once (linear_weights_in) instead of
+    autocast casting it on every call: the logits must be autocast's own, bit for bit, for the
+    teacher and every student (a mixer that used a projection's weight outside a linear call would
+    differ), the LM head's tie to the embedding must keep the embedding in float32, and the
+    original parameters must come back."""
+    import copy
+    import warnings
+
+    from linearize.convert import convert
+
+    torch.manual_seed(5)
+    teacher = copy.deepcopy(tiny_llama).float()
+    if name == "teacher":
+        model = teacher
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = convert(teacher, name, chunk_size=4).eval()
+    before = {n: p for n, p in model.named_parameters()}
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 11))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(input_ids=ids).logits
+        with E.linear_weights_in(model, torch.bfloat16):
+            assert model.lm_head.weight.dtype == torch.bfloat16
+            assert model.model.embed_tokens.weight.dtype == torch.float32
+            cast_once = model(input_ids=ids).logits
+    assert reference.dtype == cast_once.dtype
+    torch.testing.assert_close(cast_once, reference, rtol=0, atol=0)
+    assert {n: p for n, p in model.named_parameters()} == before  # the same Parameter objects
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_unknown_task_fails_with_the_list(teacher):
     model, tok = teacher
     with pytest.raises(TaskError) as err:

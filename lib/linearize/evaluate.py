@@ -67,6 +67,40 @@ def _no_env_probe() -> Iterator[None]:
         ev.add_env_info = saved
 
 
+@contextlib.contextmanager
+def linear_weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """While inside, every ``nn.Linear`` of ``model`` holds its weight (and bias) as a ``dtype``
+    copy; the original parameters come back on exit (None: nothing changes).
+
+    Under ``torch.autocast(dtype=...)`` a linear layer casts its float32 weight to ``dtype`` on
+    every call: in a bf16 forward of the 135M teacher at 8 x 128 tokens those casts
+    (``aten::copy_``) were 17% of the CPU time, and 16% of DeltaNet's
+    (``benchmarks/forward_profile.py teacher deltanet --bf16``). Casting once gives autocast the
+    same bf16 values (both round to nearest), so the scores are the same, bit for bit
+    (``tests/test_evaluate.py``). Each layer gets a new Parameter rather than new data in the
+    old one: a weight tied to the embedding (the LM head) keeps the embedding in float32, so the
+    residual stream stays float32 as under autocast alone."""
+    if dtype is None:
+        yield
+        return
+    swapped = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.dtype != dtype:
+                old = (module.weight, module.bias)
+                module.weight = torch.nn.Parameter(old[0].detach().to(dtype), requires_grad=False)
+                if old[1] is not None:
+                    module.bias = torch.nn.Parameter(old[1].detach().to(dtype), requires_grad=False)
+                swapped.append((module, old))
+    try:
+        yield
+    finally:
+        for module, (weight, bias) in swapped:
+            module.weight = weight
+            if bias is not None:
+                module.bias = bias
+
+
 def _task_metrics(raw: Mapping[str, object]) -> dict[str, float]:
     """lm-eval's "acc,none"/"acc_stderr,none" keys -> acc/acc_stderr (only the metrics we use)."""
     out = {}
@@ -161,7 +195,8 @@ def evaluate_tasks(
         lm_class = SharedContextLM if share_context else HFLM
         precision = {} if autocast is None else {"mixed_precision_dtype": autocast, "softmax_dtype": "float32"}
         lm = lm_class(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size, **precision)
-        with _single_process_bootstrap(), _no_env_probe():
+        cast = getattr(torch, autocast) if autocast is not None else None  # the casts autocast would redo per call
+        with _single_process_bootstrap(), _no_env_probe(), linear_weights_in(model, cast):
             out = simple_evaluate(
                 model=lm,
                 tasks=list(task_objs.values()),
