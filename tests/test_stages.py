@@ -30,7 +30,8 @@ def blocks(stage_blocks):
 def _params(arch="softmax", **over):
     base = dict(seq_len=SEQ, batch_size=4, stage1_tokens=64 * 12, stage2_tokens=64 * 12, stage3_tokens=64 * 12,
                 stage1_lr=3e-3, stage2_lr=3e-3, stage3_lr=3e-3, checkpoint_every=3, run_name="t",
-                qkv_copy=False, val_blocks=2, val_batch_size=2, warmup_fraction=0.0, decay_fraction=0.0)
+                qkv_copy=False, val_blocks=2, val_batch_size=2, warmup_fraction=0.0, decay_fraction=0.0,
+                fit_spread=False)  # the fit and gate init on the first blocks, which the tests name
     base.update(over)
     return P.resolve(arch, overrides=base)
 
@@ -450,3 +451,6 @@ def test_fit_spread_reads_blocks_spread_over_the_split_and_enters_the_identity_o
         fit_blocks(blocks, 404, spread, "readout_fit_tokens")
     assert "fit_spread" not in _fit_identity(plain) and "fit_spread" not in S.stage_identity(plain, 3, "conversion")
     assert _fit_identity(spread)["fit_spread"] is True and S.stage_identity(spread, 3, "conversion")["fit_spread"]
+    # make study's presets spread; the grid's keeps the first blocks its finished cells used
+    assert P.resolve("gla", "cpu-quick")["fit_spread"] and P.resolve("gla", "cpu-study")["fit_spread"]
+    assert not P.resolve("gla", "cpu-grid")["fit_spread"]
