@@ -117,8 +117,13 @@ def _decode(student, prompt, steps):
 
 
 @pytest.mark.slow  # inductor compiles a C++ kernel set: about a minute on 2 loaded cores
-@pytest.mark.parametrize("name", ["deltanet", "gla", "xlstm"])
-def test_compiled_decode_equals_eager_decode(tiny_llama, name):
+@pytest.mark.parametrize("name,scope,freeze", [("deltanet", "layer", False), ("gla", "layer", False),
+                                               ("xlstm", "layer", False), ("deltanet", "model", False),
+                                               ("gla", "model", True)])
+def test_compiled_decode_equals_eager_decode(tiny_llama, name, scope, freeze):
+    """The compiled step (one layer's, shared; or with scope="model" the stack of layers as one
+    graph, with freeze its weights as constants) decodes what the eager model decodes, only the
+    path asked for is installed, and uncompiling restores the eager path exactly."""
     from torch._dynamo.utils import counters
 
     from linearize.decode import compile_decode, uncompile_decode
@@ -129,43 +134,20 @@ def test_compiled_decode_equals_eager_decode(tiny_llama, name):
     with torch.no_grad():
         eager = _decode(student, prompt, 4)
         graphs = counters["stats"]["unique_graphs"]
-        compile_decode(student)
+        compile_decode(student, scope=scope, freeze=freeze)
+        per_layer = ["compiled_decode_step" in vars(layer) for layer in student.model.layers]
+        assert per_layer == [scope == "layer"] * len(per_layer)
+        assert ("compiled_decode_body" in vars(student.model)) == (scope == "model")
         try:
             compiled = _decode(student, prompt, 4)
         finally:
             uncompile_decode(student)
-    assert counters["stats"]["unique_graphs"] > graphs  # the compiled step ran (a graph per mixer class)
+        again = _decode(student, prompt, 4)
+    assert counters["stats"]["unique_graphs"] > graphs  # the compiled step ran
     # float32-level tolerance in a float64 model: Llama's RMSNorm computes in float32 (it upcasts
     # to float32 and casts back), and inductor keeps such float32 intermediates unrounded where
     # eager rounds them (emulate_precision_casts is off). A wrong state or step would be off by
     # orders of magnitude more (measured: 6e-8 absolute, logits of order 1).
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow  # inductor compiles every layer's step as one graph
-@pytest.mark.parametrize("name,freeze", [("deltanet", False), ("gla", True)])
-def test_whole_model_compiled_decode_equals_eager_decode(tiny_llama, name, freeze):
-    """scope="model": the stack of layers as one graph (and, with freeze, weights as its constants)
-    decodes the same tokens as the eager model; the layer-step path is not what ran."""
-    from torch._dynamo.utils import counters
-
-    from linearize.decode import compile_decode, uncompile_decode
-
-    torch.manual_seed(4)
-    student = _student(tiny_llama, name)
-    prompt = torch.randint(0, tiny_llama.config.vocab_size, (2, 5))
-    with torch.no_grad():
-        eager = _decode(student, prompt, 4)
-        graphs = counters["stats"]["unique_graphs"]
-        compile_decode(student, scope="model", freeze=freeze)
-        assert all("compiled_decode_step" not in vars(layer) for layer in student.model.layers)
-        try:
-            compiled = _decode(student, prompt, 4)
-        finally:
-            uncompile_decode(student)
-        assert "compiled_decode_body" not in vars(student.model)
-        again = _decode(student, prompt, 4)
-    assert counters["stats"]["unique_graphs"] > graphs
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(again, eager, rtol=0, atol=0)  # uncompiled: the eager path again
 
