@@ -73,11 +73,12 @@ def linear_weights_in(model: torch.nn.Module, dtype: torch.dtype | None) -> Iter
     copy; the original parameters come back on exit (None: nothing changes).
 
     Under ``torch.autocast(dtype=...)`` a linear layer casts its float32 weight to ``dtype`` on
-    every call: in a bf16 forward of the 135M teacher at 8 x 128 tokens those casts
-    (``aten::copy_``) were 17% of the CPU time, and 16% of DeltaNet's
-    (``benchmarks/forward_profile.py teacher deltanet --bf16``). Casting once gives autocast the
-    same bf16 values (both round to nearest), so the scores are the same, bit for bit
-    (``tests/test_evaluate.py``). Each layer gets a new Parameter rather than new data in the
+    every call: in a bf16 forward at 8 x 128 tokens ``aten::copy_`` (these casts and the
+    activations') took 16-17% of the CPU time (``benchmarks/forward_profile.py teacher deltanet
+    --bf16``), and casting the weights once made DeltaNet's and GLA's bf16 forward 1.11-1.12x
+    faster, the teacher's not measurably (``benchmarks/bf16_cpu.py --cast-once``). Casting once
+    gives autocast the same bf16 values (both round to nearest), so the scores are the same, bit
+    for bit (``tests/test_evaluate.py``). Each layer gets a new Parameter rather than new data in the
     old one: a weight tied to the embedding (the LM head) keeps the embedding in float32, so the
     residual stream stays float32 as under autocast alone."""
     if dtype is None:
