@@ -235,3 +235,67 @@ def test_decode_side_by_side_interleaves_contexts_and_models(tiny_llama, tmp_pat
     assert all(len(set(r)) == pairs for r in rounds) and all(r == rounds[0] for r in rounds)
     assert out["state_bytes"]["gla"]["8"] == out["state_bytes"]["gla"]["300"]
     assert out["state_bytes"][TEACHER]["32"] > out["state_bytes"][TEACHER]["8"]
+
+
+@pytest.mark.slow  # inductor compiles the tiny teacher's forward once per context
+def test_the_compiled_teacher_decodes_what_the_eager_teacher_decodes(tiny_llama, tmp_path):
+    """compile_teacher: the teacher's forward compiled on a StaticCache steps beside the eager one
+    and, greedy from the same prompt, produces the same logits (float32 tolerance: inductor
+    fuses), at every context up to the teacher's limit and not beyond it."""
+    import torch
+
+    from linearize.bench_measure import TEACHER, TEACHER_COMPILED, CompiledTeacherSession, Session, decode_side_by_side
+
+    folder = tmp_path / "tiny"
+    tiny_llama.float().save_pretrained(folder)
+    tiny_llama.double()
+    out = decode_side_by_side(["deltanet"], [8, 300], teacher=str(folder), steps=2, threads=1,
+                              log=lambda *_: None, compile_teacher=True)
+    assert set(out["tok_s"][TEACHER_COMPILED]) == {"8"} == set(out["tok_s"][TEACHER])
+    assert out["compile_teacher"] is True
+
+    net = tiny_llama.float().eval()
+    try:
+        ids = torch.randint(0, net.config.vocab_size, (1, 6))
+        forward = torch.compile(net.forward, fullgraph=True, dynamic=False)
+        with torch.inference_mode():
+            eager, compiled = Session(net), CompiledTeacherSession(net, 6 + 4, forward)
+            a, b = eager.prefill(ids), compiled.prefill(ids)
+            for _ in range(4):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+                token = a.argmax(-1, keepdim=True)
+                a, b = eager.step(token), compiled.step(token)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    finally:
+        tiny_llama.double()
+
+
+def test_speed_page_keeps_the_compiled_teacher_beside_the_issues_schema(tmp_path):
+    """benchmarks/speed.py with --compile-teacher: decode_tok_s keeps the issue's schema (the
+    teacher as shipped and the students), the compiled teacher sits in the detail, the page shows
+    it as a row and says which students it outpaces, without turning it into a target."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from linearize.bench_measure import TEACHER_COMPILED
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_page", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    tok_s = {"teacher": {"128": 10.0}, TEACHER_COMPILED: {"128": 12.0}, "gla": {"128": 11.0}, "deltanet": {"128": 13.0}}
+    parts = {"decode": {"tok_s": tok_s, "bytes_per_step": {k: {"128": 2**20} for k in tok_s}, "steps": 4,
+                        "teacher_limit": 8192, "compile_decode": "model", "compile_teacher": True, "load": [1.0]}}
+    args = argparse.Namespace(distill_json=None, eval_json=None, threads=2, repeat=[], notes=None)
+    j = speed.build_json(parts, args)
+    assert set(j["decode_tok_s"]) == {"teacher", "gla", "deltanet"}
+    assert j["detail"]["decode"]["tok_s_teacher_compiled"] == {"128": 12.0}
+    lines = speed.targets(j)
+    assert "- decode gla >= teacher at every context: PASS" in " ".join(lines)
+    assert any(line.startswith("- (beyond the issue) decode gla >= the compiled teacher") and "no, slower at 128" in line
+               for line in lines)
+    assert any("deltanet >= the compiled teacher at every context: yes" in line for line in lines)
+    out = tmp_path / "speed.md"
+    speed.write_page(j, args, out)
+    assert f"| {TEACHER_COMPILED} | 12.0 |" in out.read_text()

@@ -16,6 +16,10 @@ from .memory import (MIB, compact_bytes, lifetime_peak_rss_bytes, peak_rss_bytes
                      weight_bytes)
 
 TEACHER = "teacher"
+# The teacher compiled as transformers supports it (a StaticCache and torch.compile of its
+# forward), beside the students' compiled step, so that a compiled student is also compared with
+# a compiled teacher and not only with the eager one
+TEACHER_COMPILED = "teacher (compiled)"
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -156,6 +160,29 @@ class Session:
         return tensor_bytes(self.state())
 
 
+class CompiledTeacherSession(Session):
+    """The teacher on a transformers ``StaticCache`` of ``max_len`` positions, each single-token
+    step through ``forward`` (the teacher's forward compiled by inductor, shapes static); a
+    prompt goes through the eager forward. Positions are passed explicitly (``cache_position``),
+    as a static cache needs."""
+
+    def __init__(self, model, max_len: int, forward):
+        from transformers import StaticCache
+
+        self.model, self.forward, self.seen = model, forward, 0
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+
+    def step(self, ids):
+        import torch
+
+        n = ids.shape[1]
+        forward = self.forward if n == 1 else self.model.forward
+        out = forward(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1,
+                      cache_position=torch.arange(self.seen, self.seen + n, device=ids.device)).logits[:, -1]
+        self.seen += n
+        return out
+
+
 def build_model(name: str, teacher: str | None, dtype, device: str):
     """The teacher or a freshly converted student, ready for a ``Session``.
 
@@ -283,6 +310,7 @@ def decode_side_by_side(
     log=print,
     clock=time.perf_counter,
     compile_decode: bool | str = False,
+    compile_teacher: bool = False,
 ) -> dict:
     """Decode tokens/s of the teacher and ``students`` at each context, measured in this one
     process with their steps interleaved over models and contexts (teacher at 128, student 1 at
@@ -303,7 +331,10 @@ def decode_side_by_side(
     a name of ``decode.COMPILED_STEPS`` ("layer": one layer's step, shared; "model": every layer
     in one graph; "frozen": the same with the weights as constants), True for "layer", False for
     eager; the first step at each context, which compiles (later contexts reuse it), is timed into
-    ``first_step_s`` (wall seconds) and logged, and, like every warm-up step, left out of tok/s."""
+    ``first_step_s`` (wall seconds) and logged, and, like every warm-up step, left out of tok/s.
+    ``compile_teacher``: also the teacher compiled (``TEACHER_COMPILED``: its forward through
+    torch.compile on a StaticCache sized to each context plus the steps, one compile per context),
+    stepped in the same rounds."""
     import torch
 
     from . import mixers
@@ -323,6 +354,13 @@ def decode_side_by_side(
     net = load_teacher_model(teacher, torch.float32, "cpu")
     limit = context_limit(net)
     models = {TEACHER: net}
+    if compile_teacher:
+        import torch._dynamo.config as dynamo_config
+
+        # one graph per context (the static cache's length is part of the shapes)
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(contexts))
+        teacher_forward = torch.compile(net.forward, fullgraph=True, dynamic=False)
+        models[TEACHER_COMPILED] = net
     for name in students:
         models[name] = convert(net, name, qkv_copy=True).requires_grad_(False).eval()
         if compile_decode:
@@ -333,7 +371,7 @@ def decode_side_by_side(
     weights = {name: weight_bytes(m) for name, m in models.items()}
     out: dict = {"tok_s": {}, "bytes_per_step": {}, "state_bytes": {}, "weights_bytes": weights,
                  "steps": steps, "threads": threads, "teacher_limit": limit, "prefill_chunk": prefill_chunk,
-                 "compile_decode": compile_decode, "first_step_s": {}}
+                 "compile_decode": compile_decode, "compile_teacher": compile_teacher, "first_step_s": {}}
     vocab = net.config.vocab_size
     # Every (context, model) pair is prefilled first and then stepped round-robin, contexts
     # interleaved like the models: a sweep run context after context put any load change
@@ -344,13 +382,17 @@ def decode_side_by_side(
     with torch.inference_mode():
         for ctx in contexts:
             ids = torch.randint(0, vocab, (1, ctx))
-            active = {n: v for n, v in models.items() if not (n == TEACHER and limit is not None and ctx > limit)}
+            active = {n: v for n, v in models.items()
+                      if not (n in (TEACHER, TEACHER_COMPILED) and limit is not None and ctx > limit)}
             if len(active) < len(models):
                 log(f"T={ctx}: teacher skipped (beyond its context limit of {limit})")
             t0 = time.perf_counter()
             for name, model in active.items():
-                session = sessions[ctx, name] = Session(model)
-                logits = session.prefill(ids, None if name == TEACHER else min(ctx, prefill_chunk))
+                if name == TEACHER_COMPILED:
+                    session = sessions[ctx, name] = CompiledTeacherSession(model, ctx + steps + 2, teacher_forward)
+                else:
+                    session = sessions[ctx, name] = Session(model)
+                logits = session.prefill(ids, None if name in (TEACHER, TEACHER_COMPILED) else min(ctx, prefill_chunk))
                 tokens[ctx, name] = logits.argmax(-1, keepdim=True)
                 times[ctx, name] = []
             log(f"T={ctx}: prefilled in {time.perf_counter() - t0:.0f} s")
@@ -370,9 +412,10 @@ def decode_side_by_side(
         out["bytes_per_step"].setdefault(name, {})[str(ctx)] = weights[name] + state
     for ctx in contexts:
         here = [n for (c, n) in sessions if c == ctx]
-        if compile_decode:
+        compiled = [n for n in here if (n == TEACHER_COMPILED) or (compile_decode and n != TEACHER)]
+        if compiled:
             log(f"T={ctx}: first (compiling) step " + ", ".join(
-                f"{n} {out['first_step_s'][n][str(ctx)]:.1f} s" for n in here if n != TEACHER) + " wall")
+                f"{n} {out['first_step_s'][n][str(ctx)]:.1f} s" for n in compiled) + " wall")
         log(f"T={ctx}: " + ", ".join(f"{n} {out['tok_s'][n][str(ctx)]:.1f}" for n in here) + " tok/s")
     del sessions
     gc.collect()
