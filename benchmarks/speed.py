@@ -229,13 +229,14 @@ def targets(j: dict) -> list[str]:
     lines = []
     dec = j["decode_tok_s"] or {}
     teacher = dec.get("teacher", {})
+    top, limit = max(map(int, teacher), default=0), j["detail"]["decode"].get("teacher_limit")
     for name, per_ctx in dec.items():
         if name == "teacher":
             continue
         slower = [c for c in per_ctx if c in teacher and per_ctx[c] < teacher[c]]
         lines.append(f"- decode {name} >= teacher at every context: "
                      + ("PASS" if not slower else f"FAIL at {', '.join(slower)}")
-                     + f" (teacher measured up to {max(map(int, teacher), default=0)}, its context limit)")
+                     + f" (teacher measured up to {top}{', its context limit' if top == limit else ''})")
         v = list(per_ctx.values())
         flat = min(v) / max(v)
         lines.append(f"- decode {name} flat within {TARGET_FLAT:.0%} over {', '.join(per_ctx)}: "
