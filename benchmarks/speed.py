@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from linearize.bench_measure import TEACHER_COMPILED  # the compiled teacher's row (--compile-teacher)
+from linearize.decode import COMPILED_STEPS  # --compile-decode's names
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "SPEED_PART "
@@ -348,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--students", default=",".join(STUDENTS))
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--compile-decode", nargs="?", const="layer", default=False, choices=("layer", "model", "frozen"),
+    ap.add_argument("--compile-decode", nargs="?", const="layer", default=False, choices=tuple(COMPILED_STEPS),
                     help="students decode through linearize.decode.compile_decode (inductor): 'layer' (the "
                          "flag alone) compiles one layer's step, 'model' every layer as one graph, 'frozen' the "
                          "same with the weights as constants; compile time logged")
