@@ -279,13 +279,14 @@ def findings(result: Mapping) -> list[str]:
         worse = [p["arch"] for p in pairs if p["avg"]["hi"] < 0]
         open_ = [p["arch"] for p in pairs if p["arch"] not in better + worse]
         with_paper = [p for p in pairs if p["paper_diff"] is not None]
+        names = lambda xs: ", ".join(xs) if xs else "none"  # noqa: E731
         paper = ""
         if with_paper:
-            ups = sum(1 for p in with_paper if 100 * p["paper_diff"] >= PAPER_TIE)
-            downs = sum(1 for p in with_paper if 100 * p["paper_diff"] <= -PAPER_TIE)
-            paper = (f" The paper: a > b for {ups}, a < b for {downs}, within {PAPER_TIE} points for "
-                     f"{len(with_paper) - ups - downs} of these {len(with_paper)} students.")
-        names = lambda xs: ", ".join(xs) if xs else "none"  # noqa: E731
+            ups = [p["arch"] for p in with_paper if 100 * p["paper_diff"] >= PAPER_TIE]
+            downs = [p["arch"] for p in with_paper if 100 * p["paper_diff"] <= -PAPER_TIE]
+            ties = [p["arch"] for p in with_paper if p["arch"] not in ups + downs]
+            paper = (f" The paper (no intervals): better for {names(ups)}; worse for {names(downs)}; "
+                     f"within {PAPER_TIE} points for {names(ties)}.")
         out.append(f"- **{question}** (a - b, six-task average, paired 95% interval): better for "
                    f"{names(better)}; worse for {names(worse)}; not separated for {names(open_)}.{paper}")
     margins = {k: m for k, m in (result.get("margins") or {}).items() if "error" not in m}
