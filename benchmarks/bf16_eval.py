@@ -4,6 +4,7 @@
     ... --run outputs/<arch>/<run>                                   # a student
     ... --against results/cpu-grid/teacher/eval_limit500.json       # float32 scores from a saved run
     ... --json /tmp/bf16_eval.json
+    ... --student deltanet --precisions bfloat16 --speed-json EVAL.json   # time one precision alone
 
 Without ``--against`` the float32 evaluation runs first and the bf16 one after it, in this
 process with the same workers and threads, so their wall times are a side-by-side ratio. With it,
@@ -12,7 +13,12 @@ each task) and only bf16 runs: the accuracy comparison holds, the time ratio doe
 Per task it prints both accuracies, the paired difference (bf16 - float32) with its 95%
 bootstrap interval over documents, the share of documents scored the same and McNemar's exact
 p; then the six-task average and the wall and CPU seconds (this process and its workers) with
-the load average. Autocast pays only on a CPU with bf16 matrix units (AMX, listed in the first
+the load average. ``--precisions bfloat16`` (or ``float32``) runs that precision alone and
+only times it: with ``--student ARCH`` (a fresh QKV-copied conversion, whose forward costs what a
+trained student's does, so its seconds hold for any run of that architecture; its scores mean
+nothing) it measures a student's evaluation time without a trained one at hand. ``--speed-json``
+adds the wall seconds, at 500 documents and all six tasks, to the ``eval_seconds_6x500`` mapping
+that ``benchmarks/speed.py --eval-json`` reads (one file gathers the teacher and students). Autocast pays only on a CPU with bf16 matrix units (AMX, listed in the first
 line); benchmarks/bf16_cpu.py times the plain forward and backward.
 """
 from __future__ import annotations
@@ -57,7 +63,20 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
+    p.add_argument("--student", default=None, help="a fresh QKV-copied conversion into this student (timing)")
+    p.add_argument("--precisions", default="float32,bfloat16",
+                   help="'float32,bfloat16' (paired, the default), or one of them alone (timed, not compared)")
+    p.add_argument("--speed-json", type=Path, default=None,
+                   help="add this run's wall seconds to the eval_seconds_6x500 mapping in this file "
+                        "(benchmarks/speed.py --eval-json); needs --limit 500 and the six tasks")
     args = p.parse_args(argv)
+    precisions = [x for x in args.precisions.split(",") if x]
+    if not precisions or not set(precisions) <= {"float32", "bfloat16"}:
+        raise SystemExit(f"--precisions {args.precisions!r}: name float32, bfloat16 or both, comma-separated")
+    if args.student and args.run:
+        raise SystemExit("--student converts the teacher afresh; leave out --run (or --student)")
+    if args.speed_json and (args.limit != 500 or set(check_task_names(args.tasks)) != set(PAPER_TASKS)):
+        raise SystemExit("--speed-json records the six tasks at 500 documents: use --limit 500 and all six tasks")
     args.workers = args.workers if args.workers == "auto" else int(args.workers)
     torch.set_num_threads(args.threads)
     names = check_task_names(args.tasks)
@@ -65,8 +84,20 @@ def main(argv=None) -> dict:
     print(f"torch {torch.__version__}, {args.threads} threads, workers {args.workers}, limit {args.limit}; "
           f"bf16 CPU flags: {' '.join(flags) or 'none (autocast will be slow)'}", flush=True)
     model, tok, label = load_model(args.run)
+    if args.student:
+        from linearize.convert import convert
+
+        model, label = convert(model, args.student, qkv_copy=True), f"{args.student} (fresh conversion)"
     model.eval()
     times = {}
+    if len(precisions) == 1:
+        res, times[precisions[0]] = timed(model, tok, names, args, None if precisions == ["float32"] else "bfloat16")
+        for name in names:
+            print(f"{name:15s} {precisions[0]} {100 * res['tasks'][name]['acc']:5.1f}")
+        summary = {"model": label, "limit": args.limit, "threads": args.threads, "workers": args.workers,
+                   "cpu_flags": flags, "times": times, "torch": torch.__version__,
+                   "acc": {n: res["tasks"][n]["acc"] for n in names}}
+        return finish(summary, args)
     if args.against:
         f32 = load_results(args.against)
         if f32.get("autocast") or f32["limit"] != args.limit:
@@ -97,8 +128,27 @@ def main(argv=None) -> dict:
     summary = {"model": label, "limit": args.limit, "threads": args.threads, "workers": args.workers,
                "cpu_flags": flags, "against": str(args.against) if args.against else None, "times": times,
                "tasks": rows, "avg": avg, "torch": torch.__version__}
+    return finish(summary, args)
+
+
+def finish(summary: dict, args) -> dict:
+    """Write the summary (--json) and add its wall times to the speed page's mapping (--speed-json)."""
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
+    if args.speed_json:
+        book = json.loads(args.speed_json.read_text()) if args.speed_json.exists() else {}
+        n = args.threads if args.workers == "auto" else args.workers  # evaluate_tasks: one per thread
+        n = min(n, len(check_task_names(args.tasks)))
+        how = (f"1 process, {args.threads} threads" if n <= 1
+               else f"{n} x {max(1, args.threads // n)}-thread workers")  # each worker: threads // workers
+        for precision, t in summary["times"].items():
+            kind = "float32" if precision == "float32" else "bf16, linear weights cast once"
+            key = f"{summary['model']} ({kind}, {how})"
+            book.setdefault("eval_seconds_6x500", {})[key] = round(t["wall_s"], 1)
+            book.setdefault("load", {})[key] = [round(t["load_start"], 2), round(t["load_end"], 2)]
+        book["eval_source"] = ("benchmarks/bf16_eval.py --limit 500 [--student ARCH] [--precisions P] --speed-json: "
+                               "wall seconds of one evaluation of the six tasks, load average before and after in 'load'")
+        args.speed_json.write_text(json.dumps(book, indent=1) + "\n")
     return summary
 
 

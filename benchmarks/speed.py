@@ -9,9 +9,12 @@ Measures, each part in a child process with a time limit (so one hung part loses
 * kernels    fwd+bwd tokens/s of every mixer's chunked ``core`` at T=2048 (SmolLM2-135M's
              attention shapes, as benchmarks/mixers.py), each interleaved round by round with the
              softmax mixer (sdpa), reported as a ratio over sdpa.
-Distillation and evaluation throughput are measured elsewhere (benchmarks of the lead and of
-helper "evalgrid"): pass their JSON with --distill-json / --eval-json; without them the fields
-are null and the page says "not measured in this run".
+Distillation and evaluation throughput are measured elsewhere: pass their JSON with
+--distill-json (benchmarks/distill_step.py --speed-json) and --eval-json (benchmarks/bf16_eval.py
+--speed-json, each model's six tasks timed on its own), and --eval-from-grid for the evaluation
+times the study grid recorded; --keep-from docs/speed.json carries over from the earlier page
+whatever this run does not measure. Without any of them the fields are null and the page says
+"not measured in this run".
 
 Run (nice'd; a few minutes on an idle 2-core machine, longer under load):
     nice -n 10 .venv/bin/python benchmarks/speed.py
@@ -191,6 +194,34 @@ def eval_from_grid(root: Path) -> dict:
         "(load 3-5; the teacher's under swap): upper bounds")}
 
 
+TARGET_EVAL_S = 600  # the six tasks at 500 documents each in <= 10 minutes
+
+
+def merge_eval(j: dict, eval_json: str | None = None, grid: Path | None = None) -> None:
+    """Fill ``eval_seconds_6x500``: the evaluations timed on their own (``eval_json``, from
+    ``benchmarks/bf16_eval.py --speed-json``: the target's measurement) first, then those the study
+    grid recorded (``grid``, a --snapshot folder: wall times on a shared machine, context only).
+    Which keys are which is kept in ``detail.eval_measured``; each source in ``detail.sources``."""
+    d = j["detail"].setdefault("sources", {})
+    if eval_json:
+        measured = read_external(eval_json, "eval_seconds_6x500")
+        if not isinstance(measured, dict):
+            raise SystemExit(f"{eval_json}: no eval_seconds_6x500 mapping (write it with bf16_eval.py --speed-json)")
+        d["eval_measured"] = _source_of(eval_json, "eval_source")
+        j["detail"]["eval_load"] = (json.loads(Path(eval_json).read_text()).get("load") or {})
+    else:  # keep the page's own timed evaluations when only the grid's are renewed
+        prior = j.get("eval_seconds_6x500") or {}
+        measured = {k: prior[k] for k in j["detail"].get("eval_measured", []) if k in prior}
+    j["detail"]["eval_measured"] = list(measured)
+    seconds = dict(measured)
+    if grid:
+        ev = eval_from_grid(grid)
+        seconds.update(ev["eval_seconds_6x500"])
+        d["eval"] = ev["eval_source"]
+    if seconds:
+        j["eval_seconds_6x500"] = seconds
+
+
 def build_json(parts: dict, args) -> dict:
     bw, dec, ker = parts.get("bandwidth", {}), parts.get("decode", {}), parts.get("kernels", {})
     roof = {}
@@ -199,9 +230,9 @@ def build_json(parts: dict, args) -> dict:
             if name != "teacher" and "8192" in per_ctx:
                 roof[name] = per_ctx["8192"] / (bw["read_gbs"] * 1e9 / dec["bytes_per_step"][name]["8192"])
     loads = [x for p in parts.values() for x in p.get("load", [])]
-    return {
+    j = {
         "distill_over_teacher_fwd_bwd": read_external(args.distill_json, "distill_over_teacher_fwd_bwd"),
-        "eval_seconds_6x500": read_external(args.eval_json, "eval_seconds_6x500"),
+        "eval_seconds_6x500": None,  # merge_eval, below
         # the issue's schema: the teacher as transformers ships it and the students; the compiled
         # teacher (--compile-teacher) is kept beside them in detail.decode.tok_s_teacher_compiled
         "decode_tok_s": {k: v for k, v in dec["tok_s"].items() if k != TEACHER_COMPILED} if "tok_s" in dec else None,
@@ -215,11 +246,39 @@ def build_json(parts: dict, args) -> dict:
                                                   if TEACHER_COMPILED in dec.get("tok_s", {}) else {})},
                    "kernels": {k: v for k, v in ker.items() if k != "ratio"},
                    "load_samples": loads, "threads": args.threads, "repeat": args.repeat,
-                   "sources": {"distill": _source_of(args.distill_json, "source"),
-                               "eval": _source_of(args.eval_json, "eval_source")},
+                   "sources": {"distill": _source_of(args.distill_json, "source")},
                    "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "errors": {n: p["error"] for n, p in parts.items() if "error" in p}},
     }
+    merge_eval(j, args.eval_json, getattr(args, "eval_from_grid", None))
+    if getattr(args, "keep_from", None):
+        keep_from(j, json.loads(Path(args.keep_from).read_text()))
+    return j
+
+
+def keep_from(j: dict, old: dict) -> None:
+    """Carry over from an earlier speed.json what this run did not measure (the kernels, the
+    stage-3 ratio, the evaluation seconds), each with the provenance it was measured under, so
+    a decode-only run does not blank the rest of the page."""
+    d, od = j["detail"], old["detail"]
+    if j["kernels_over_sdpa_2048"] is None and old.get("kernels_over_sdpa_2048"):
+        j["kernels_over_sdpa_2048"] = old["kernels_over_sdpa_2048"]
+        ker = dict(od["kernels"])
+        if "commit" not in ker:  # measured with the old page's other parts: it shares their provenance
+            ker.update(commit=old["commit"], generated=od["generated"], load_samples=od["load_samples"],
+                       repeat=od.get("repeat", []), threads=od["threads"])
+        d["kernels"] = ker
+    if j["distill_over_teacher_fwd_bwd"] is None and old.get("distill_over_teacher_fwd_bwd") is not None:
+        j["distill_over_teacher_fwd_bwd"] = old["distill_over_teacher_fwd_bwd"]
+        d["sources"]["distill"] = (od.get("sources") or {}).get("distill")
+    if j["eval_seconds_6x500"] is None and old.get("eval_seconds_6x500"):
+        j["eval_seconds_6x500"] = old["eval_seconds_6x500"]
+        for key in ("eval", "eval_measured"):
+            if (od.get("sources") or {}).get(key):
+                d["sources"][key] = od["sources"][key]
+        for key in ("eval_measured", "eval_load"):
+            if key in od:
+                d[key] = od[key]
 
 
 def fmt(x, spec=".2f"):
@@ -251,10 +310,33 @@ def targets(j: dict) -> list[str]:
     for name, frac in (j["roofline_fraction_8192"] or {}).items():
         lines.append(f"- roofline {name} at 8192 >= {TARGET_ROOFLINE:.0%}: "
                      f"{'PASS' if frac >= TARGET_ROOFLINE else 'FAIL'} ({frac:.0%})")
+    for name in j["detail"].get("eval_measured", []):
+        sec = j["eval_seconds_6x500"][name]
+        lines.append(f"- evaluation {name}, six tasks x 500 documents <= {TARGET_EVAL_S // 60} minutes: "
+                     f"{'PASS' if sec <= TARGET_EVAL_S else 'FAIL'} ({sec / 60:.1f} minutes)")
     for name, r in (j["kernels_over_sdpa_2048"] or {}).items():
         if name != "softmax":
             lines.append(f"- kernel {name} fwd+bwd >= sdpa at 2048: {'PASS' if r >= 1 else 'FAIL'} ({r:.2f}x)")
     return lines
+
+
+def eval_lines(j: dict) -> list[str]:
+    """The page's evaluation bullets: the evaluations timed on their own, then the grid's."""
+    ev, d = j["eval_seconds_6x500"], j["detail"]
+    if not isinstance(ev, dict):
+        return ["- six tasks at 500 documents, seconds: not measured in this run (--eval-json)"]
+    sources, measured, load = d.get("sources") or {}, d.get("eval_measured", []), d.get("eval_load", {})
+    out = []
+    if measured:
+        out.append("- six tasks at 500 documents, timed on their own, seconds: " + ", ".join(
+            f"{k} {ev[k]:.0f}" + (f" (load {load[k][0]:.1f} -> {load[k][1]:.1f})" if k in load else "")
+            for k in measured) + (f" ({sources['eval_measured']})" if sources.get("eval_measured") else ""))
+    rest = [k for k in ev if k not in measured]
+    if rest:
+        out.append("- six tasks at 500 documents" + (", inside the study grid" if measured else "") + ", seconds: "
+                   + ", ".join(f"{k} {ev[k]:.0f}" for k in rest)
+                   + (f" ({sources['eval']})" if sources.get("eval") else ""))
+    return out
 
 
 def write_page(j: dict, args, out_md: Path) -> None:
@@ -265,6 +347,9 @@ def write_page(j: dict, args, out_md: Path) -> None:
          "```", f"nice -n 10 .venv/bin/python benchmarks/speed.py {' '.join(d.get('repeat', []))}".rstrip(),
          "# with the other helpers' numbers:",
          "nice -n 10 .venv/bin/python benchmarks/speed.py --distill-json DISTILL.json --eval-json EVAL.json",
+         "# the evaluation seconds (EVAL.json), each model timed on its own on a quiet machine:",
+         ".venv/bin/python benchmarks/bf16_eval.py --limit 500 --threads 2 --workers 2 --precisions bfloat16 "
+         "--speed-json EVAL.json [--student deltanet]",
          "# the stage-3 ratio (DISTILL.json) from the distillation-step profile:",
          "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distill_step.py --arch deltanet --speed-json DISTILL.json",
          "# this page again from its JSON, with the evaluation seconds the study grid recorded:",
@@ -282,10 +367,7 @@ def write_page(j: dict, args, out_md: Path) -> None:
           f"- distill / teacher fwd+bwd tokens/s: {fmt(j['distill_over_teacher_fwd_bwd'])}"
           + ("" if j["distill_over_teacher_fwd_bwd"] is not None else " (not measured in this run; --distill-json)")
           + (f" ({sources['distill']})" if sources.get("distill") else ""),
-          "- six tasks at 500 documents, seconds: " + (
-              ", ".join(f"{k} {v:.0f}" for k, v in j["eval_seconds_6x500"].items())
-              if isinstance(j["eval_seconds_6x500"], dict) else "not measured in this run (--eval-json)")
-          + (f" ({sources['eval']})" if sources.get("eval") else ""), ""]
+          *eval_lines(j), ""]
     if bw:
         L += ["## Memory bandwidth", "",
               f"Read: best {bw['read_gbs']:.1f} GB/s of {bw['repeats']} reads of {bw['mib']} MiB "
@@ -366,7 +448,10 @@ def main(argv=None):
     ap.add_argument("--kernels-json", default=None, metavar="JSON",
                     help="with --render: the kernels from a newer run's speed.json (--parts kernels)")
     ap.add_argument("--eval-from-grid", type=Path, default=None, metavar="DIR",
-                    help="with --render: the evaluation seconds from a grid's records (results/cpu-grid)")
+                    help="the evaluation seconds the study grid recorded (results/cpu-grid), after --eval-json's")
+    ap.add_argument("--keep-from", type=Path, default=None, metavar="JSON",
+                    help="carry over from this earlier speed.json the parts this run does not measure "
+                         "(kernels, the stage-3 ratio, evaluation seconds), with their provenance")
     ap.add_argument("--notes", default=str(ROOT / "docs" / "speed_notes.md"),
                     help="hand-written analysis appended to the page (kept in its own file)")
     ap.add_argument("--quick", action="store_true", help="contexts 128,2048; mixers softmax,gla,rebased")
@@ -401,10 +486,8 @@ def main(argv=None):
                                           generated=k["detail"]["generated"],
                                           load_samples=k["detail"]["load_samples"],
                                           repeat=k["detail"].get("repeat", []))
-        if args.eval_from_grid:
-            ev = eval_from_grid(args.eval_from_grid)
-            j["eval_seconds_6x500"] = ev["eval_seconds_6x500"]
-            j["detail"].setdefault("sources", {})["eval"] = ev["eval_source"]
+        if args.eval_json or args.eval_from_grid:  # newer evaluation seconds replace the page's
+            merge_eval(j, args.eval_json, args.eval_from_grid)
         write_page(j, args, args.out.with_suffix(".md"))
         # always: --distill-json / --eval-from-grid may have changed it, and the twins must agree
         args.out.with_suffix(".json").write_text(json.dumps(j, indent=1) + "\n")

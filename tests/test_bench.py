@@ -299,3 +299,97 @@ def test_speed_page_keeps_the_compiled_teacher_beside_the_issues_schema(tmp_path
     out = tmp_path / "speed.md"
     speed.write_page(j, args, out)
     assert f"| {TEACHER_COMPILED} | 12.0 |" in out.read_text()
+
+
+def _speed_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_page", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    return speed
+
+
+def test_speed_page_evaluation_targets_and_carried_parts(tmp_path):
+    """The evaluations timed on their own (bf16_eval.py --speed-json) are the target's numbers
+    (PASS/FAIL against 10 minutes), the grid's recorded times stay context beside them; a
+    decode-only run with --keep-from carries the earlier page's kernels, stage-3 ratio and
+    evaluation seconds over with their provenance, and a later render with only the grid keeps
+    the timed ones."""
+    import argparse
+    import json
+
+    speed = _speed_module()
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"eval_seconds_6x500": {"teacher (bf16)": 310.0, "deltanet (bf16)": 640.0},
+                              "load": {"teacher (bf16)": [0.1, 1.9]}, "eval_source": "bf16_eval.py"}))
+    grid = tmp_path / "grid" / "gla" / "cpu-grid-kd"
+    grid.mkdir(parents=True)
+    (grid / "eval_limit500.json").write_text(json.dumps({"tasks": {str(i): {} for i in range(6)},
+                                                         "workers": [0, 1], "wall_time_s": 900.0}))
+    parts = {"decode": {"tok_s": {"teacher": {"128": 10.0}, "gla": {"128": 11.0}},
+                        "bytes_per_step": {"teacher": {"128": 1}, "gla": {"128": 1}}, "steps": 4,
+                        "teacher_limit": 8192, "load": [1.0]}}
+    args = argparse.Namespace(distill_json=None, eval_json=str(ev), eval_from_grid=tmp_path / "grid",
+                              keep_from=None, threads=2, repeat=[], notes=None)
+    j = speed.build_json(parts, args)
+    assert list(j["eval_seconds_6x500"]) == ["teacher (bf16)", "deltanet (bf16)", "gla/cpu-grid-kd (2 x 1-thread workers)"]
+    lines = " ".join(speed.targets(j))
+    assert "evaluation teacher (bf16), six tasks x 500 documents <= 10 minutes: PASS (5.2 minutes)" in lines
+    assert "evaluation deltanet (bf16), six tasks x 500 documents <= 10 minutes: FAIL (10.7 minutes)" in lines
+    assert "gla/cpu-grid-kd" not in lines  # the grid's times are no target measurement
+    page = "\n".join(speed.eval_lines(j))
+    assert "timed on their own, seconds: teacher (bf16) 310 (load 0.1 -> 1.9), deltanet (bf16) 640" in page
+    assert "inside the study grid, seconds: gla/cpu-grid-kd (2 x 1-thread workers) 900" in page
+
+    # a later render with only the grid: the timed ones stay
+    speed.merge_eval(j, None, tmp_path / "grid")
+    assert j["detail"]["eval_measured"] == ["teacher (bf16)", "deltanet (bf16)"]
+    assert j["eval_seconds_6x500"]["deltanet (bf16)"] == 640.0
+
+    # a decode-only run keeping the rest from that page
+    j["kernels_over_sdpa_2048"] = {"gla": 1.5}
+    j["detail"]["kernels"] = {"T": 2048, "threads": 1, "rounds": 3, "tok_s": {"gla": 3.0}, "sdpa_tok_s": {"gla": 2.0},
+                              "load": [1.0]}
+    j["distill_over_teacher_fwd_bwd"], j["detail"]["sources"]["distill"] = 0.69, "distill_step.py"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(j))
+    args = argparse.Namespace(distill_json=None, eval_json=None, eval_from_grid=None, keep_from=old,
+                              threads=2, repeat=[], notes=None)
+    new = speed.build_json(parts, args)
+    assert new["kernels_over_sdpa_2048"] == {"gla": 1.5} and new["detail"]["kernels"]["commit"] == j["commit"]
+    assert new["distill_over_teacher_fwd_bwd"] == 0.69 and new["detail"]["sources"]["distill"] == "distill_step.py"
+    assert new["eval_seconds_6x500"] == j["eval_seconds_6x500"]
+    assert new["detail"]["eval_measured"] == ["teacher (bf16)", "deltanet (bf16)"]
+    speed.write_page(new, args, tmp_path / "speed.md")
+    assert "Measured apart from the rest of the page" in (tmp_path / "speed.md").read_text()
+
+
+def test_bf16_eval_speed_json_gathers_models_with_how_they_ran(tmp_path):
+    """benchmarks/bf16_eval.py --speed-json: each run adds its wall seconds under a key naming the
+    model, the precision and the workers as evaluate_tasks splits them (threads // workers each),
+    so one file gathers the teacher and students for speed.py --eval-json."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bf16_eval.py"
+    spec = importlib.util.spec_from_file_location("bf16_eval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "eval.json"
+    times = {"bfloat16": {"wall_s": 301.24, "cpu_s": 590.0, "load_start": 0.2, "load_end": 1.9}}
+    args = argparse.Namespace(json=None, speed_json=out, workers=2, threads=2, tasks="lambada_openai,winogrande,arc_easy,"
+                              "arc_challenge,piqa,hellaswag")
+    mod.finish({"model": "teacher", "times": times}, args)
+    args.workers, args.threads = 1, 2
+    mod.finish({"model": "deltanet (fresh conversion)", "times": {"float32": dict(times["bfloat16"], wall_s=700.0)}}, args)
+    book = json.loads(out.read_text())
+    assert book["eval_seconds_6x500"] == {"teacher (bf16, linear weights cast once, 2 x 1-thread workers)": 301.2,
+                                          "deltanet (fresh conversion) (float32, 1 process, 2 threads)": 700.0}
+    assert book["load"]["teacher (bf16, linear weights cast once, 2 x 1-thread workers)"] == [0.2, 1.9]
+    with __import__("pytest").raises(SystemExit, match="--limit 500"):
+        mod.main(["--limit", "80", "--speed-json", str(out)])
