@@ -73,6 +73,8 @@ def main(argv=None) -> dict:
     precisions = [x for x in args.precisions.split(",") if x]
     if not precisions or not set(precisions) <= {"float32", "bfloat16"}:
         raise SystemExit(f"--precisions {args.precisions!r}: name float32, bfloat16 or both, comma-separated")
+    if args.against and "bfloat16" not in precisions:
+        raise SystemExit("--against pairs a bf16 run with saved float32 scores: leave --precisions out")
     if args.student and args.run:
         raise SystemExit("--student converts the teacher afresh; leave out --run (or --student)")
     if args.speed_json and (args.limit != 500 or set(check_task_names(args.tasks)) != set(PAPER_TASKS)):
@@ -90,7 +92,7 @@ def main(argv=None) -> dict:
         model, label = convert(model, args.student, qkv_copy=True), f"{args.student} (fresh conversion)"
     model.eval()
     times = {}
-    if len(precisions) == 1:
+    if len(precisions) == 1 and not args.against:  # with --against, bf16 is paired with the saved float32
         res, times[precisions[0]] = timed(model, tok, names, args, None if precisions == ["float32"] else "bfloat16")
         for name in names:
             print(f"{name:15s} {precisions[0]} {100 * res['tasks'][name]['acc']:5.1f}")
