@@ -275,15 +275,10 @@ def test_speed_page_keeps_the_compiled_teacher_beside_the_issues_schema(tmp_path
     teacher as shipped and the students), the compiled teacher sits in the detail, the page shows
     it as a row and says which students it outpaces, without turning it into a target."""
     import argparse
-    import importlib.util
-    from pathlib import Path
 
     from linearize.bench_measure import TEACHER_COMPILED
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_page", path)
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = _speed_module()
     tok_s = {"teacher": {"128": 10.0}, TEACHER_COMPILED: {"128": 12.0}, "gla": {"128": 11.0}, "deltanet": {"128": 13.0}}
     parts = {"decode": {"tok_s": tok_s, "bytes_per_step": {k: {"128": 2**20} for k in tok_s}, "steps": 4,
                         "teacher_limit": 8192, "compile_decode": "model", "compile_teacher": True, "load": [1.0]}}
