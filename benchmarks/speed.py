@@ -250,9 +250,10 @@ def build_json(parts: dict, args) -> dict:
                    "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "errors": {n: p["error"] for n, p in parts.items() if "error" in p}},
     }
-    merge_eval(j, args.eval_json, getattr(args, "eval_from_grid", None))
-    if getattr(args, "keep_from", None):
+    if getattr(args, "keep_from", None):  # first, so that newer evaluation seconds below replace its
         keep_from(j, json.loads(Path(args.keep_from).read_text()))
+    if args.eval_json or getattr(args, "eval_from_grid", None):
+        merge_eval(j, args.eval_json, getattr(args, "eval_from_grid", None))
     return j
 
 

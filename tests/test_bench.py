@@ -358,6 +358,13 @@ def test_speed_page_evaluation_targets_and_carried_parts(tmp_path):
     assert new["distill_over_teacher_fwd_bwd"] == 0.69 and new["detail"]["sources"]["distill"] == "distill_step.py"
     assert new["eval_seconds_6x500"] == j["eval_seconds_6x500"]
     assert new["detail"]["eval_measured"] == ["teacher (bf16)", "deltanet (bf16)"]
+    # with the grid renewed too: the carried timed evaluations stay, the grid's are read again
+    (grid / "eval_limit500.json").write_text(json.dumps({"tasks": {str(i): {} for i in range(6)},
+                                                         "workers": [0, 1], "wall_time_s": 800.0}))
+    args.eval_from_grid = tmp_path / "grid"
+    renewed = speed.build_json(parts, args)
+    assert renewed["eval_seconds_6x500"] == {"teacher (bf16)": 310.0, "deltanet (bf16)": 640.0,
+                                             "gla/cpu-grid-kd (2 x 1-thread workers)": 800.0}
     speed.write_page(new, args, tmp_path / "speed.md")
     assert "Measured apart from the rest of the page" in (tmp_path / "speed.md").read_text()
 
