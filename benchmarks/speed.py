@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -144,18 +145,37 @@ def run_part(name: str, argv: list[str], timeout: float) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, __file__, *argv, "--part", name]
     load0, t0 = loadavg(), time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    tail: list[str] = []
+
+    def relay():  # the child's progress shows as it comes (a decode sweep runs for many minutes)
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail[:] = (tail + [line.rstrip()])[-3:]
+
+    out: list[str] = []
+    # one reader per pipe; not communicate(), which would read stderr too and take lines from relay
+    readers = [threading.Thread(target=relay, daemon=True),
+               threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
+    for r in readers:
+        r.start()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
         return {"error": f"timed out after {timeout:.0f} s (raise --timeout, or measure fewer points)"}
-    sys.stderr.write(proc.stderr)
-    for line in reversed(proc.stdout.splitlines()):
+    for r in readers:
+        r.join()
+    stdout = "".join(out)
+    for line in reversed(stdout.splitlines()):
         if line.startswith(TAG):
             res = json.loads(line[len(TAG):])
             res["seconds"] = time.perf_counter() - t0
             res["load"] = [load0, loadavg()]
             return res
-    return {"error": f"exited {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-3:])}
+    return {"error": f"exited {proc.returncode}: " + " | ".join(tail)}
 
 
 # ------------------------------------------------------------------------------ page
@@ -201,18 +221,18 @@ def merge_eval(j: dict, eval_json: str | None = None, grid: Path | None = None) 
     """Fill ``eval_seconds_6x500``: the evaluations timed on their own (``eval_json``, from
     ``benchmarks/bf16_eval.py --speed-json``: the target's measurement) first, then those the study
     grid recorded (``grid``, a --snapshot folder: wall times on a shared machine, context only).
-    Which keys are which is kept in ``detail.eval_measured``; each source in ``detail.sources``."""
+    Which keys are which is kept in ``detail.eval_timed_models``; each source in ``detail.sources``."""
     d = j["detail"].setdefault("sources", {})
     if eval_json:
         measured = read_external(eval_json, "eval_seconds_6x500")
         if not isinstance(measured, dict):
             raise SystemExit(f"{eval_json}: no eval_seconds_6x500 mapping (write it with bf16_eval.py --speed-json)")
-        d["eval_measured"] = _source_of(eval_json, "eval_source")
+        d["eval_timed"] = _source_of(eval_json, "eval_source")
         j["detail"]["eval_load"] = (json.loads(Path(eval_json).read_text()).get("load") or {})
     else:  # keep the page's own timed evaluations when only the grid's are renewed
         prior = j.get("eval_seconds_6x500") or {}
-        measured = {k: prior[k] for k in j["detail"].get("eval_measured", []) if k in prior}
-    j["detail"]["eval_measured"] = list(measured)
+        measured = {k: prior[k] for k in j["detail"].get("eval_timed_models", []) if k in prior}
+    j["detail"]["eval_timed_models"] = list(measured)
     seconds = dict(measured)
     if grid:
         ev = eval_from_grid(grid)
@@ -251,9 +271,22 @@ def build_json(parts: dict, args) -> dict:
                    "errors": {n: p["error"] for n, p in parts.items() if "error" in p}},
     }
     if getattr(args, "keep_from", None):  # first, so that newer evaluation seconds below replace its
-        keep_from(j, json.loads(Path(args.keep_from).read_text()))
+        keep_from(j, upgrade(json.loads(Path(args.keep_from).read_text())))
     if args.eval_json or getattr(args, "eval_from_grid", None):
         merge_eval(j, args.eval_json, getattr(args, "eval_from_grid", None))
+    return j
+
+
+def upgrade(j: dict) -> dict:
+    """A speed.json written before session 18 named both the list of timed evaluations and their
+    source ``eval_measured``; give them today's names (``detail.eval_timed_models``,
+    ``detail.sources.eval_timed``) so that older pages render and carry over."""
+    d = j.get("detail") or {}
+    if "eval_measured" in d:
+        d["eval_timed_models"] = d.pop("eval_measured")
+    src = d.get("sources") or {}
+    if "eval_measured" in src:
+        src["eval_timed"] = src.pop("eval_measured")
     return j
 
 
@@ -274,10 +307,10 @@ def keep_from(j: dict, old: dict) -> None:
         d["sources"]["distill"] = (od.get("sources") or {}).get("distill")
     if j["eval_seconds_6x500"] is None and old.get("eval_seconds_6x500"):
         j["eval_seconds_6x500"] = old["eval_seconds_6x500"]
-        for key in ("eval", "eval_measured"):
+        for key in ("eval", "eval_timed"):
             if (od.get("sources") or {}).get(key):
                 d["sources"][key] = od["sources"][key]
-        for key in ("eval_measured", "eval_load"):
+        for key in ("eval_timed_models", "eval_load"):
             if key in od:
                 d[key] = od[key]
 
@@ -311,7 +344,7 @@ def targets(j: dict) -> list[str]:
     for name, frac in (j["roofline_fraction_8192"] or {}).items():
         lines.append(f"- roofline {name} at 8192 >= {TARGET_ROOFLINE:.0%}: "
                      f"{'PASS' if frac >= TARGET_ROOFLINE else 'FAIL'} ({frac:.0%})")
-    for name in j["detail"].get("eval_measured", []):
+    for name in j["detail"].get("eval_timed_models", []):
         sec = j["eval_seconds_6x500"][name]
         lines.append(f"- evaluation {name}, six tasks x 500 documents <= {TARGET_EVAL_S // 60} minutes: "
                      f"{'PASS' if sec <= TARGET_EVAL_S else 'FAIL'} ({sec / 60:.1f} minutes)")
@@ -326,12 +359,12 @@ def eval_lines(j: dict) -> list[str]:
     ev, d = j["eval_seconds_6x500"], j["detail"]
     if not isinstance(ev, dict):
         return ["- six tasks at 500 documents, seconds: not measured in this run (--eval-json)"]
-    sources, measured, load = d.get("sources") or {}, d.get("eval_measured", []), d.get("eval_load", {})
+    sources, measured, load = d.get("sources") or {}, d.get("eval_timed_models", []), d.get("eval_load", {})
     out = []
     if measured:
         out.append("- six tasks at 500 documents, timed on their own, seconds: " + ", ".join(
             f"{k} {ev[k]:.0f}" + (f" (load {load[k][0]:.1f} -> {load[k][1]:.1f})" if k in load else "")
-            for k in measured) + (f" ({sources['eval_measured']})" if sources.get("eval_measured") else ""))
+            for k in measured) + (f" ({sources['eval_timed']})" if sources.get("eval_timed") else ""))
     rest = [k for k in ev if k not in measured]
     if rest:
         out.append("- six tasks at 500 documents" + (", inside the study grid" if measured else "") + ", seconds: "
@@ -348,8 +381,10 @@ def write_page(j: dict, args, out_md: Path) -> None:
          "```", f"nice -n 10 .venv/bin/python benchmarks/speed.py {' '.join(d.get('repeat', []))}".rstrip(),
          "# with the other helpers' numbers:",
          "nice -n 10 .venv/bin/python benchmarks/speed.py --distill-json DISTILL.json --eval-json EVAL.json",
-         "# the evaluation seconds (EVAL.json), each model timed on its own on a quiet machine:",
-         ".venv/bin/python benchmarks/bf16_eval.py --limit 500 --threads 2 --workers 2 --precisions bfloat16 "
+         "# the evaluation seconds (EVAL.json), each model timed on its own on a quiet machine",
+         "# (float32; bfloat16 pays only on a CPU with AMX):",
+         "OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bf16_eval.py --limit 500 --threads 2 --workers 2 "
+         "--precisions float32 "
          "--speed-json EVAL.json [--student deltanet]",
          "# the stage-3 ratio (DISTILL.json) from the distillation-step profile:",
          "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distill_step.py --arch deltanet --speed-json DISTILL.json",
@@ -369,7 +404,7 @@ def write_page(j: dict, args, out_md: Path) -> None:
           + ("" if j["distill_over_teacher_fwd_bwd"] is not None else " (not measured in this run; --distill-json)")
           + (f" ({sources['distill']})" if sources.get("distill") else ""),
           *eval_lines(j), ""]
-    if bw:
+    if "read_gbs" in bw:  # not when the part failed (its error is listed above)
         L += ["## Memory bandwidth", "",
               f"Read: best {bw['read_gbs']:.1f} GB/s of {bw['repeats']} reads of {bw['mib']} MiB "
               f"(median {bw['read_gbs_median']:.1f}, slowest {bw['read_gbs_min']:.1f}); copy best "
@@ -476,7 +511,7 @@ def main(argv=None):
         print(TAG + json.dumps(PARTS[args.part](args)), flush=True)
         return 0
     if args.render:
-        j = json.loads(args.render.read_text())
+        j = upgrade(json.loads(args.render.read_text()))
         if args.distill_json:  # a newer stage-3 measurement (benchmarks/distill_step.py --speed-json)
             j["distill_over_teacher_fwd_bwd"] = read_external(args.distill_json, "distill_over_teacher_fwd_bwd")
             j["detail"].setdefault("sources", {})["distill"] = _source_of(args.distill_json, "source")
