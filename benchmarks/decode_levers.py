@@ -16,6 +16,10 @@ Variants of a student (same weights, same prefilled state, each on its own copy 
 * model      ``compile_decode(scope="model")``: all layers' step as one compiled graph
 * frozen     the same with inductor's freezing (``freeze=True``): weights as constants, the
              linear layers prepacked for oneDNN
+* linears    not a step: only the model's matrix-vector products, every ``nn.Linear`` (the LM
+             head included) applied once to a random vector, in the model's order. Its tok/s is
+             the ceiling a step could reach if nothing but the weights' GEMVs cost time; it is
+             also printed as GB/s of weights read (and measured for the teacher, beside it)
 
     PYTHONPATH=lib .venv/bin/python benchmarks/decode_levers.py --students deltanet,gla --contexts 128,2048
 """
@@ -62,6 +66,20 @@ def _reference_steps():
 _COMPILED: dict = {}
 
 
+class LinearsOnly:
+    """Stands in for a decode session: ``step`` applies every ``nn.Linear`` of the model once to a
+    random one-token input, and nothing else (no mixer, norm, cache or Python between layers)."""
+
+    def __init__(self, model):
+        self.linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        self.inputs = [torch.randn(1, m.in_features) for m in self.linears]
+        self.bytes = sum(p.numel() * p.element_size() for m in self.linears for p in m.parameters(recurse=False))
+
+    def step(self, token):
+        for m, x in zip(self.linears, self.inputs):
+            m(x)
+
+
 @contextlib.contextmanager
 def _compiled(model, kernel_threads, scope="layer", freeze=False):
     """The model takes linearize.decode's compiled step while inside: for scope "layer" one
@@ -101,7 +119,7 @@ def variant_patches(name: str, model):
         return [_compiled(model, 1, scope="model")]
     if name == "frozen":  # the same with the weights frozen into it (oneDNN-prepacked linears)
         return [_compiled(model, 1, scope="model", freeze=True)]
-    raise SystemExit(f"unknown variant {name!r}: conv1d, ref, fused, compiled, compiled1, model, frozen")
+    raise SystemExit(f"unknown variant {name!r}: conv1d, ref, fused, compiled, compiled1, model, frozen, linears")
 
 
 def main(argv=None) -> dict:
@@ -131,10 +149,15 @@ def main(argv=None) -> dict:
             s = Session(teacher)
             s.prefill(ids)
             entries.append(("teacher", s, lambda: []))
+            if "linears" in variants:
+                entries.append(("teacher:linears", LinearsOnly(teacher), lambda: []))
             for name, model in students.items():
                 base = Session(model)
                 base.prefill(ids, min(ctx, args.prefill_chunk))
                 for v in variants:
+                    if v == "linears":
+                        entries.append((f"{name}:linears", LinearsOnly(model), lambda: []))
+                        continue
                     sess = Session(model)
                     sess.cache = copy.deepcopy(base.cache)
                     entries.append((f"{name}:{v}", sess, lambda v=v, model=model: variant_patches(v, model)))
@@ -160,10 +183,16 @@ def main(argv=None) -> dict:
                  "tok_s": {label: 1.0 / m for label, m in med.items()},
                  "over_teacher": {label: med["teacher"] / m for label, m in med.items()},
                  "first_step": first}
+        gemv = {label: sess.bytes / med[label] / 1e9 for label, sess, _ in entries if isinstance(sess, LinearsOnly)}
+        if gemv:
+            point["linears_gb_s"] = gemv
         out["points"].append(point)
         print(f"T={ctx} load {load0} -> {load1}: " + ", ".join(
             f"{label} {point['tok_s'][label]:.2f} tok/s ({point['over_teacher'][label]:.2f}x)" for label in med),
             flush=True)
+        if gemv:
+            print("  weights read by the GEMVs alone: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in gemv.items()),
+                  flush=True)
         slow = {k: v for k, v in first.items() if k.split(":")[-1] in ("compiled", "compiled1", "model", "frozen")}
         if slow:
             print("  first step (compiles): " + ", ".join(f"{k} {v['wall_s']:.1f} s wall / {v['cpu_s']:.1f} s CPU"

@@ -34,15 +34,21 @@ from linearize.tasks import PAPER_TASKS, check_task_names
 
 
 class ForwardMeter:
-    """Counts the input tokens and the seconds of every top-level model forward."""
+    """Counts the input tokens and the seconds of every forward of the model's decoder body
+    (``model.model``; the model itself if it has none). The body, not the whole model: the
+    shared-context scorer calls the body directly and applies the LM head only at the scored
+    positions, so hooks on the whole model saw none of its plain-scoring forwards; a whole-model
+    forward (the scorer's cached path) runs the body once, so nothing is counted twice. The head's
+    time is outside ``seconds``."""
 
     def __init__(self, model):
         self.tokens = 0
         self.seconds = 0.0
         self.calls = 0
         self._t = None
-        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         model.register_forward_hook(self._post)]
+        body = getattr(model, "model", None) or model
+        self._handles = [body.register_forward_pre_hook(self._pre, with_kwargs=True),
+                         body.register_forward_hook(self._post)]
 
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -272,7 +278,7 @@ def main(argv=None) -> dict:
     }
     print(f"all: {total:.1f} s, {tokens} tokens, scorer {tokens / total:.0f} tok/s = "
           f"{summary['scorer_over_plain']:.2f}x the plain forward ({plain_ref:.0f} tok/s); "
-          f"{100 * fwd / total:.0f}% of the wall time inside model forwards")
+          f"{100 * fwd / total:.0f}% of the wall time inside the decoder body's forwards")
     print(f"extrapolated to 500 documents per task (task set-up once, the rest x 500/docs): {est / 60:.1f} min wall "
           f"({est_compute / 60:.1f} min of it in model forwards); load average {load[0]:.2f} -> {load_end[0]:.2f}")
     print(f"CPU time extrapolated to 500 documents per task: {est_cpu / 60:.1f} CPU-min, i.e. "

@@ -278,7 +278,7 @@ def test_speed_page_keeps_the_compiled_teacher_beside_the_issues_schema(tmp_path
 
     from linearize.bench_measure import TEACHER_COMPILED
 
-    speed = _speed_module()
+    speed = _benchmark_module()
     tok_s = {"teacher": {"128": 10.0}, TEACHER_COMPILED: {"128": 12.0}, "gla": {"128": 11.0}, "deltanet": {"128": 13.0}}
     parts = {"decode": {"tok_s": tok_s, "bytes_per_step": {k: {"128": 2**20} for k in tok_s}, "steps": 4,
                         "teacher_limit": 8192, "compile_decode": "model", "compile_teacher": True, "load": [1.0]}}
@@ -296,15 +296,60 @@ def test_speed_page_keeps_the_compiled_teacher_beside_the_issues_schema(tmp_path
     assert f"| {TEACHER_COMPILED} | 12.0 |" in out.read_text()
 
 
-def _speed_module():
-    import importlib.util
+def _benchmark_module(name: str = "speed"):
+    """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_page", path)
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
-    return speed
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_speed_meter_sees_forwards_of_the_body_and_of_the_whole_model():
+    """The shared-context scorer calls the decoder body directly: the meter must count those,
+    and a whole-model forward once."""
+    meter_mod = _benchmark_module("eval_speed")
+
+    class Body(torch.nn.Module):
+        def forward(self, input_ids=None, **kw):
+            return input_ids.float()
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Body()
+
+        def forward(self, input_ids=None):
+            return self.model(input_ids=input_ids)
+
+    lm = LM()
+    meter = meter_mod.ForwardMeter(lm)
+    lm.model(input_ids=torch.zeros(2, 5, dtype=torch.long))  # the scorer's plain path
+    lm(input_ids=torch.zeros(1, 3, dtype=torch.long))  # its cached path
+    tokens, seconds, calls = meter.snapshot()
+    assert (tokens, calls) == (13, 2) and seconds >= 0
+    meter.close()
+    lm.model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert meter.snapshot()[0] == 13
+
+
+def test_decode_levers_linears_only_applies_every_linear_once():
+    """The GEMV-only ceiling reads every linear layer's weights once per step, tied ones once."""
+    levers = _benchmark_module("decode_levers")
+    emb = torch.nn.Embedding(50, 8)
+    head = torch.nn.Linear(8, 50, bias=False)
+    head.weight = emb.weight  # tied, as the teacher's LM head
+    model = torch.nn.ModuleDict({"emb": emb, "a": torch.nn.Linear(8, 16), "b": torch.nn.Linear(16, 8, bias=False),
+                                 "norm": torch.nn.LayerNorm(8), "head": head})
+    calls = []
+    for name in ("a", "b", "head"):
+        model[name].register_forward_hook(lambda m, i, o, name=name: calls.append((name, tuple(i[0].shape))))
+    only = levers.LinearsOnly(model)
+    only.step(None)
+    assert calls == [("a", (1, 8)), ("b", (1, 16)), ("head", (1, 8))]
+    assert only.bytes == 4 * (8 * 16 + 16 + 16 * 8 + 50 * 8)
 
 
 def test_speed_page_evaluation_targets_and_carried_parts(tmp_path):
@@ -316,7 +361,7 @@ def test_speed_page_evaluation_targets_and_carried_parts(tmp_path):
     import argparse
     import json
 
-    speed = _speed_module()
+    speed = _benchmark_module()
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps({"eval_seconds_6x500": {"teacher (bf16)": 310.0, "deltanet (bf16)": 640.0},
                               "load": {"teacher (bf16)": [0.1, 1.9]}, "eval_source": "bf16_eval.py"}))
@@ -341,7 +386,7 @@ def test_speed_page_evaluation_targets_and_carried_parts(tmp_path):
 
     # a later render with only the grid: the timed ones stay
     speed.merge_eval(j, None, tmp_path / "grid")
-    assert j["detail"]["eval_measured"] == ["teacher (bf16)", "deltanet (bf16)"]
+    assert j["detail"]["eval_timed_models"] == ["teacher (bf16)", "deltanet (bf16)"]
     assert j["eval_seconds_6x500"]["deltanet (bf16)"] == 640.0
 
     # a decode-only run keeping the rest from that page
@@ -350,14 +395,18 @@ def test_speed_page_evaluation_targets_and_carried_parts(tmp_path):
                               "load": [1.0]}
     j["distill_over_teacher_fwd_bwd"], j["detail"]["sources"]["distill"] = 0.69, "distill_step.py"
     old = tmp_path / "old.json"
-    old.write_text(json.dumps(j))
+    legacy = json.loads(json.dumps(j))  # as pages before session 18 named the timed evaluations
+    legacy["detail"]["eval_measured"] = legacy["detail"].pop("eval_timed_models")
+    legacy["detail"]["sources"]["eval_measured"] = legacy["detail"]["sources"].pop("eval_timed")
+    old.write_text(json.dumps(legacy))
     args = argparse.Namespace(distill_json=None, eval_json=None, eval_from_grid=None, keep_from=old,
                               threads=2, repeat=[], notes=None)
     new = speed.build_json(parts, args)
     assert new["kernels_over_sdpa_2048"] == {"gla": 1.5} and new["detail"]["kernels"]["commit"] == j["commit"]
     assert new["distill_over_teacher_fwd_bwd"] == 0.69 and new["detail"]["sources"]["distill"] == "distill_step.py"
     assert new["eval_seconds_6x500"] == j["eval_seconds_6x500"]
-    assert new["detail"]["eval_measured"] == ["teacher (bf16)", "deltanet (bf16)"]
+    assert new["detail"]["eval_timed_models"] == ["teacher (bf16)", "deltanet (bf16)"]
+    assert new["detail"]["sources"]["eval_timed"] == "bf16_eval.py"
     # with the grid renewed too: the carried timed evaluations stay, the grid's are read again
     (grid / "eval_limit500.json").write_text(json.dumps({"tasks": {str(i): {} for i in range(6)},
                                                          "workers": [0, 1], "wall_time_s": 800.0}))
