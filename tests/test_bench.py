@@ -444,3 +444,22 @@ def test_bf16_eval_speed_json_gathers_models_with_how_they_ran(tmp_path):
     assert book["load"]["teacher (bf16, linear weights cast once, 2 x 1-thread workers)"] == [0.2, 1.9]
     with __import__("pytest").raises(SystemExit, match="--limit 500"):
         mod.main(["--limit", "80", "--speed-json", str(out)])
+
+
+def test_param_table_writes_a_json_twin_that_matches_its_page(tmp_path):
+    """docs/students.md and docs/students.json come from one table; the counts are the models' own."""
+    import json
+
+    from linearize.mixers import available
+    from linearize.teacher import load_teacher
+
+    param_table = _benchmark_module("param_table")
+    assert param_table.main(["--out", str(tmp_path / "students.md")]) == 0
+    data = json.loads((tmp_path / "students.json").read_text())
+    page = (tmp_path / "students.md").read_text()
+    teacher, _ = load_teacher(None)
+    assert data["teacher"]["params"] == sum(p.numel() for p in teacher.parameters())
+    assert data["students"]["softmax"]["params"] == data["teacher"]["params"]  # softmax is the teacher's layout
+    assert list(data["students"]) == available()
+    for name, r in data["students"].items():
+        assert f"| {name} | {r['family']} |" in page and f"| {r['params'] / 1e6:.2f}M | {r['growth']:.3f} |" in page
