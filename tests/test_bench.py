@@ -463,3 +463,22 @@ def test_param_table_writes_a_json_twin_that_matches_its_page(tmp_path):
     assert list(data["students"]) == available()
     for name, r in data["students"].items():
         assert f"| {name} | {r['family']} |" in page and f"| {r['params'] / 1e6:.2f}M | {r['growth']:.3f} |" in page
+
+
+def test_teacher_eval_twin_holds_the_pages_numbers(tmp_path):
+    """teacher_eval.py writes docs/teacher_eval.md and its JSON twin from the same results."""
+    import argparse
+    import json
+
+    teacher_eval = _benchmark_module("teacher_eval")
+    merged = {"lm_eval_version": "0.4.x", "dtype": "float32", "device": "cpu", "model": "t",
+              "tasks": {"piqa": {"n_docs": 500, "acc": 0.652, "acc_stderr": 0.0213, "acc_norm": 0.66,
+                                 "acc_norm_stderr": 0.021, "per_doc": {"acc": [1] * 326 + [0] * 174}}}}
+    args = argparse.Namespace(out=tmp_path / "teacher_eval.md", limit=500, batch_size=8, threads=1)
+    teacher_eval.write_report("t", merged, {"piqa": 61.4}, args, "CMD", "start", None)
+    page = args.out.read_text()
+    data = json.loads(args.out.with_suffix(".json").read_text())
+    row = data["tasks"]["piqa"]
+    assert row["acc"] == pytest.approx(65.2) and row["acc_first500"] == pytest.approx(65.2)
+    assert f"| piqa | 500/{row['official_docs']} | {row['acc']:.2f} | {row['acc_stderr']:.2f} |" in page
+    assert data["command"] == "CMD" and data["finished"] is None and "INCOMPLETE" in page
