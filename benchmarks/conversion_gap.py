@@ -27,6 +27,7 @@ from linearize.data import token_blocks
 from linearize.evaluate import perplexity_and_kl
 from linearize.gate_init import init_gates, teacher_retention
 from linearize.mixers import available
+from linearize.runs import fit_blocks
 from linearize.teacher import load_teacher
 
 
@@ -37,6 +38,9 @@ def main():
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--readout-fit", type=int, default=0, metavar="N",
                         help="also fit every o_proj on N training blocks (0: off)")
+    parser.add_argument("--fit-spread", action="store_true",
+                        help="the fit's N blocks spread evenly over the training split (the recipe's fit_spread, "
+                             "linearize.runs.fit_blocks) instead of the first N")
     parser.add_argument("--ridge", type=float, default=1e-2)
     parser.add_argument("--gate-init", type=int, default=0, metavar="N",
                         help="also set decay gates from the teacher's attention on N training blocks (0: off)")
@@ -48,7 +52,8 @@ def main():
     lines: list[str] = []
     # the page's numbers as data: one record per student and column (written with the page)
     data = {"command": command(), "started": started, "blocks": args.blocks, "seq_len": args.seq_len,
-            "readout_fit_blocks": args.readout_fit, "gate_init_blocks": args.gate_init, "ridge": args.ridge,
+            "readout_fit_blocks": args.readout_fit, "fit_spread": args.fit_spread, "gate_init_blocks": args.gate_init,
+            "ridge": args.ridge,
             "teacher_ppl": None, "rows": []}
 
     def emit(line=""):
@@ -66,9 +71,15 @@ def main():
     emit(f"Teacher perplexity on {args.blocks} x {args.seq_len} validation tokens: {base:.2f}.")
     calib = None
     if args.readout_fit:
-        calib = token_blocks(tok, split="train", seq_len=args.seq_len, max_blocks=args.readout_fit)
-        emit(f"Readout fit (`linearize.calibrate.fit_readouts`): the first {calib.shape[0]} x {args.seq_len} "
-             f"training tokens, ridge {args.ridge}.")
+        if args.fit_spread:
+            train = token_blocks(tok, split="train", seq_len=args.seq_len)
+            calib = fit_blocks(train, args.readout_fit * args.seq_len, {"fit_spread": True}, "--readout-fit")
+            where = f"{calib.shape[0]} x {args.seq_len} training tokens spread evenly over the {len(train)} blocks " \
+                    "of the training split (`--fit-spread`, as the recipe's `fit_spread`)"
+        else:
+            calib = token_blocks(tok, split="train", seq_len=args.seq_len, max_blocks=args.readout_fit)
+            where = f"the first {calib.shape[0]} x {args.seq_len} training tokens"
+        emit(f"Readout fit (`linearize.calibrate.fit_readouts`): {where}, ridge {args.ridge}.")
     gammas = None
     if args.gate_init:
         gate_blocks = token_blocks(tok, split="train", seq_len=args.seq_len, max_blocks=args.gate_init)
