@@ -278,7 +278,7 @@ def build_json(parts: dict, args) -> dict:
 
 
 def upgrade(j: dict) -> dict:
-    """A speed.json written before session 18 named both the list of timed evaluations and their
+    """A speed.json written before 2026-12-04 named both the list of timed evaluations and their
     source ``eval_measured``; give them today's names (``detail.eval_timed_models``,
     ``detail.sources.eval_timed``) so that older pages render and carry over."""
     d = j.get("detail") or {}
