@@ -5,7 +5,8 @@
     .venv/bin/python benchmarks/teacher_eval.py --report-only     # re-render the saved results
 
 Tasks run one at a time, and the report (docs/teacher_eval.md by default) and its twin (the same
-numbers as JSON, docs/teacher_eval.json; see ``twin``) are rewritten after each, so an interrupted run still leaves the finished tasks on record; inside a task, lm-eval's
+numbers as JSON, docs/teacher_eval.json; see ``twin``) are rewritten after each, so an
+interrupted run still leaves the finished tasks on record; inside a task, lm-eval's
 request cache (outputs/teacher_eval/requests_*.db) keeps every scored request, so running the
 same command again resumes an interrupted task where it stopped. Raw results go to
 outputs/teacher_eval/ (git-ignored).
@@ -36,15 +37,20 @@ ORIENTATION_LIMIT500 = {"lambada_openai": 29.6, "winogrande": 51.0, "arc_easy": 
 RUN_ORDER = ("winogrande", "piqa", "arc_challenge", "arc_easy", "lambada_openai", "hellaswag")
 
 
+def first500_pct(m: dict) -> float | None:
+    """Accuracy (%) over the task's first 500 documents, None with fewer (the page's '-')."""
+    first = m.get("per_doc", {}).get("acc", [])[:500]
+    return 100 * sum(first) / len(first) if len(first) == 500 else None
+
+
 def twin(label, merged, walls, args, command, started, finished) -> dict:
     """The report's numbers as data (percent, as on the page; None where the page shows '-')."""
     tasks = {}
     for name, m in merged["tasks"].items():
-        first = m.get("per_doc", {}).get("acc", [])[:500]
         tasks[name] = {
             "docs": m["n_docs"], "official_docs": OFFICIAL_DOC_COUNTS[name],
             **{k: (100 * m[k] if k in m else None) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
-            "perplexity": m.get("perplexity"), "acc_first500": 100 * sum(first) / len(first) if len(first) == 500 else None,
+            "perplexity": m.get("perplexity"), "acc_first500": first500_pct(m),
             "orientation_limit500": ORIENTATION_LIMIT500[name], "wall_s": walls[name]}
     return {"model": label, "lm_eval_version": merged["lm_eval_version"], "limit": args.limit,
             "batch_size": args.batch_size, "threads": args.threads, "dtype": merged["dtype"],
@@ -104,8 +110,8 @@ def report(label, merged, walls, args, command, started, finished) -> str:
         m = tasks[name]
         pct = lambda k: f"{100 * m[k]:.2f}" if k in m else "-"  # noqa: E731
         other = f"perplexity {m['perplexity']:.2f} ± {m['perplexity_stderr']:.2f}" if "perplexity" in m else ""
-        first = m.get("per_doc", {}).get("acc", [])[:500]
-        first500 = f"{100 * sum(first) / len(first):.1f}" if len(first) == 500 else "-"
+        acc500 = first500_pct(m)
+        first500 = "-" if acc500 is None else f"{acc500:.1f}"
         lines.append(
             f"| {name} | {m['n_docs']}/{OFFICIAL_DOC_COUNTS[name]} | {pct('acc')} | {pct('acc_stderr')} | "
             f"{pct('acc_norm')} | {pct('acc_norm_stderr')} | {other} | {first500} | {ORIENTATION_LIMIT500[name]} | "
